@@ -1,0 +1,90 @@
+"""Tests that the package is built, installed and tested as the README says."""
+
+import glob
+import importlib.metadata
+import os
+import re
+import subprocess
+import sys
+
+from absl.testing import absltest
+import xrapture
+
+# The repository root: in the source tree, or in Bazel's runfiles (see //:repo_data).
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TEST_DIR = os.path.join(_ROOT, 'xrapture_test')
+
+# Set by test.sh for its pytest run, which must test the installed package.
+_EXPECT_INSTALLED = os.environ.get('XRAPTURE_EXPECT_INSTALLED') == '1'
+
+
+def _package_modules(package_dir):
+  """Returns the .py files under `package_dir`, relative to it."""
+  paths = glob.glob(os.path.join(package_dir, '**', '*.py'), recursive=True)
+  return sorted(os.path.relpath(p, package_dir) for p in paths)
+
+
+class VersionTest(absltest.TestCase):
+
+  def test_version_is_pep440(self):
+    self.assertRegex(xrapture.__version__, r'^\d+\.\d+\.\d+([ab]|rc|\.dev)?\d*$')
+
+  def test_setup_py_reads_this_version(self):
+    try:
+      import setuptools  # pylint: disable=g-import-not-at-top,unused-import
+    except ImportError:
+      self.skipTest('setup.py needs setuptools')
+    result = subprocess.run(
+        [sys.executable, 'setup.py', '--version'],
+        cwd=_ROOT, capture_output=True, text=True, check=True)
+    # A stale install (source changed, not reinstalled) fails here.
+    self.assertEqual(result.stdout.strip().splitlines()[-1],
+                     xrapture.__version__)
+
+
+class InstalledPackageTest(absltest.TestCase):
+  """Only under test.sh's pytest run: is the installed package complete?"""
+
+  def setUp(self):
+    super().setUp()
+    if not _EXPECT_INSTALLED:
+      self.skipTest('XRAPTURE_EXPECT_INSTALLED=1 is set only by test.sh')
+
+  def test_imported_from_site_packages(self):
+    path = os.path.realpath(xrapture.__file__)
+    self.assertIn('site-packages', path.split(os.sep))
+    self.assertFalse(path.startswith(os.path.realpath(_ROOT) + os.sep), path)
+
+  def test_distribution_version(self):
+    self.assertEqual(importlib.metadata.version('xrapture'),
+                     xrapture.__version__)
+
+  def test_every_module_is_installed(self):
+    installed = os.path.dirname(os.path.realpath(xrapture.__file__))
+    source = os.path.join(_ROOT, 'xrapture')
+    self.assertEqual(_package_modules(installed), _package_modules(source))
+
+  def test_tests_are_not_installed(self):
+    with self.assertRaises(ImportError):
+      import xrapture_test  # pylint: disable=g-import-not-at-top,unused-import
+
+
+class TestFilesTest(absltest.TestCase):
+
+  def test_every_test_file_runs_under_bazel(self):
+    # Bazel runs each *_test.py as a script: without this it passes vacuously.
+    main = re.compile(r'^if __name__ == .__main__.:\n\s+absltest\.main\(\)',
+                      re.MULTILINE)
+    test_files = glob.glob(os.path.join(_TEST_DIR, '*_test.py'))
+    self.assertIn(os.path.abspath(__file__), map(os.path.abspath, test_files))
+    for path in test_files:
+      with open(path) as f:
+        self.assertRegex(f.read(), main, msg=path)
+
+  def test_public_names_exist(self):
+    for name in getattr(xrapture, '__all__', ()):
+      self.assertTrue(hasattr(xrapture, name), name)
+
+
+if __name__ == '__main__':
+  absltest.main()
