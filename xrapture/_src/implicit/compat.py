@@ -1,0 +1,79 @@
+"""Everything that differs between JAX releases, in one place.
+
+The interpreter walks jaxprs, so it depends on equation names and parameter
+layouts that JAX has renamed over time. Each such detail is read here and
+nowhere else:
+
+* ``pjit`` became ``jit`` (0.7); ``jit``'s ``inline`` became an enum (0.11).
+* ``custom_vjp_call_jaxpr(fun_jaxpr=...)`` became ``custom_vjp_call(call_jaxpr=...)``.
+* ``Primitive.get_bind_params`` returns ``(subfuns, params)`` before 0.5 and a
+  params dict (with ``subfuns`` inside) after.
+* ``scan``'s ``num_consts``/``num_carry`` are read through :func:`scan_counts`.
+* ``ClosedJaxpr`` merges into ``Jaxpr`` (0.12): :func:`jaxpr_and_consts`.
+"""
+
+from typing import Any, Sequence
+
+import jax
+import jax.extend.core as jex_core
+
+JIT_NAMES = frozenset({"jit", "pjit"})
+CALL_NAMES = frozenset({"closed_call", "core_call", "call"})
+REMAT_NAMES = frozenset({"remat2", "checkpoint", "remat"})
+CUSTOM_JVP_NAMES = frozenset({"custom_jvp_call"})
+CUSTOM_VJP_NAMES = frozenset({"custom_vjp_call", "custom_vjp_call_jaxpr"})
+
+Literal = jex_core.Literal
+DropVar = jex_core.DropVar
+
+
+def jaxpr_and_consts(jaxpr: Any) -> tuple[Any, Sequence[Any]]:
+  """Returns ``(open jaxpr, consts)`` for a ClosedJaxpr or an open Jaxpr."""
+  if hasattr(jaxpr, "jaxpr") and hasattr(jaxpr, "consts"):
+    return jaxpr.jaxpr, jaxpr.consts
+  return jaxpr, getattr(jaxpr, "consts", ())
+
+
+def custom_call_jaxpr(params: dict[str, Any]) -> Any:
+  """The primal jaxpr of a custom_jvp_call / custom_vjp_call equation."""
+  for key in ("call_jaxpr", "fun_jaxpr"):
+    if key in params:
+      return params[key]
+  raise KeyError(f"no call jaxpr among params {sorted(params)}")
+
+
+def scan_counts(params: dict[str, Any]) -> tuple[int, int]:
+  """``(num_consts, num_carry)`` of a scan equation."""
+  return params["num_consts"], params["num_carry"]
+
+
+def bind_equation(eqn: Any, invals: Sequence[Any]) -> list[Any]:
+  """Binds ``eqn``'s primitive to ``invals`` exactly as ``jax.core.eval_jaxpr``."""
+  prim = eqn.primitive
+  bind_params = prim.get_bind_params(eqn.params)
+  if isinstance(bind_params, tuple):  # jax < 0.5: (subfuns, params)
+    subfuns, bind_params = bind_params
+    invals = [*subfuns, *invals]
+  ctx = getattr(eqn, "ctx", None)
+  manager = getattr(ctx, "manager", None)
+  if manager is not None:
+    with manager:
+      out = prim.bind(*invals, **bind_params)
+  else:
+    out = prim.bind(*invals, **bind_params)
+  return list(out) if prim.multiple_results else [out]
+
+
+def aval_key(x: Any) -> tuple[Any, ...]:
+  """A hashable description of an array's abstract value."""
+  aval = jax.typeof(x) if hasattr(jax, "typeof") else jax.core.get_aval(x)
+  return (tuple(aval.shape), str(aval.dtype), bool(getattr(aval, "weak_type", False)))
+
+
+def placeholder(shape: Sequence[int], dtype: Any, weak_type: bool = False):
+  return jax.ShapeDtypeStruct(tuple(shape), dtype, weak_type=weak_type)
+
+
+def is_unspecified_sharding(sharding: Any) -> bool:
+  return sharding is None or type(sharding).__name__ in (
+      "UnspecifiedValue", "AUTO")

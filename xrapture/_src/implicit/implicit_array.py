@@ -1,0 +1,146 @@
+"""ImplicitArray: a pytree that stands for an array it never forms.
+
+A subclass declares its array-valued children as plain dataclass fields and
+its static metadata with :func:`aux_field`; it defines ``shape``, ``dtype`` and
+:meth:`ImplicitArray.materialize`. Subclasses become dataclasses and pytrees
+automatically, so ``jax.jit``, ``jax.grad`` and optax see their children.
+"""
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+ArrayValue = jax.Array
+
+_AUX = "xrapture_aux"
+
+
+def aux_field(**kwargs) -> Any:
+  """A dataclass field stored as static pytree metadata (not a child)."""
+  metadata = dict(kwargs.pop("metadata", {}) or {})
+  metadata[_AUX] = True
+  return dataclasses.field(metadata=metadata, **kwargs)
+
+
+class ImplicitArray:
+  """Base class of arrays represented implicitly.
+
+  Subclasses are turned into dataclasses and registered as pytrees (children:
+  fields not declared with :func:`aux_field`, with attribute keys, so paths
+  read ``params['linear']['w'].a``). Unflattening skips ``__post_init__``, so
+  JAX may rebuild an instance around non-array leaves (tracers, ``None``,
+  optimizer labels) without tripping validation.
+  """
+
+  def __init_subclass__(cls, **kwargs):
+    super().__init_subclass__(**kwargs)
+    if "__dataclass_fields__" not in cls.__dict__:
+      dataclasses.dataclass(cls)
+    _register(cls)
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    raise NotImplementedError(f"{type(self).__name__} must define shape.")
+
+  @property
+  def dtype(self) -> np.dtype:
+    raise NotImplementedError(f"{type(self).__name__} must define dtype.")
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  @property
+  def size(self) -> int:
+    return int(np.prod(self.shape))
+
+  @property
+  def aval(self) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(self.shape, self.dtype)
+
+  def materialize(self) -> jax.Array:
+    """Returns the dense array this value stands for."""
+    raise NotImplementedError(f"{type(self).__name__} must define materialize.")
+
+  def __jax_array__(self):
+    raise TypeError(
+        f"A {type(self).__name__} reached a JAX operation outside "
+        "xrapture.use_implicit_args. Wrap the function with "
+        "xrapture.use_implicit_args (xrapture.transform does this for Haiku), "
+        "or call .materialize() / xrapture.materialize_nested first.")
+
+
+def _children_and_aux(cls):
+  fields = dataclasses.fields(cls)
+  children = tuple(f.name for f in fields if not f.metadata.get(_AUX))
+  aux = tuple(f.name for f in fields if f.metadata.get(_AUX))
+  return children, aux
+
+
+def _register(cls):
+  def flatten_with_keys(obj):
+    children, aux = _children_and_aux(type(obj))
+    keyed = [(jax.tree_util.GetAttrKey(n), getattr(obj, n)) for n in children]
+    return keyed, tuple(getattr(obj, n) for n in aux)
+
+  def flatten(obj):
+    children, aux = _children_and_aux(type(obj))
+    return ([getattr(obj, n) for n in children],
+            tuple(getattr(obj, n) for n in aux))
+
+  def unflatten(aux_values, child_values):
+    children, aux = _children_and_aux(cls)
+    obj = object.__new__(cls)
+    for name, value in zip(children, child_values):
+      object.__setattr__(obj, name, value)
+    for name, value in zip(aux, aux_values):
+      object.__setattr__(obj, name, value)
+    return obj
+
+  jax.tree_util.register_pytree_with_keys(
+      cls, flatten_with_keys, unflatten, flatten_func=flatten)
+
+
+def is_implicit(x: Any) -> bool:
+  return isinstance(x, ImplicitArray)
+
+
+class _EmptyNodeType:
+  """A pytree node with no children: marks a removed subtree."""
+
+  _instance = None
+
+  def __new__(cls):
+    if cls._instance is None:
+      cls._instance = super().__new__(cls)
+    return cls._instance
+
+  def __repr__(self):
+    return "EmptyNode"
+
+
+jax.tree_util.register_pytree_node(
+    _EmptyNodeType, lambda _: ((), None), lambda *_: EmptyNode)
+
+EmptyNode = _EmptyNodeType()
+
+
+def tree_map_with_implicit(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
+  """``jax.tree.map`` that treats every ImplicitArray as a leaf."""
+  return jax.tree_util.tree_map(fn, tree, *rest, is_leaf=is_implicit)
+
+
+def materialize_nested(tree: Any) -> Any:
+  """Replaces every ImplicitArray in ``tree`` by its dense array.
+
+  Implicit children of implicit values are materialized first.
+  """
+  def one(x):
+    if not is_implicit(x):
+      return x
+    inner = jax.tree_util.tree_map(
+        lambda c: materialize_nested(c), x, is_leaf=lambda c: c is not x and is_implicit(c))
+    return inner.materialize()
+  return tree_map_with_implicit(one, tree)

@@ -1,0 +1,183 @@
+"""use_implicit_args: run unmodified JAX code on implicit arrays.
+
+The function is traced once to a jaxpr with each implicit argument replaced by
+a placeholder of its dense shape and dtype; the jaxpr is then evaluated with
+the real values. Equations without implicit operands are bound unchanged, so
+JAX's own rules (custom derivatives of activations, shardings) are kept.
+Equations with implicit operands go to the registry: a higher-order rule for
+primitives holding jaxprs, otherwise the registered handlers, otherwise
+materialization.
+"""
+
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+from xrapture._src.implicit import compat
+from xrapture._src.implicit import implicit_array
+from xrapture._src.implicit import registry
+
+is_implicit = implicit_array.is_implicit
+
+
+def _leaf_kind(x: Any) -> str:
+  if is_implicit(x):
+    return "implicit"
+  if isinstance(x, (jax.Array, np.ndarray, np.generic)):
+    return "dynamic"
+  return "static"
+
+
+def _static_key(x: Any) -> Any:
+  try:
+    hash(x)
+  except TypeError:
+    return ("unhashable", id(x))
+  return ("static", type(x), x)
+
+
+class _Traced:
+  __slots__ = ("jaxpr", "consts", "out_tree")
+
+  def __init__(self, jaxpr, consts, out_tree):
+    self.jaxpr, self.consts, self.out_tree = jaxpr, consts, out_tree
+
+
+def use_implicit_args(f: Callable[..., Any]) -> Callable[..., Any]:
+  """Makes ``f`` accept ImplicitArrays anywhere in its (pytree) arguments.
+
+  ``f`` itself is unmodified JAX code: it sees dense-looking values, while each
+  primitive that touches an implicit array is routed to its registered handler
+  (see :func:`xrapture.primitive_handler`). Works under ``jax.jit``,
+  ``jax.grad``, ``jax.vmap`` and with sharded inputs; the traced jaxpr is
+  cached per argument structure, shapes and static values.
+
+  Examples:
+    >>> import jax.numpy as jnp, xrapture
+    >>> w = xrapture.LoraWeight(jnp.ones((3, 2)), jnp.ones((1, 2)), jnp.ones((3, 1)))
+    >>> xrapture.use_implicit_args(lambda x, w: x @ w)(jnp.ones((1, 3)), w)
+    Array([[6., 6.]], dtype=float32)
+
+  Args:
+    f: the function to run.
+
+  Returns:
+    A function with ``f``'s signature. Implicit arrays in its outputs (values
+    a handler returned unchanged) are returned as they are.
+  """
+  cache: dict[Any, _Traced] = {}
+
+  @functools.wraps(f)
+  def wrapped(*args, **kwargs):
+    leaves, in_tree = jax.tree_util.tree_flatten((args, kwargs), is_leaf=is_implicit)
+    kinds = [_leaf_kind(x) for x in leaves]
+    key_parts = []
+    for kind, x in zip(kinds, leaves):
+      if kind == "implicit":
+        key_parts.append(("implicit", tuple(x.shape), str(np.dtype(x.dtype))))
+      elif kind == "dynamic":
+        key_parts.append(("dynamic",) + compat.aval_key(x))
+      else:
+        key_parts.append(_static_key(x))
+    key = (in_tree, tuple(key_parts))
+    traced = cache.get(key)
+    if traced is None:
+      traced = _trace(f, in_tree, kinds, leaves)
+      cache[key] = traced
+    dynamic = [x for kind, x in zip(kinds, leaves) if kind != "static"]
+    out_flat = eval_jaxpr(traced.jaxpr, traced.consts, *dynamic)
+    return jax.tree_util.tree_unflatten(traced.out_tree, out_flat)
+
+  wrapped.cache_size = lambda: len(cache)  # type: ignore[attr-defined]
+  return wrapped
+
+
+def _trace(f, in_tree, kinds, leaves) -> _Traced:
+  placeholders = []
+  for kind, x in zip(kinds, leaves):
+    if kind == "implicit":
+      placeholders.append(compat.placeholder(x.shape, x.dtype))
+    elif kind == "dynamic":
+      shape, dtype, weak = compat.aval_key(x)
+      placeholders.append(compat.placeholder(shape, dtype, weak))
+  out_tree_box = []
+
+  def flat_fn(*dynamic):
+    it = iter(dynamic)
+    full = [x if kind == "static" else next(it) for kind, x in zip(kinds, leaves)]
+    args, kwargs = jax.tree_util.tree_unflatten(in_tree, full)
+    out = f(*args, **kwargs)
+    out_flat, out_tree = jax.tree_util.tree_flatten(out)
+    out_tree_box.append(out_tree)
+    return out_flat
+
+  closed = jax.make_jaxpr(flat_fn)(*placeholders)
+  jaxpr, consts = compat.jaxpr_and_consts(closed)
+  return _Traced(jaxpr, consts, out_tree_box[0])
+
+
+def eval_jaxpr(jaxpr: Any, consts: Sequence[Any], *args: Any) -> list[Any]:
+  """Evaluates an open jaxpr whose inputs may be implicit arrays."""
+  env: dict[Any, Any] = {}
+
+  def read(v):
+    return v.val if isinstance(v, compat.Literal) else env[v]
+
+  def write(v, value):
+    if not isinstance(v, compat.DropVar):
+      env[v] = value
+
+  for v, value in zip(jaxpr.constvars, consts):
+    write(v, value)
+  if len(jaxpr.invars) != len(args):
+    raise TypeError(f"jaxpr expects {len(jaxpr.invars)} inputs, got {len(args)}")
+  for v, value in zip(jaxpr.invars, args):
+    write(v, value)
+  for eqn in jaxpr.eqns:
+    invals = [read(v) for v in eqn.invars]
+    if any(is_implicit(x) for x in invals):
+      outvals = _eval_implicit_equation(eqn, invals)
+    else:
+      outvals = compat.bind_equation(eqn, invals)
+    for v, value in zip(eqn.outvars, outvals):
+      write(v, value)
+  return [read(v) for v in jaxpr.outvars]
+
+
+def eval_closed_jaxpr(closed: Any, args: Sequence[Any]) -> list[Any]:
+  jaxpr, consts = compat.jaxpr_and_consts(closed)
+  return eval_jaxpr(jaxpr, consts, *args)
+
+
+def _eval_implicit_equation(eqn, invals) -> list[Any]:
+  name = eqn.primitive.name
+  rule = registry.higher_order_rule_for(name)
+  if rule is not None:
+    return list(rule(eqn, invals))
+  for handler in registry.handlers_for(name):
+    out = handler(eqn.primitive, *invals, **eqn.params)
+    if out is NotImplemented:
+      continue
+    outs = list(out) if eqn.primitive.multiple_results else [out]
+    _check_outputs(eqn, outs, handler)
+    return outs
+  reason = f"no handler for primitive '{name}' accepted these operands"
+  invals = [registry.materialize(x, reason) for x in invals]
+  return compat.bind_equation(eqn, invals)
+
+
+def _check_outputs(eqn, outs, handler):
+  if len(outs) != len(eqn.outvars):
+    raise TypeError(
+        f"handler {handler.__qualname__} for '{eqn.primitive.name}' returned "
+        f"{len(outs)} values, expected {len(eqn.outvars)}")
+  for i, (v, out) in enumerate(zip(eqn.outvars, outs)):
+    expected = tuple(v.aval.shape)
+    if tuple(out.shape) != expected:
+      raise TypeError(
+          f"handler {handler.__qualname__} for '{eqn.primitive.name}' returned "
+          f"shape {tuple(out.shape)}, the primitive gives {expected}")
+    if not is_implicit(out) and out.dtype != v.aval.dtype:
+      outs[i] = out.astype(v.aval.dtype)

@@ -1,0 +1,7 @@
+"""LoraWeight and the handlers that run JAX primitives on it (no Haiku here)."""
+
+# Importing the handler modules registers them.
+from xrapture._src.lora import conv as _conv
+from xrapture._src.lora import dot_general as _dot_general
+from xrapture._src.lora import gather as _gather
+from xrapture._src.lora import structural as _structural

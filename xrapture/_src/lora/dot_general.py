@@ -1,0 +1,162 @@
+"""dot_general with a LoraWeight operand, never forming ``b @ a``.
+
+The common case (a 2-D kernel, one contracting axis, no batch axes: every
+``hk.Linear``, attention projection and tied unembedding) flattens the other
+operand's free axes into tokens and runs :func:`lora_matmul`, a
+``jax.custom_vjp`` whose backward pass computes only the input gradient and
+the two low-rank gradients; the base kernel gets no gradient at all. Any
+other dimension numbers (batch axes, stacked kernels, several contracting
+axes) go through two einsums that contract the other operand with one factor
+and then the other, with the base kernel's gradient stopped.
+"""
+
+import functools
+import string
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from xrapture._src.implicit import implicit_array
+from xrapture._src.implicit import registry
+from xrapture._src.lora import lora_weight
+
+LoraWeight = lora_weight.LoraWeight
+
+
+def _dot(x, y, x_axis, y_axis, precision=None, preferred_element_type=None):
+  return lax.dot_general(x, y, (((x_axis,), (y_axis,)), ((), ())),
+                         precision=precision,
+                         preferred_element_type=preferred_element_type)
+
+
+def _roles(a, b, w_axis):
+  """(first, first_k, second, second_r): first meets x, second gives outputs.
+
+  With ``W = w + s·b@a``: contracting W's axis 0 (M) multiplies x by ``b``
+  then ``a``; contracting axis 1 (N) multiplies x by ``aᵀ`` then ``bᵀ``.
+  """
+  if w_axis == 0:
+    return b, 0, a, 0
+  return a, 1, b, 1
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def lora_matmul(x, w, a, b, w_axis, scale, precision, preferred_element_type):
+  """``x [T, K]`` times the 2-D LoRA kernel, contracting the kernel's ``w_axis``."""
+  y, _ = _lora_matmul_fwd(x, w, a, b, w_axis, scale, precision,
+                          preferred_element_type)
+  return y
+
+
+def _lora_matmul_fwd(x, w, a, b, w_axis, scale, precision, preferred_element_type):
+  first, first_k, second, second_r = _roles(a, b, w_axis)
+  u = _dot(x, first, 1, first_k, precision)                      # [T, r]
+  dense = _dot(x, w, 1, w_axis, precision, preferred_element_type)
+  low = _dot(u * jnp.asarray(scale, u.dtype), second, 1, second_r, precision,
+             preferred_element_type)
+  y = dense + low.astype(dense.dtype)
+  return y, (x, w, a, b, u)
+
+
+def _lora_matmul_bwd(w_axis, scale, precision, preferred_element_type, res, g):
+  del preferred_element_type
+  x, w, a, b, u = res
+  first, first_k, second, second_r = _roles(a, b, w_axis)
+  g = g.astype(x.dtype) if g.dtype != x.dtype else g
+  gu = _dot(g, second, 1, 1 - second_r, precision) * jnp.asarray(scale, g.dtype)
+  dx = _dot(g, w, 1, 1 - w_axis, precision) + _dot(gu, first, 1, 1 - first_k, precision)
+  if first_k == 0:                      # first is b [K, r]
+    d_first = _dot(x, gu, 0, 0, precision)
+  else:                                 # first is a [r, K]
+    d_first = _dot(gu, x, 0, 0, precision)
+  us = u * jnp.asarray(scale, u.dtype)
+  if second_r == 0:                     # second is a [r, out]
+    d_second = _dot(us, g, 0, 0, precision)
+  else:                                 # second is b [out, r]
+    d_second = _dot(g, us, 0, 0, precision)
+  da, db = (d_second, d_first) if w_axis == 0 else (d_first, d_second)
+  return dx.astype(x.dtype), None, da.astype(a.dtype), db.astype(b.dtype)
+
+
+lora_matmul.defvjp(_lora_matmul_fwd, _lora_matmul_bwd)
+
+
+@registry.primitive_handler("dot_general")
+def _dot_general(primitive, lhs, rhs, *, dimension_numbers, precision=None,
+                 preferred_element_type=None, **unused_params):
+  del primitive, unused_params
+  if isinstance(lhs, LoraWeight) and isinstance(rhs, LoraWeight):
+    lhs = registry.materialize(
+        lhs, "dot_general of two LoraWeights materializes the left one")
+  lhs_lora = isinstance(lhs, LoraWeight)
+  if not (lhs_lora or isinstance(rhs, LoraWeight)):
+    return NotImplemented
+  lora, x = (lhs, rhs) if lhs_lora else (rhs, lhs)
+  if implicit_array.is_implicit(x):
+    return NotImplemented
+  (lc, rc), (lb, rb) = dimension_numbers
+  w_contract, x_contract = (lc, rc) if lhs_lora else (rc, lc)
+  w_batch = lb if lhs_lora else rb
+  if lora.ndim == 2 and not w_batch and len(w_contract) == 1:
+    return _matmul_2d(lora, x, w_contract[0], x_contract[0], lhs_lora,
+                      precision, preferred_element_type)
+  return _general(lora, x, lhs_lora, dimension_numbers, precision,
+                  preferred_element_type)
+
+
+def _matmul_2d(lora, x, w_axis, x_axis, lhs_lora, precision, pet):
+  x_moved = jnp.moveaxis(x, x_axis, -1)
+  free = x_moved.shape[:-1]
+  x2 = x_moved.reshape((-1, x_moved.shape[-1]))
+  y = lora_matmul(x2, lora.w, lora.a, lora.b, int(w_axis),
+                  float(lora.get_scale()), precision, pet)
+  y = y.reshape(free + (y.shape[-1],))
+  return jnp.moveaxis(y, -1, 0) if lhs_lora else y
+
+
+def _general(lora, x, lhs_lora, dimension_numbers, precision, pet):
+  """Any dimension numbers: two einsums through the rank, never ``b @ a``."""
+  (lc, rc), (lb, rb) = dimension_numbers
+  w_contract, x_contract = (lc, rc) if lhs_lora else (rc, lc)
+  w_batch, x_batch = (lb, rb) if lhs_lora else (rb, lb)
+  pool = iter(string.ascii_letters.replace("R", ""))
+  w_letters = [next(pool) for _ in range(lora.ndim)]
+  lead, m, n = w_letters[:-2], w_letters[-2], w_letters[-1]
+  x_letters = []
+  for d in range(x.ndim):
+    if d in x_contract:
+      x_letters.append(w_letters[w_contract[list(x_contract).index(d)]])
+    elif d in x_batch:
+      x_letters.append(w_letters[w_batch[list(x_batch).index(d)]])
+    else:
+      x_letters.append(next(pool))
+  batch = [w_letters[d] for d in w_batch]
+  w_free = [w_letters[d] for d in range(lora.ndim) if d not in w_contract and d not in w_batch]
+  x_free = [x_letters[d] for d in range(x.ndim) if d not in x_contract and d not in x_batch]
+  out = batch + (w_free + x_free if lhs_lora else x_free + w_free)
+
+  def factor(arr, core):
+    """Squeezes broadcast leading axes; returns the array and its letters."""
+    squeeze = [i for i in range(len(lead)) if arr.shape[i] == 1 and lora.shape[i] != 1]
+    letters = [l for i, l in enumerate(lead) if i not in squeeze] + core
+    return lax.squeeze(arr, squeeze), letters
+
+  b, b_letters = factor(lora.b, [m, "R"])
+  a, a_letters = factor(lora.a, ["R", n])
+  scale = jnp.asarray(lora.get_scale(), b.dtype)
+  if m in x_letters or n not in x_letters:
+    (f1, l1), (f2, l2) = (b * scale, b_letters), (a, a_letters)
+  else:
+    (f1, l1), (f2, l2) = (a, a_letters), (b * scale, b_letters)
+  keep = set(out) | set(l2)
+  mid = [l for l in dict.fromkeys(x_letters + l1) if l in keep]
+  spec = lambda *parts: ",".join("".join(p) for p in parts[:-1]) + "->" + "".join(parts[-1])
+  y = jnp.einsum(spec(x_letters, l1, mid), x, f1, precision=precision)
+  low = jnp.einsum(spec(mid, l2, out), y, f2, precision=precision,
+                   preferred_element_type=pet)
+  w = lax.stop_gradient(lora.w)
+  dense = lax.dot_general(w if lhs_lora else x, x if lhs_lora else w,
+                          dimension_numbers, precision=precision,
+                          preferred_element_type=pet)
+  return dense + low.astype(dense.dtype)

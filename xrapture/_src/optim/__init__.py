@@ -1,0 +1,1 @@
+"""Optax wrappers: freezing leaves and LoRA's base kernels."""

@@ -1,0 +1,96 @@
+"""Optax wrappers that freeze parts of a parameter tree.
+
+Frozen leaves get zero updates and hold no optimizer state: the wrapped
+optimizer only ever sees the trainable leaves (``optax.multi_transform``
+masks the rest), so Adam keeps moments for the adapters alone.
+"""
+
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from xrapture._src.implicit import implicit_array
+
+_FREEZE, _TRAIN = "freeze", "train"
+
+
+def _scalar_zeros() -> optax.GradientTransformation:
+  """Like ``optax.set_to_zero`` but each update is a scalar zero."""
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u: jnp.zeros((), u.dtype), updates), state
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _labels_from_bools(frozen: Any, params: Any) -> Any:
+  """Expands a (prefix) tree of bools over ``params``, leaf by leaf."""
+  def expand(flag, subtree):
+    label = _FREEZE if flag else _TRAIN
+    return jax.tree.map(lambda _: label, subtree)
+  return jax.tree.map(expand, frozen, params,
+                      is_leaf=lambda x: isinstance(x, bool))
+
+
+def freeze_subtrees(
+    tx: optax.GradientTransformation,
+    labels: Any | Callable[[Any], Any],
+    use_scalar_zeros: bool = False,
+) -> optax.GradientTransformation:
+  """Wraps ``tx`` so that subtrees labelled frozen are never updated.
+
+  Args:
+    tx: the optimizer for the trainable leaves.
+    labels: a pytree matching ``params`` or a prefix of it, with ``True``
+      where frozen (a whole subtree, such as a LoraWeight, may take one
+      bool); or a function from params to such a tree.
+    use_scalar_zeros: give frozen leaves scalar zero updates instead of
+      full-size zeros (``optax.apply_updates`` broadcasts them).
+
+  Returns:
+    An optimizer whose state holds nothing for frozen leaves.
+  """
+  def label_fn(params):
+    flags = labels(params) if callable(labels) else labels
+    return _labels_from_bools(flags, params)
+
+  zero = _scalar_zeros() if use_scalar_zeros else optax.set_to_zero()
+  return optax.multi_transform({_TRAIN: tx, _FREEZE: zero}, label_fn)
+
+
+def freeze_keys(
+    tx: optax.GradientTransformation,
+    cls: type,
+    keys: str | Iterable[str],
+    use_scalar_zeros: bool = False,
+) -> optax.GradientTransformation:
+  """Wraps ``tx`` so that fields ``keys`` of every ``cls`` instance are frozen.
+
+  ``freeze_keys(tx, xrapture.LoraWeight, "w")`` trains only the adapters of
+  every LoraWeight and leaves the other parameters to ``tx``.
+
+  Args:
+    tx: the optimizer for everything not frozen.
+    cls: an ImplicitArray subclass (a pytree dataclass).
+    keys: field names of ``cls`` to freeze.
+    use_scalar_zeros: as in :func:`freeze_subtrees`.
+
+  Returns:
+    The wrapped optimizer.
+  """
+  keys = (keys,) if isinstance(keys, str) else tuple(keys)
+
+  def flags(params):
+    def one(x):
+      if isinstance(x, cls):
+        flat, treedef = jax.tree_util.tree_flatten_with_path(x)
+        return jax.tree_util.tree_unflatten(
+            treedef, [getattr(p[0], "name", None) in keys for p, _ in flat])
+      return jax.tree.map(lambda _: False, x)
+    return implicit_array.tree_map_with_implicit(one, params)
+  return freeze_subtrees(tx, flags, use_scalar_zeros)
