@@ -61,9 +61,13 @@ class InstalledPackageTest(absltest.TestCase):
                      xrapture.__version__)
 
   def test_every_module_is_installed(self):
-    installed = os.path.dirname(os.path.realpath(xrapture.__file__))
-    source = os.path.join(_ROOT, 'xrapture')
-    self.assertEqual(_package_modules(installed), _package_modules(source))
+    installed = set(_package_modules(
+        os.path.dirname(os.path.realpath(xrapture.__file__))))
+    source = set(_package_modules(os.path.join(_ROOT, 'xrapture')))
+    self.assertEmpty(sorted(source - installed),
+                     'Not installed (a directory without __init__.py?)')
+    self.assertEmpty(sorted(installed - source),
+                     'Installed, but not in the source tree (stale build?)')
 
   def test_tests_are_not_installed(self):
     with self.assertRaises(ImportError):
