@@ -17,7 +17,7 @@ cd "${REPO}"
 source "${REPO}/tools/install.sh"
 
 step "Bazel"
-if ! command -v bazel >/dev/null 2>&1; then
+if ! command -v bazel >/dev/null 2>&1 || [[ ! -d /usr/share/bazel/rules/java ]]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q
   apt-get install -y -q bazel-bootstrap bazel-rules-java

@@ -16,6 +16,7 @@ install_xrapture() {
     "${PYTHON:-python3}" -m venv "${VENV}"
     "${VENV}/bin/python" -m pip install -q --upgrade setuptools wheel
   fi
+  VENV="$(cd "${VENV}" && pwd)"
   # setuptools reuses build/ across builds: a module deleted from the source
   # tree would still be installed from a stale build/lib.
   rm -rf build xrapture.egg-info
