@@ -7,14 +7,17 @@ value of fixed structure (a loop carry, a cond output), it is materialized
 with a warning.
 """
 
+import contextlib
 import warnings
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 
 from xrapture._src.implicit import compat
 from xrapture._src.implicit import implicit_array
 from xrapture._src.implicit import interpreter
+from xrapture._src.implicit import randomness
 from xrapture._src.implicit import registry
 
 is_implicit = implicit_array.is_implicit
@@ -76,13 +79,16 @@ def _scan_rule(eqn, invals):
           f"leading axis {length}")
     xs.append(x)
   body_jaxpr = params["jaxpr"]
+  steps = jnp.arange(length, dtype=jnp.int32) if randomness.active() else None
 
-  def body(carry, x):
-    outs = interpreter.eval_closed_jaxpr(body_jaxpr, [*consts, *carry, *x])
+  def body(carry, step_and_x):
+    step, x = step_and_x
+    with randomness.loop_step(step) if step is not None else contextlib.nullcontext():
+      outs = interpreter.eval_closed_jaxpr(body_jaxpr, [*consts, *carry, *x])
     new_carry = _materialize_all(outs[:num_carry], "an implicit value in a scan carry")
     return new_carry, outs[num_carry:]
 
-  carry, ys = lax.scan(body, init, xs, length=length,
+  carry, ys = lax.scan(body, init, (steps, xs), length=length,
                        reverse=params.get("reverse", False),
                        unroll=params.get("unroll", 1))
   return [*carry, *ys]
@@ -97,14 +103,17 @@ def _while_rule(eqn, invals):
   init = _materialize_all(invals[n_cond + n_body:],
                           "an implicit value in a while_loop carry")
 
-  def cond_fun(carry):
+  def cond_fun(step_and_carry):
+    _, carry = step_and_carry
     return interpreter.eval_closed_jaxpr(params["cond_jaxpr"], [*cond_consts, *carry])[0]
 
-  def body_fun(carry):
-    outs = interpreter.eval_closed_jaxpr(params["body_jaxpr"], [*body_consts, *carry])
-    return _materialize_all(outs, "an implicit value in a while_loop carry")
+  def body_fun(step_and_carry):
+    step, carry = step_and_carry
+    with randomness.loop_step(step):
+      outs = interpreter.eval_closed_jaxpr(params["body_jaxpr"], [*body_consts, *carry])
+    return step + 1, _materialize_all(outs, "an implicit value in a while_loop carry")
 
-  return lax.while_loop(cond_fun, body_fun, init)
+  return lax.while_loop(cond_fun, body_fun, (jnp.int32(0), init))[1]
 
 
 @registry.higher_order_rule(("cond",))

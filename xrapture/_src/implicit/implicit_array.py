@@ -132,6 +132,17 @@ def tree_map_with_implicit(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any
   return jax.tree_util.tree_map(fn, tree, *rest, is_leaf=is_implicit)
 
 
+def map_fields(fn: Callable[[str, Any], Any], obj: ImplicitArray) -> Any:
+  """Rebuilds ``obj`` with each leaf replaced by ``fn(field_name, leaf)``.
+
+  The result is unvalidated: leaves may become labels, ``None`` or
+  ``EmptyNode`` (optimizer masks, trainable-only checkpoints).
+  """
+  flat, treedef = jax.tree_util.tree_flatten_with_path(obj)
+  return jax.tree_util.tree_unflatten(
+      treedef, [fn(getattr(p[0], "name", None), v) for p, v in flat])
+
+
 def materialize_nested(tree: Any) -> Any:
   """Replaces every ImplicitArray in ``tree`` by its dense array.
 

@@ -14,6 +14,7 @@ from jax import lax
 
 from xrapture._src.implicit import implicit_array
 from xrapture._src.implicit import registry
+from xrapture._src.lora import dropout
 from xrapture._src.lora import lora_weight
 
 LoraWeight = lora_weight.LoraWeight
@@ -61,11 +62,12 @@ def _conv(primitive, lhs, rhs, *, dimension_numbers, feature_group_count,
     in_axis, out_axis = 0, 1
   else:
     return NotImplemented
+  lhs_low = dropout.maybe_drop(lhs)
   if touches == in_dim:   # channels -> r pointwise, then conv r -> out
-    x = _channel_matmul(lhs, lhs_spec[1], mat, in_axis, precision)
+    x = _channel_matmul(lhs_low, lhs_spec[1], mat, in_axis, precision)
     low = lax.conv_general_dilated(
         x, kernel, preferred_element_type=preferred_element_type, **conv_kw)
   else:                   # conv in -> r, then r -> channels pointwise
-    y = lax.conv_general_dilated(lhs, kernel, **conv_kw)
+    y = lax.conv_general_dilated(lhs_low, kernel, **conv_kw)
     low = _channel_matmul(y, out_spec[1], mat, out_axis, precision)
   return dense + low.astype(dense.dtype)

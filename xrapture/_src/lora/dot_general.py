@@ -6,7 +6,7 @@ operand's free axes into tokens and runs :func:`lora_matmul`, a
 ``jax.custom_vjp`` whose backward pass computes only the input gradient and
 the two low-rank gradients; the base kernel gets no gradient at all. Any
 other dimension numbers (batch axes, stacked kernels, several contracting
-axes) go through two einsums that contract the other operand with one factor
+axes), and LoRA dropout, go through two einsums that contract the other operand with one factor
 and then the other, with the base kernel's gradient stopped.
 """
 
@@ -19,6 +19,7 @@ from jax import lax
 
 from xrapture._src.implicit import implicit_array
 from xrapture._src.implicit import registry
+from xrapture._src.lora import dropout
 from xrapture._src.lora import lora_weight
 
 LoraWeight = lora_weight.LoraWeight
@@ -98,6 +99,9 @@ def _dot_general(primitive, lhs, rhs, *, dimension_numbers, precision=None,
   (lc, rc), (lb, rb) = dimension_numbers
   w_contract, x_contract = (lc, rc) if lhs_lora else (rc, lc)
   w_batch = lb if lhs_lora else rb
+  if dropout.active():
+    return _general(lora, x, lhs_lora, dimension_numbers, precision,
+                    preferred_element_type, x_low=dropout.maybe_drop(x))
   if lora.ndim == 2 and not w_batch and len(w_contract) == 1:
     return _matmul_2d(lora, x, w_contract[0], x_contract[0], lhs_lora,
                       precision, preferred_element_type)
@@ -115,8 +119,11 @@ def _matmul_2d(lora, x, w_axis, x_axis, lhs_lora, precision, pet):
   return jnp.moveaxis(y, -1, 0) if lhs_lora else y
 
 
-def _general(lora, x, lhs_lora, dimension_numbers, precision, pet):
-  """Any dimension numbers: two einsums through the rank, never ``b @ a``."""
+def _general(lora, x, lhs_lora, dimension_numbers, precision, pet, x_low=None):
+  """Any dimension numbers: two einsums through the rank, never ``b @ a``.
+
+  ``x_low`` (default ``x``) feeds the low-rank path (LoRA dropout).
+  """
   (lc, rc), (lb, rb) = dimension_numbers
   w_contract, x_contract = (lc, rc) if lhs_lora else (rc, lc)
   w_batch, x_batch = (lb, rb) if lhs_lora else (rb, lb)
@@ -152,7 +159,8 @@ def _general(lora, x, lhs_lora, dimension_numbers, precision, pet):
   keep = set(out) | set(l2)
   mid = [l for l in dict.fromkeys(x_letters + l1) if l in keep]
   spec = lambda *parts: ",".join("".join(p) for p in parts[:-1]) + "->" + "".join(parts[-1])
-  y = jnp.einsum(spec(x_letters, l1, mid), x, f1, precision=precision)
+  y = jnp.einsum(spec(x_letters, l1, mid), x if x_low is None else x_low, f1,
+                 precision=precision)
   low = jnp.einsum(spec(mid, l2, out), y, f2, precision=precision,
                    preferred_element_type=pet)
   w = lax.stop_gradient(lora.w)

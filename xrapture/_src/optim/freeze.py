@@ -88,9 +88,7 @@ def freeze_keys(
   def flags(params):
     def one(x):
       if isinstance(x, cls):
-        flat, treedef = jax.tree_util.tree_flatten_with_path(x)
-        return jax.tree_util.tree_unflatten(
-            treedef, [getattr(p[0], "name", None) in keys for p, _ in flat])
+        return implicit_array.map_fields(lambda name, _: name in keys, x)
       return jax.tree.map(lambda _: False, x)
     return implicit_array.tree_map_with_implicit(one, params)
   return freeze_subtrees(tx, flags, use_scalar_zeros)
