@@ -16,36 +16,62 @@ from xrapture._src.implicit.registry import MaterializationError
 from xrapture._src.implicit.registry import MaterializationWarning
 from xrapture._src.implicit.registry import primitive_handler
 from xrapture._src.implicit.registry import strict_mode
+from xrapture._src.io.adapter import load_adapter
+from xrapture._src.io.adapter import save_adapter
 from xrapture._src.lora.dot_general import lora_matmul
 from xrapture._src.lora.lora_weight import LORA_FREEZE
 from xrapture._src.lora.lora_weight import LORA_FULL
 from xrapture._src.lora.lora_weight import LoraWeight
 from xrapture._src.optim.freeze import freeze_keys
 from xrapture._src.optim.freeze import freeze_subtrees
+from xrapture._src.optim.wrap import wrap_optimizer
+from xrapture._src.transform.adapters import count_trainable
+from xrapture._src.transform.adapters import merge_params
+from xrapture._src.transform.adapters import split_lora_params
+from xrapture._src.transform.facade import XRapTure
+from xrapture._src.transform.facade import XRapTureConfig
+from xrapture._src.transform.facade import XRapTureModule
+from xrapture._src.transform.spec import default_spec
+from xrapture._src.transform.transform import LoraTransformed
+from xrapture._src.transform.transform import transform
+from xrapture._src.transform.transform import transform_with_state
 
 __version__ = "0.1.0"
 
 __all__ = (
     "ArrayValue",
     "aux_field",
+    "count_trainable",
     "CustomRuleDroppedWarning",
     "default_handler",
+    "default_spec",
     "EmptyNode",
     "freeze_keys",
     "freeze_subtrees",
     "ImplicitArray",
     "is_implicit",
+    "load_adapter",
     "LORA_FREEZE",
     "LORA_FULL",
     "lora_matmul",
+    "LoraTransformed",
     "LoraWeight",
     "MaterializationError",
     "MaterializationWarning",
     "materialize_nested",
+    "merge_params",
     "primitive_handler",
+    "save_adapter",
+    "split_lora_params",
     "strict_mode",
+    "transform",
+    "transform_with_state",
     "tree_map_with_implicit",
     "use_implicit_args",
+    "wrap_optimizer",
+    "XRapTure",
+    "XRapTureConfig",
+    "XRapTureModule",
 )
 
 #  _________________________________________

@@ -1,0 +1,1 @@
+"""Adapter files: xrapture's own format and HuggingFace PEFT's."""
