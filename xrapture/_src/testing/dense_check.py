@@ -1,0 +1,240 @@
+"""Proves that a function never forms a dense weight-sized product.
+
+An implicit weight ``[..., M, N]`` is cheap only while nothing computes an
+``M×N`` array from it: neither ``b @ a`` in the forward pass nor a gradient
+for the frozen base kernel in the backward pass. This module looks for such
+products in two places:
+
+* :func:`find_dense_products` walks ``jax.make_jaxpr(fn)(*args)``, recursing
+  into every sub-jaxpr (jit, remat, scan, while, cond, custom_jvp/custom_vjp),
+  for a ``dot_general`` or ``conv_general_dilated`` whose output's trailing two
+  dims are ``(M, N)`` or ``(N, M)``;
+* :func:`find_dense_products_in_hlo` searches the compiled HLO text for a
+  ``dot``, ``convolution`` (or matmul/conv custom call) of such a shape, after
+  XLA's rewrites.
+
+:func:`assert_no_dense_product` runs both. Use distinct dimensions (say
+``M=48, N=40, r=4``, and activations whose dims are none of these) so that a
+shape match is unambiguous. Differentiate ``fn`` first (``jax.grad``) to check
+the backward pass.
+
+Examples:
+  >>> import jax.numpy as jnp
+  >>> from xrapture._src.testing import dense_check
+  >>> x, w = jnp.ones((3, 48)), jnp.ones((48, 40))
+  >>> b, a = jnp.ones((48, 4)), jnp.ones((4, 40))
+  >>> dense_check.find_dense_products(
+  ...     lambda x, w, b, a: x @ (w + b @ a), x, w, b, a, shapes=[(48, 40)])
+  ['dot_general: f32[48,4] x f32[4,40] -> f32[48,40]']
+"""
+
+import math
+import re
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import jax
+
+from xrapture._src.implicit import implicit_array
+
+Shape = tuple[int, int]
+
+_PRODUCT_PRIMITIVES = frozenset({"dot_general", "conv_general_dilated"})
+
+# `%name = f32[48,40]{1,0} dot(` ; also `convolution(` and `custom-call(`,
+# possibly with a tuple result `(f32[48,40]{1,0}, u8[..]{0}) custom-call(`.
+_HLO_OP = re.compile(
+    r"=\s*\(?(?P<dtype>[a-z]+[0-9]*)\[(?P<dims>[0-9,]*)\]\S*"
+    r"(?:,\s*[^)]*\))?\s+(?P<op>dot|convolution|custom-call)\(")
+_PRODUCT_CUSTOM_CALL = re.compile(r"matmul|gemm|conv|dot", re.IGNORECASE)
+
+
+def weight_shapes(tree: Any) -> list[Shape]:
+  """The trailing ``(M, N)`` of every implicit array (ndim >= 2) in ``tree``."""
+  shapes = []
+  for leaf in jax.tree_util.tree_leaves(tree, is_leaf=implicit_array.is_implicit):
+    if implicit_array.is_implicit(leaf) and leaf.ndim >= 2:
+      shape = tuple(leaf.shape[-2:])
+      if shape not in shapes:
+        shapes.append(shape)
+  return shapes
+
+
+def _targets(shapes: Iterable[Sequence[int]] | None, args: Any) -> set[Shape]:
+  if shapes is None:
+    shapes = weight_shapes(args)
+  targets = set()
+  for m, n in (tuple(s) for s in shapes):
+    targets.add((int(m), int(n)))
+    targets.add((int(n), int(m)))
+  if not targets:
+    raise ValueError("no weight shapes: pass shapes=[(M, N), ...] or implicit "
+                     "arrays among the arguments.")
+  return targets
+
+
+def _sub_jaxprs(value: Any) -> Iterator[Any]:
+  """Jaxprs and ClosedJaxprs held in an equation parameter (or a tuple of them)."""
+  if isinstance(value, (jax.extend.core.Jaxpr, jax.extend.core.ClosedJaxpr)):
+    yield value
+  elif isinstance(value, (tuple, list)):
+    for item in value:
+      yield from _sub_jaxprs(item)
+
+
+def _open(jaxpr: Any) -> Any:
+  return jaxpr.jaxpr if isinstance(jaxpr, jax.extend.core.ClosedJaxpr) else jaxpr
+
+
+def _aval_str(var: Any) -> str:
+  aval = var.aval
+  try:
+    return aval.str_short(short_dtypes=True)
+  except (AttributeError, TypeError):
+    return str(aval)
+
+
+def find_dense_products_in_jaxpr(
+    jaxpr: Any, shapes: Iterable[Sequence[int]], _path: str = "") -> list[str]:
+  """Like :func:`find_dense_products`, on a Jaxpr or ClosedJaxpr."""
+  targets = _targets(shapes, None)
+  found = []
+  for eqn in _open(jaxpr).eqns:
+    name = eqn.primitive.name
+    where = f"{_path}{name}"
+    if name in _PRODUCT_PRIMITIVES:
+      for out in eqn.outvars:
+        shape = tuple(getattr(out.aval, "shape", ()))
+        if len(shape) >= 2 and shape[-2:] in targets:
+          ins = " x ".join(_aval_str(v) for v in eqn.invars)
+          found.append(f"{where}: {ins} -> {_aval_str(out)}")
+    for key, value in eqn.params.items():
+      for sub in _sub_jaxprs(value):
+        found.extend(find_dense_products_in_jaxpr(
+            sub, targets, _path=f"{where}[{key}]/"))
+  return found
+
+
+def find_dense_products(
+    fn: Callable[..., Any], *args: Any,
+    shapes: Iterable[Sequence[int]] | None = None, **kwargs: Any) -> list[str]:
+  """Dense weight-sized products in ``fn``'s jaxpr, recursively.
+
+  Args:
+    fn: the function to trace (forward, or a ``jax.grad`` of it).
+    *args: its arguments (pytrees; implicit arrays allowed).
+    shapes: weight shapes ``(M, N)``; a product whose output's trailing two
+      dims are ``(M, N)`` or ``(N, M)`` is reported. Default: the trailing two
+      dims of every implicit array in ``args`` and ``kwargs``.
+    **kwargs: keyword arguments of ``fn``.
+
+  Returns:
+    One line per offending equation, ``"<path>: <inputs> -> <output>"``,
+    where the path names the enclosing higher-order primitives
+    (``"pjit[jaxpr]/scan[jaxpr]/dot_general: ..."``). Empty if none.
+  """
+  targets = _targets(shapes, (args, kwargs))
+  closed = jax.make_jaxpr(lambda a, k: fn(*a, **k))(args, kwargs)
+  return find_dense_products_in_jaxpr(closed, targets)
+
+
+def find_dense_products_in_hlo(
+    fn: Callable[..., Any], *args: Any,
+    shapes: Iterable[Sequence[int]] | None = None, flattened: bool = False,
+    **kwargs: Any) -> list[str]:
+  """Dense weight-sized products in ``fn``'s compiled (optimized) HLO.
+
+  Args:
+    fn: the function to compile with ``jax.jit``.
+    *args: its arguments.
+    shapes: as in :func:`find_dense_products`.
+    flattened: also match stacks of weights whose leading axes XLA merged
+      into one: ``[L*M, N]``, or ``[N, L*M]`` (any output ``[..., N]`` whose
+      other dims multiply to a multiple of ``M``, or ``[M, ...]`` whose other
+      dims multiply to a multiple of ``N``). Only sound when no activation
+      has such a shape: pick sizes that are not multiples of ``M`` or ``N``.
+    **kwargs: keyword arguments of ``fn``.
+
+  Returns:
+    The offending HLO instruction lines, stripped of metadata: a ``dot`` or
+    matmul/conv ``custom-call`` whose output's trailing dims are a weight's,
+    or a ``convolution`` whose output has both of a weight's dims (XLA lays a
+    kernel gradient out as ``[M, window, N]``). Empty if none.
+  """
+  targets = _targets(shapes, (args, kwargs))
+  text = jax.jit(lambda a, k: fn(*a, **k)).lower(args, kwargs).compile().as_text()
+  return find_dense_products_in_hlo_text(text, targets, flattened)
+
+
+def _hlo_weight_sized(op: str, dims: tuple[int, ...], targets: set[Shape],
+                      flattened: bool) -> bool:
+  """Whether an HLO product's output looks weight-sized.
+
+  Trailing dims ``(M, N)`` or ``(N, M)``; for a convolution, ``M`` and ``N``
+  anywhere (XLA computes a kernel gradient as ``[M, k, N]`` and transposes);
+  with ``flattened``, a stack whose leading axes XLA merged.
+  """
+  if len(dims) < 2:
+    return False
+  for m, n in targets:
+    if dims[-2:] == (m, n):
+      return True
+    if op == "convolution" and m in dims and n in dims and (
+        m != n or dims.count(m) > 1):
+      return True
+    if not flattened:
+      continue
+    if dims[-1] == n and math.prod(dims[:-1]) % m == 0:
+      return True
+    if dims[0] == m and math.prod(dims[1:]) % n == 0:
+      return True
+  return False
+
+
+def find_dense_products_in_hlo_text(
+    text: str, shapes: Iterable[Sequence[int]],
+    flattened: bool = False) -> list[str]:
+  """Like :func:`find_dense_products_in_hlo`, on HLO text."""
+  targets = _targets(shapes, None)
+  found = []
+  for line in text.splitlines():
+    match = _HLO_OP.search(line)
+    if match is None:
+      continue
+    if match["op"] == "custom-call" and not _PRODUCT_CUSTOM_CALL.search(
+        line.split("custom_call_target=", 1)[-1][:80]):
+      continue
+    dims = tuple(int(d) for d in match["dims"].split(",") if d)
+    if _hlo_weight_sized(match["op"], dims, targets, flattened):
+      found.append(line.split(", metadata=", 1)[0].strip())
+  return found
+
+
+def assert_no_dense_product(
+    fn: Callable[..., Any], *args: Any,
+    shapes: Iterable[Sequence[int]] | None = None, hlo: bool = True,
+    flattened: bool = False, **kwargs: Any) -> None:
+  """Raises AssertionError if ``fn`` computes a dense weight-sized product.
+
+  Checks the jaxpr (recursively) and, with ``hlo``, the compiled HLO.
+
+  Args:
+    fn: the function (forward, or a gradient of it).
+    *args: its arguments.
+    shapes: as in :func:`find_dense_products`.
+    hlo: also compile ``fn`` and search its HLO.
+    flattened: as in :func:`find_dense_products_in_hlo`.
+    **kwargs: keyword arguments of ``fn``.
+
+  Raises:
+    AssertionError: listing every offending jaxpr equation and HLO line.
+  """
+  found = [f"jaxpr: {s}" for s in find_dense_products(
+      fn, *args, shapes=shapes, **kwargs)]
+  if hlo:
+    found += [f"hlo: {s}" for s in find_dense_products_in_hlo(
+        fn, *args, shapes=shapes, flattened=flattened, **kwargs)]
+  if found:
+    targets = sorted(_targets(shapes, (args, kwargs)))
+    raise AssertionError(
+        f"{len(found)} dense product(s) of weight shape(s) {targets}:\n  "
+        + "\n  ".join(found))
