@@ -18,6 +18,8 @@ from xrapture._src.implicit.registry import primitive_handler
 from xrapture._src.implicit.registry import strict_mode
 from xrapture._src.io.adapter import load_adapter
 from xrapture._src.io.adapter import save_adapter
+from xrapture._src.io.peft import export_peft
+from xrapture._src.io.peft import import_peft
 from xrapture._src.lora.dot_general import lora_matmul
 from xrapture._src.lora.lora_weight import LORA_FREEZE
 from xrapture._src.lora.lora_weight import LORA_FULL
@@ -46,9 +48,11 @@ __all__ = (
     "default_handler",
     "default_spec",
     "EmptyNode",
+    "export_peft",
     "freeze_keys",
     "freeze_subtrees",
     "ImplicitArray",
+    "import_peft",
     "is_implicit",
     "load_adapter",
     "LORA_FREEZE",

@@ -1,0 +1,679 @@
+"""HuggingFace PEFT LoRA adapters: export to and import from PEFT's format.
+
+A PEFT adapter directory holds ``adapter_model.safetensors`` and
+``adapter_config.json``. Its tensors are keyed by torch module path, e.g.
+``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``, so the
+caller says which torch module each Haiku parameter is, with a ``name_map``.
+
+Layouts (``s`` = alpha/r, or alpha/sqrt(r) with rsLoRA). A Haiku kernel
+``w [in, out]`` computes ``x @ w``; its LoraWeight adds ``s · b @ a`` with
+``b [in, r]`` and ``a [r, out]``. torch's ``nn.Linear`` holds ``W [out, in]``
+and PEFT adds ``s · lora_B @ lora_A``, so ``lora_B @ lora_A = (b @ a)ᵀ =
+aᵀ @ bᵀ``::
+
+  nn.Linear      lora_A.weight [r, in]   = bᵀ     lora_B.weight [out, r] = aᵀ
+  nn.Embedding   lora_embedding_A [r, V] = bᵀ     lora_embedding_B [D, r] = aᵀ
+  nn.ConvNd      lora_A.weight [r, in, *k] = b [*k, in, r] with axes reversed
+                 lora_B.weight [out, r, 1..] = a [1.., r, out] with axes reversed
+
+``hk.Embed``'s table ``[V, D]`` and ``nn.Embedding``'s ``[V, D]`` have the same
+layout, and PEFT's embedding update is ``s · Aᵀ @ Bᵀ``, hence the same rule.
+For convolutions PEFT's ``lora_A`` is a conv with the base layer's window and
+``lora_B`` a 1×1 conv; xrapture's matching layout is ``b`` spanning the window
+and ``a`` pointwise (what :meth:`LoraTransformed.adapt` creates).
+"""
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from typing import Any, Callable, Mapping, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import safetensors.numpy
+
+from xrapture._src.io import atomic
+from xrapture._src.lora import lora_weight
+from xrapture._src.transform import paths
+from xrapture._src.transform import spec as spec_lib
+
+LoraWeight = lora_weight.LoraWeight
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+_PREFIX = "base_model.model."
+_LINEAR = ("lora_A.weight", "lora_B.weight")
+_EMBEDDING = ("lora_embedding_A", "lora_embedding_B")
+
+# A torch module path, or one per index of the kernel's leading (layer) axis
+# for kernels stacked by hk.layer_stack.
+TorchPath = Union[str, Sequence[str]]
+NameMap = Union[Mapping[str, TorchPath], Callable[[str], TorchPath | None]]
+
+# adapter_config.json fields whose non-default values change what the adapter
+# computes in ways xrapture does not model. Value: the default that is fine.
+_UNSUPPORTED = {
+    "use_dora": False,             # DoRA: a learned magnitude vector
+    "lora_bias": False,            # a bias on lora_B
+    "layer_replication": None,     # duplicated layers
+    "target_parameters": None,     # LoRA on raw nn.Parameters (MoE experts)
+    "trainable_token_indices": None,
+    "alora_invocation_tokens": None,  # activated LoRA: on only after a token
+    "use_qalora": False,
+    "use_bdlora": None,
+    "arrow_config": None,
+    "kasa_config": None,
+    "velora_config": None,
+    "monteclora_config": None,
+}
+# init_lora_weights values after which the file holds plain LoRA factors for
+# the unmodified base model (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA change the
+# base weights).
+_PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva")
+
+
+# ----------------------------------------------------------------------------
+# Name mapping.
+
+
+def _lookup(name_map: NameMap, path: str) -> TorchPath | None:
+  if callable(name_map) and not isinstance(name_map, Mapping):
+    return name_map(path)
+  return name_map.get(path)
+
+
+def _torch_paths(value: TorchPath) -> tuple[str, ...]:
+  return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _kind(haiku_path: str, ndim: int) -> str:
+  if haiku_path.rsplit("/", 1)[-1] == "embeddings":
+    return "embedding"
+  return "linear" if ndim == 2 else "conv"
+
+
+# ----------------------------------------------------------------------------
+# Factor layouts.
+
+
+def _reverse_axes(x: np.ndarray) -> np.ndarray:
+  """``[*lead, M, N]`` <-> ``[N, M, *lead]`` (Haiku HWIO <-> torch OIHW)."""
+  nd = x.ndim
+  return np.transpose(x, (nd - 1, nd - 2) + tuple(range(nd - 2)))
+
+
+def _unreverse_axes(x: np.ndarray) -> np.ndarray:
+  nd = x.ndim
+  return np.transpose(x, tuple(range(2, nd)) + (1, 0))
+
+
+def _to_peft(haiku_path: str, w_shape, a, b) -> tuple[np.ndarray, np.ndarray]:
+  """Haiku factors of one layer -> PEFT's (A, B)."""
+  a, b = np.asarray(jax.device_get(a)), np.asarray(jax.device_get(b))
+  if len(w_shape) == 2:
+    return b.T, a.T
+  if any(d != 1 for d in a.shape[:-2]):
+    raise ValueError(
+        f"Cannot export '{haiku_path}' (kernel {tuple(w_shape)}, a {a.shape}, "
+        f"b {b.shape}) to PEFT: PEFT's conv LoRA needs b to span the window and "
+        "a to be pointwise (a's leading axes of size 1). If this kernel is a "
+        "stack of layers (hk.layer_stack), map it to a list of torch modules, "
+        "one per layer.")
+  b = np.broadcast_to(b, tuple(w_shape[:-2]) + b.shape[-2:])
+  return _reverse_axes(b), _reverse_axes(a)
+
+
+def _from_peft(kind: str, w_shape, A: np.ndarray, B: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray] | str:
+  """PEFT's (A, B) of one layer -> Haiku (a, b), or what is wrong."""
+  w_shape = tuple(w_shape)
+  if kind in ("linear", "embedding"):
+    if A.ndim != 2 or B.ndim != 2 or len(w_shape) != 2:
+      return f"expected 2-D factors for a 2-D kernel {w_shape}"
+    r = A.shape[0]
+    want_a, want_b = (r, w_shape[0]), (w_shape[1], r)
+  else:
+    nd = len(w_shape)
+    if A.ndim != nd or B.ndim != nd:
+      return f"expected {nd}-D conv factors for kernel {w_shape}"
+    r = A.shape[0]
+    want_a = (r, w_shape[-2]) + w_shape[:-2]
+    want_b = (w_shape[-1], r) + (1,) * (nd - 2)
+  if A.shape != want_a or B.shape != want_b:
+    return (f"expected A {want_a} and B {want_b} (r = {r}) for kernel {w_shape}; "
+            "a grouped conv or a different base model?")
+  if kind in ("linear", "embedding"):
+    return B.T, A.T
+  return _unreverse_axes(B), _unreverse_axes(A)
+
+
+# ----------------------------------------------------------------------------
+# PEFT's own matching rules (peft.tuners.tuners_utils.check_target_module_exists
+# and peft.utils.other.get_pattern_key), restated without torch.
+
+
+def _pattern_key(patterns: Mapping[str, Any], key: str) -> str | None:
+  for pattern in patterns:
+    if re.match(rf"(.*\.)?({pattern})$", key):
+      return pattern
+  return None
+
+
+def _pattern_value(patterns: Mapping[str, Any], key: str, default: Any) -> Any:
+  found = _pattern_key(patterns, key)
+  return default if found is None else patterns[found]
+
+
+def _peft_targets(config: Mapping[str, Any], key: str) -> bool:
+  """Whether PEFT would put an adapter on torch module ``key``."""
+  for module in config.get("modules_to_save") or ():
+    if re.match(rf"(^|.*\.){module}($|\..*)", key):
+      return False
+  exclude = config.get("exclude_modules")
+  if exclude:
+    if isinstance(exclude, str):
+      if re.fullmatch(exclude, key):
+        return False
+    elif key in exclude or any(key.endswith("." + e) for e in exclude):
+      return False
+  targets = config.get("target_modules")
+  if targets is None:
+    return False
+  if targets == "all-linear":
+    found = True  # every Linear but the output layer; PEFT checks that itself
+  elif isinstance(targets, str):
+    found = bool(re.fullmatch(targets, key))
+  else:
+    found = key in targets or any(key.endswith("." + t) for t in targets)
+  layers = config.get("layers_to_transform")
+  if found and layers is not None and layers != []:
+    pattern = config.get("layers_pattern")
+    if not pattern:
+      match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+      match = None
+      for p in [pattern] if isinstance(pattern, str) else pattern:
+        match = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", key)
+        if match:
+          break
+    if match is None:
+      return False
+    index = int(match.group("idx"))
+    found = index == layers if isinstance(layers, int) else index in layers
+  return found
+
+
+def _patterns(values: Mapping[str, Any], default: Any) -> dict[str, Any]:
+  """A rank/alpha pattern under which PEFT's lookup gives each module its value.
+
+  Keys are module paths, longest first (PEFT takes the first key that matches
+  a suffix of the module path); a module whose value is the default gets its
+  own entry too when a shorter key would otherwise claim it.
+  """
+  chosen = {p: v for p, v in values.items() if v != default}
+  for _ in range(len(values) + 2):
+    ordered = dict(sorted(chosen.items(), key=lambda kv: (-len(kv[0]), kv[0])))
+    wrong = [p for p, v in values.items() if _pattern_value(ordered, p, default) != v]
+    if not wrong:
+      return ordered
+    for p in wrong:
+      if p in chosen:  # a same-length key matched through a regex `.`
+        del chosen[p]
+        chosen[re.escape(p)] = values[p]
+      else:
+        chosen[p] = values[p]
+  raise ValueError(f"Cannot express per-module values {dict(values)} as a PEFT pattern.")
+
+
+def _json_number(x: float) -> int | float:
+  return int(x) if float(x).is_integer() else float(x)
+
+
+# ----------------------------------------------------------------------------
+# Export.
+
+
+def _full_trained(flat: list[tuple[str, Any]], spec) -> list[str]:
+  out = []
+  for path, value in flat:
+    if isinstance(value, LoraWeight):
+      continue
+    if spec_lib.matches_any(spec.full, path):
+      out.append(path)
+    elif (spec.tune_vectors and np.ndim(value) < 2
+          and jnp.issubdtype(value.dtype, jnp.inexact)):
+      out.append(path)
+  return out
+
+
+def _most_common(values: list[Any]) -> Any:
+  return max(sorted(set(values)), key=values.count)
+
+
+def _write_dir(path: str, tensors: dict[str, np.ndarray], config: dict) -> None:
+  """Writes both files; a new directory appears whole, an existing one file by file."""
+  config_text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+  path = os.path.abspath(path)
+  if not os.path.exists(path):
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+    try:
+      safetensors.numpy.save_file(tensors, os.path.join(tmp, WEIGHTS_NAME),
+                                  metadata={"format": "pt"})
+      with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
+        f.write(config_text)
+      os.replace(tmp, path)
+    finally:
+      if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    return
+  if not os.path.isdir(path):
+    raise ValueError(f"{path} exists and is not a directory.")
+  # Weights first: the config is what marks the directory as an adapter.
+  with atomic.atomic_path(os.path.join(path, WEIGHTS_NAME)) as tmp:
+    safetensors.numpy.save_file(tensors, tmp, metadata={"format": "pt"})
+  with atomic.atomic_path(os.path.join(path, CONFIG_NAME)) as tmp:
+    with open(tmp, "w") as f:
+      f.write(config_text)
+
+
+def export_peft(path: str | os.PathLike,
+                params: Any,
+                spec: ml_collections.ConfigDict | None,
+                name_map: NameMap,
+                *,
+                base_model_name_or_path: str | None = None) -> None:
+  """Writes the LoRA adapters of ``params`` as a HuggingFace PEFT adapter.
+
+  ``peft.PeftModel.from_pretrained(torch_model, path)`` then computes what
+  the Haiku model computes with ``params``. The directory gets
+  ``adapter_model.safetensors`` (factors in their own dtype) and
+  ``adapter_config.json``; a new directory appears whole, files in an
+  existing one are each replaced atomically.
+
+  Examples:
+    A Haiku transformer whose modules are named after a HuggingFace Llama::
+
+      def name_map(path):  # "transformer/layer_3/attn/query/w"
+        m = re.fullmatch(r"transformer/layer_(\\d+)/(attn|mlp)/(\\w+)/w", path)
+        if m is None:
+          return {"embed/embeddings": "model.embed_tokens"}.get(path)
+        torch_name = {"query": "self_attn.q_proj", "value": "self_attn.v_proj",
+                      "up": "mlp.up_proj", "down": "mlp.down_proj"}[m[3]]
+        return f"model.layers.{m[1]}.{torch_name}"
+
+    or, for ``hk.nets.MLP([64, 10], name="mlp")`` against
+    ``nn.Sequential(nn.Linear(..), nn.ReLU(), nn.Linear(..))``, the dict
+    ``{"mlp/~/linear_0/w": "0", "mlp/~/linear_1/w": "2"}``. A kernel stacked
+    by ``hk.layer_stack`` maps to a list, one torch module per layer:
+    ``{"layers/attn/query/w": [f"model.layers.{i}.self_attn.q_proj" for i in
+    range(n)]}``.
+
+  Args:
+    path: the adapter directory.
+    params: adapted params (with LoraWeights).
+    spec: the spec the model was built with; gives ``r``, ``lora_alpha`` and
+      ``lora_dropout``, and parameters it trains in full are refused. None:
+      the most common rank and alpha among the adapters, dropout 0.
+    name_map: Haiku parameter path (``"module/param"``) -> torch module path,
+      as a dict or a function returning None for unmapped paths. Only the
+      LoraWeights' paths are looked up. A parameter named ``embeddings`` is
+      an ``nn.Embedding``, another 2-D kernel an ``nn.Linear``, a kernel
+      with more dimensions an ``nn.ConvNd``.
+    base_model_name_or_path: recorded in ``adapter_config.json``.
+
+  Raises:
+    ValueError: ``params`` hold no LoraWeight; a LoraWeight has no torch
+      module (all are named) or shares one with another; the spec trains
+      parameters in full (PEFT's file would lack them); adapters disagree on
+      rsLoRA (PEFT has one ``use_rslora``); a conv adapter is not in PEFT's
+      layout; a stacked kernel's list has the wrong length.
+  """
+  flat, _ = paths.flatten_with_paths(params)
+  loras = [(p, v) for p, v in flat if isinstance(v, LoraWeight)]
+  if not loras:
+    raise ValueError("params hold no LoraWeight: nothing to export. Pass the "
+                     "params returned by model.adapt (and trained).")
+  if spec is not None:
+    full = _full_trained(flat, spec)
+    if full:
+      raise ValueError(
+          "A PEFT LoRA file holds only LoRA factors, but the spec trains these "
+          f"parameters in full (spec.full / spec.tune_vectors): {full}. "
+          "Exporting would drop their training. If they were not trained, pass "
+          "a spec with full=() and tune_vectors=False.")
+  rslora = {v.rslora for _, v in loras}
+  if len(rslora) > 1:
+    raise ValueError("PEFT has one use_rslora for all modules; these adapters "
+                     f"mix: {[(p, v.rslora) for p, v in loras]}.")
+
+  unmapped = [p for p, _ in loras if _lookup(name_map, p) is None]
+  if unmapped:
+    raise ValueError(f"name_map gives no torch module for these adapted parameters: "
+                     f"{unmapped}.")
+  tensors, ranks, alphas, owner = {}, {}, {}, {}
+  for hpath, lora in loras:
+    targets = _torch_paths(_lookup(name_map, hpath))
+    shape = tuple(lora.shape)
+    if isinstance(_lookup(name_map, hpath), str):
+      layers = [(targets[0], lora.w.shape, lora.a, lora.b)]
+    else:
+      if len(shape) < 3 or shape[0] != len(targets):
+        raise ValueError(
+            f"name_map gives {len(targets)} torch modules for '{hpath}', a "
+            f"kernel of shape {shape}: a list needs one module per index of the "
+            "leading (layer) axis.")
+      layers = [(t, shape[1:], lora.a[i if lora.a.shape[0] > 1 else 0],
+                 lora.b[i if lora.b.shape[0] > 1 else 0])
+                for i, t in enumerate(targets)]
+    names = _EMBEDDING if _kind(hpath, len(layers[0][1])) == "embedding" else _LINEAR
+    for tpath, w_shape, a, b in layers:
+      if tpath in owner:
+        raise ValueError(f"name_map maps both '{owner[tpath]}' and '{hpath}' to "
+                         f"torch module '{tpath}'.")
+      owner[tpath] = hpath
+      A, B = _to_peft(hpath, w_shape, a, b)
+      tensors[f"{_PREFIX}{tpath}.{names[0]}"] = np.ascontiguousarray(A)
+      tensors[f"{_PREFIX}{tpath}.{names[1]}"] = np.ascontiguousarray(B)
+      ranks[tpath] = int(lora.rank)
+      alphas[tpath] = float(lora.alpha)
+
+  if spec is not None:
+    r, alpha, dropout = int(spec.rank), float(spec.alpha), float(spec.dropout)
+  else:
+    r, alpha, dropout = _most_common(list(ranks.values())), _most_common(
+        list(alphas.values())), 0.0
+  config = {
+      "peft_type": "LORA",
+      "task_type": None,
+      "base_model_name_or_path": base_model_name_or_path,
+      "revision": None,
+      "inference_mode": True,
+      "r": r,
+      "lora_alpha": _json_number(alpha),
+      "lora_dropout": dropout,
+      "use_rslora": rslora.pop(),
+      "target_modules": sorted(ranks),
+      "exclude_modules": None,
+      "rank_pattern": _patterns(ranks, r),
+      "alpha_pattern": {k: _json_number(v) for k, v in _patterns(alphas, alpha).items()},
+      "fan_in_fan_out": False,
+      "bias": "none",
+      "lora_bias": False,
+      "use_dora": False,
+      "modules_to_save": None,
+      "init_lora_weights": True,
+      "layers_to_transform": None,
+      "layers_pattern": None,
+      "layer_replication": None,
+  }
+  _write_dir(os.fspath(path), tensors, config)
+
+
+# ----------------------------------------------------------------------------
+# Import.
+
+
+def _check_config(config: Mapping[str, Any], where: str) -> None:
+  if config.get("peft_type") != "LORA":
+    raise ValueError(f"{where}: peft_type is {config.get('peft_type')!r}; only "
+                     "'LORA' adapters can be imported.")
+  problems = []
+  for field, fine in _UNSUPPORTED.items():
+    value = config.get(field, fine)
+    if value not in (fine, None, False, [], {}):
+      problems.append(f"{field}={value!r}")
+  init = config.get("init_lora_weights", True)
+  if not any(init is v or (isinstance(v, str) and init == v) for v in _PLAIN_INITS):
+    problems.append(f"init_lora_weights={init!r} (the adapter belongs to a "
+                    "modified base model; convert it to plain LoRA first)")
+  if problems:
+    raise ValueError(f"{where} uses PEFT features xrapture does not support: "
+                     + "; ".join(problems) + ". Importing it would not reproduce "
+                     "the PEFT model.")
+
+
+def _parse_keys(tensors: Mapping[str, np.ndarray], where: str
+                ) -> tuple[dict[str, dict[str, Any]], dict[str, np.ndarray]]:
+  """LoRA pairs by torch module, and the other tensors, by key less the prefix."""
+  groups: dict[str, dict[str, Any]] = {}
+  others: dict[str, np.ndarray] = {}
+  outside = []
+  for key, value in tensors.items():
+    if not key.startswith(_PREFIX):
+      outside.append(key)
+      continue
+    rest = key[len(_PREFIX):]
+    found = None
+    for kind, names in (("linear", _LINEAR), ("embedding", _EMBEDDING)):
+      for part, name in zip("AB", names):
+        if rest.endswith("." + name):
+          found = (rest[:-len(name) - 1], kind, part)
+    if found is None:
+      others[rest] = value
+      continue
+    module, kind, part = found
+    group = groups.setdefault(module, {"kind": kind})
+    if group["kind"] != kind:
+      outside.append(key)
+      continue
+    group[part] = value
+  if outside:
+    raise ValueError(f"{where} has keys xrapture cannot read: {sorted(outside)}. "
+                     f"Expected '{_PREFIX}<module>.lora_A.weight' / '.lora_B.weight' "
+                     "or '.lora_embedding_A' / '.lora_embedding_B'.")
+  incomplete = [f"{m} (only {'A' if 'A' in g else 'B'})" for m, g in groups.items()
+                if "A" not in g or "B" not in g]
+  if incomplete:
+    raise ValueError(f"{where} is missing lora_A or lora_B for: {sorted(incomplete)}.")
+  return groups, others
+
+
+# Haiku parameter name -> torch parameter name (hk.Linear, hk.Conv*, hk.Embed,
+# hk.LayerNorm / hk.RMSNorm).
+_TORCH_PARAM = {"w": "weight", "embeddings": "weight", "scale": "weight",
+                "b": "bias", "offset": "bias"}
+
+
+def _torch_to_haiku(hpath: str, value: np.ndarray) -> np.ndarray:
+  if hpath.rsplit("/", 1)[-1] != "w":
+    return value
+  return value.T if value.ndim == 2 else _unreverse_axes(value)
+
+
+def import_peft(path: str | os.PathLike, base_params: Any, name_map: NameMap) -> Any:
+  """Reads a HuggingFace PEFT LoRA adapter onto Haiku ``base_params``.
+
+  The result, run with :func:`xrapture.use_implicit_args` (or a
+  :func:`xrapture.transform` model's ``apply``), computes what
+  ``peft.PeftModel.from_pretrained(torch_model, path)`` computes when the
+  torch model holds the same base weights. Each adapted module's rank comes
+  from its tensors and its alpha from ``lora_alpha`` / ``alpha_pattern``,
+  with ``use_rslora``; factors keep the file's dtype. Other tensors in the
+  file (``modules_to_save``, biases saved with ``bias="all"`` or
+  ``"lora_only"``, embedding weights PEFT saves alongside) replace the Haiku
+  parameters they belong to, as PEFT loads them over the base model's: a
+  torch ``<module>.weight`` / ``.bias`` is the Haiku parameter ``w``,
+  ``embeddings`` or ``scale`` / ``b`` or ``offset`` that ``name_map`` maps
+  to ``<module>``.
+
+  Args:
+    path: the adapter directory (``adapter_config.json`` and
+      ``adapter_model.safetensors``).
+    base_params: Haiku params (plain arrays) of the base model.
+    name_map: as for :func:`export_peft`; every Haiku path of ``base_params``
+      is looked up, so a function may return None for parameters that have
+      no torch module.
+
+  Returns:
+    ``base_params`` with every parameter that has an adapter in the file
+    replaced by a LoraWeight and every parameter the file holds whole
+    replaced by it; other leaves are the same objects.
+
+  Raises:
+    ValueError: the config uses a feature xrapture does not model (DoRA,
+      ``lora_bias``, layer replication, a PiSSA-like init, ...; all are
+      named); the file lacks half a LoRA pair or has a tensor that name_map
+      places on no Haiku parameter (all are named); a module in the file is
+      not targeted by the config; factors or tensors do not fit their Haiku
+      parameter (both shapes named); a stacked kernel lacks some layers or
+      they disagree on rank or alpha.
+  """
+  path = os.fspath(path)
+  config_file = os.path.join(path, CONFIG_NAME)
+  with open(config_file) as f:
+    config = json.load(f)
+  _check_config(config, config_file)
+  weights_file = os.path.join(path, WEIGHTS_NAME)
+  groups, others = _parse_keys(safetensors.numpy.load_file(weights_file), weights_file)
+
+  r_default = config.get("r", 8)
+  alpha_default = config.get("lora_alpha", 8)
+  rank_pattern = config.get("rank_pattern") or {}
+  alpha_pattern = config.get("alpha_pattern") or {}
+  rslora = bool(config.get("use_rslora", False))
+
+  flat, treedef = paths.flatten_with_paths(base_params)
+  kernels = {}  # torch module -> (flat index, layer index or None)
+  params = {}   # "<torch module>.<torch param>" -> (flat index, layer index or None)
+  for i, (hpath, value) in enumerate(flat):
+    mapped = _lookup(name_map, hpath)
+    if mapped is None:
+      continue
+    name = hpath.rsplit("/", 1)[-1]
+    for layer, tpath in enumerate(_torch_paths(mapped)):
+      at = (i, None if isinstance(mapped, str) else layer)
+      if name in _TORCH_PARAM:
+        key = f"{tpath}.{_TORCH_PARAM[name]}"
+        if key in params:
+          raise ValueError(f"name_map maps both '{flat[params[key][0]][0]}' and "
+                           f"'{hpath}' to torch parameter '{key}'.")
+        params[key] = at
+      if np.ndim(value) >= 2 and name != "b":
+        if tpath in kernels:
+          raise ValueError(f"name_map maps both '{flat[kernels[tpath][0]][0]}' and "
+                           f"'{hpath}' to torch module '{tpath}'.")
+        kernels[tpath] = at
+
+  unplaced = sorted(m for m in groups if m not in kernels)
+  if unplaced:
+    raise ValueError(f"{weights_file} has adapters for torch modules that name_map "
+                     f"gives no Haiku kernel: {unplaced}.")
+  untargeted = sorted(m for m in groups if not _peft_targets(config, m))
+  if untargeted:
+    raise ValueError(
+        f"{weights_file} has adapters for modules that {config_file}'s "
+        f"target_modules {config.get('target_modules')!r} do not target (PEFT "
+        f"would ignore them): {untargeted}.")
+
+  def adapted(module):
+    if config.get("target_modules") == "all-linear":
+      return module in groups
+    return _peft_targets(config, module)
+
+  leaves = [v for _, v in flat]
+  whole: dict[int, dict[int | None, np.ndarray]] = {}
+  unknown = []
+  saved_whole = config.get("modules_to_save") or ()
+  for rest, value in others.items():
+    module, _, param = rest.rpartition(".")
+    owner, _, inner = module.rpartition(".")
+    if inner in ("modules_to_save", "original_module") and any(
+        re.fullmatch(rf"(.*\.)?{m}", owner) for m in saved_whole):
+      # bias="all" also saves a ModulesToSaveWrapper's internals: PEFT loads
+      # them nowhere or into the copy the forward pass does not use.
+      continue
+    lora_layer = module.endswith(".base_layer")
+    if lora_layer:
+      module = module[:-len(".base_layer")]
+    # PEFT loads `<m>.base_layer.<p>` into adapted modules and `<m>.<p>` into
+    # the others; a key of the wrong form is one PEFT ignores.
+    if (f"{module}.{param}" not in params
+        or lora_layer != adapted(module)):
+      unknown.append(_PREFIX + rest)
+      continue
+    i, layer = params[f"{module}.{param}"]
+    hpath, base = flat[i]
+    want = tuple(np.shape(base))[0 if layer is None else 1:]
+    value = _torch_to_haiku(hpath, value)
+    if value.shape != want:
+      raise ValueError(f"'{_PREFIX}{rest}' has shape {value.shape} in Haiku's layout "
+                       f"but Haiku '{hpath}' needs {want}.")
+    whole.setdefault(i, {})[layer] = value
+  if unknown:
+    raise ValueError(
+        f"{weights_file} holds tensors that name_map places on no Haiku parameter "
+        f"(or that PEFT would not load): {sorted(unknown)}. Map the Haiku "
+        "parameters of those torch modules (w/embeddings/scale -> weight, "
+        "b/offset -> bias) in name_map.")
+  for i, layers in whole.items():
+    hpath, base = flat[i]
+    if None in layers:
+      new = layers[None]
+    else:
+      missing = [k for k in range(np.shape(base)[0]) if k not in layers]
+      if missing:
+        raise ValueError(f"{weights_file} replaces only some layers of stacked "
+                         f"'{hpath}' (not {missing}).")
+      new = np.stack([layers[k] for k in range(len(layers))])
+    leaves[i] = jnp.asarray(new, dtype=base.dtype)
+
+  per_leaf: dict[int, dict[int | None, tuple]] = {}
+  for tpath, group in groups.items():
+    i, layer = kernels[tpath]
+    hpath, w = flat[i]
+    w_shape = tuple(np.shape(w))
+    if layer is not None:
+      w_shape = w_shape[1:]
+    kind = group["kind"]
+    if kind == "embedding" and len(w_shape) != 2:
+      raise ValueError(f"'{tpath}' is an embedding adapter but '{hpath}' has shape "
+                       f"{tuple(np.shape(w))}.")
+    if kind == "linear" and group["A"].ndim > 2:
+      kind = "conv"
+    factors = _from_peft(kind, w_shape, group["A"], group["B"])
+    if isinstance(factors, str):
+      raise ValueError(
+          f"Shapes of '{tpath}' (lora_A {group['A'].shape}, lora_B "
+          f"{group['B'].shape}) do not fit Haiku '{hpath}' of shape "
+          f"{tuple(np.shape(w))}: {factors}.")
+    rank = group["A"].shape[0]
+    r_config = _pattern_value(rank_pattern, tpath, r_default)
+    if rank != r_config:
+      raise ValueError(
+          f"'{tpath}' has rank {rank} in the file but {r_config} in "
+          f"{config_file} (r / rank_pattern); PEFT could not load it.")
+    alpha = float(_pattern_value(alpha_pattern, tpath, alpha_default))
+    per_leaf.setdefault(i, {})[layer] = factors + (rank, alpha)
+
+  for i, layers in per_leaf.items():
+    hpath, _ = flat[i]
+    w = leaves[i]
+    if None in layers:
+      a, b, _, alpha = layers[None]
+    else:
+      n = np.shape(w)[0]
+      missing = [k for k in range(n) if k not in layers]
+      if missing:
+        names = _torch_paths(_lookup(name_map, hpath))
+        raise ValueError(
+            f"'{hpath}' is a stack of {n} layers but {weights_file} has no adapter "
+            f"for layers {missing} ({[names[k] for k in missing]}); xrapture "
+            "adapts a stacked kernel in every layer or none.")
+      distinct = {(layers[k][2], layers[k][3]) for k in range(n)}
+      if len(distinct) > 1:
+        raise ValueError(f"The layers of stacked '{hpath}' have different (rank, "
+                         f"alpha) in the file: {sorted(distinct)}; one LoraWeight "
+                         "has one rank and alpha.")
+      a = np.stack([layers[k][0] for k in range(n)])
+      b = np.stack([layers[k][1] for k in range(n)])
+      alpha = layers[0][3]
+    leaves[i] = LoraWeight(w, jnp.asarray(a), jnp.asarray(b), alpha=alpha,
+                           rslora=rslora)
+  return jax.tree_util.tree_unflatten(treedef, leaves)
