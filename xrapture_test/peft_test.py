@@ -20,6 +20,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import safetensors.numpy
 
 import xrapture
@@ -321,6 +322,42 @@ class PeftCompatTest(_Base):
         A, B = module.lora_A["default"].weight, module.lora_B["default"].weight
       np.testing.assert_array_equal(A.detach().numpy(), np.asarray(lora.b).T)
       np.testing.assert_array_equal(B.detach().numpy(), np.asarray(lora.a).T)
+
+  @parameterized.named_parameters(
+      ("transformer", hk_forward, "ids", name_map),
+      ("conv", hk_conv_forward, "images", CONV_NAME_MAP))
+  def test_trained_with_transform(self, forward, inputs, mapping):
+    """xrapture.transform + adapt + a few optimizer steps, then PEFT."""
+    if inputs == "ids":
+      x, x_torch, net = self.ids, torch.from_numpy(self.ids).long(), TorchNet
+    else:
+      x = np.random.default_rng(2).normal(size=(2, 4, 4, 3)).astype(np.float32)
+      x_torch, net = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))), TorchConvNet
+    spec = _spec(rank=2, alpha=4.0, rank_pattern=((r"head/w", 3),))
+    model = xrapture.transform(forward, spec)
+    base = model.init(jax.random.PRNGKey(0), x)
+    params = model.adapt(jax.random.PRNGKey(1), base)
+    tx = xrapture.wrap_optimizer(optax.sgd(0.3), model.spec(base))
+    opt_state = tx.init(params)
+    loss = lambda p: jnp.mean((model.apply(p, None, x) - 1.0) ** 2)
+
+    @jax.jit
+    def step(params, opt_state):
+      updates, opt_state = tx.update(jax.grad(loss)(params), opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    for _ in range(3):
+      params, opt_state = step(params, opt_state)
+    want = np.asarray(model.apply(params, None, x))
+    self.assertGreater(np.abs(want - model.apply(base, None, x)).max(), 1e-3)
+
+    path = os.path.join(self.tmp, "trained")
+    xrapture.export_peft(path, params, model.config, mapping)
+    get = mapping if callable(mapping) else mapping.get
+    torch_model = _load_base(net(), base, get).eval()
+    peft_model = peft.PeftModel.from_pretrained(torch_model, path).eval()
+    with torch.no_grad():
+      np.testing.assert_allclose(peft_model(x_torch).numpy(), want, atol=1e-5)
 
   @parameterized.named_parameters(*_CASES)
   def test_peft_adapter_imports(self, kw):

@@ -298,22 +298,33 @@ def export_peft(path: str | os.PathLike,
   existing one are each replaced atomically.
 
   Examples:
-    A Haiku transformer whose modules are named after a HuggingFace Llama::
+    A Haiku transformer whose modules are named after a HuggingFace Llama
+    (``LlamaForCausalLM``'s modules are ``model.layers.<i>.self_attn.q_proj``
+    and so on)::
+
+      LLAMA = {"query": "self_attn.q_proj", "key": "self_attn.k_proj",
+               "value": "self_attn.v_proj", "out": "self_attn.o_proj",
+               "gate": "mlp.gate_proj", "up": "mlp.up_proj",
+               "down": "mlp.down_proj"}
 
       def name_map(path):  # "transformer/layer_3/attn/query/w"
-        m = re.fullmatch(r"transformer/layer_(\\d+)/(attn|mlp)/(\\w+)/w", path)
-        if m is None:
-          return {"embed/embeddings": "model.embed_tokens"}.get(path)
-        torch_name = {"query": "self_attn.q_proj", "value": "self_attn.v_proj",
-                      "up": "mlp.up_proj", "down": "mlp.down_proj"}[m[3]]
-        return f"model.layers.{m[1]}.{torch_name}"
+        if path == "embed/embeddings":
+          return "model.embed_tokens"
+        m = re.fullmatch(r"transformer/layer_(\d+)/(?:attn|mlp)/(\w+)/w", path)
+        if m is None or m[2] not in LLAMA:
+          return None
+        return f"model.layers.{m[1]}.{LLAMA[m[2]]}"  # model.layers.3.self_attn.q_proj
 
-    or, for ``hk.nets.MLP([64, 10], name="mlp")`` against
-    ``nn.Sequential(nn.Linear(..), nn.ReLU(), nn.Linear(..))``, the dict
+    For ``hk.nets.MLP([64, 10], name="mlp")`` against
+    ``nn.Sequential(nn.Linear(..), nn.ReLU(), nn.Linear(..))`` a dict does:
     ``{"mlp/~/linear_0/w": "0", "mlp/~/linear_1/w": "2"}``. A kernel stacked
     by ``hk.layer_stack`` maps to a list, one torch module per layer:
-    ``{"layers/attn/query/w": [f"model.layers.{i}.self_attn.q_proj" for i in
-    range(n)]}``.
+    ``{"layers/attn/query/w": [f"model.layers.{i}.self_attn.q_proj"
+    for i in range(n)]}``.
+
+    PEFT matches each ``target_modules`` entry also as a suffix: a torch
+    module whose path ends in ``.<entry>`` gets an adapter too, which stays
+    zero (PEFT's ``lora_B`` starts at zero and the file has nothing for it).
 
   Args:
     path: the adapter directory.
@@ -600,6 +611,9 @@ def import_peft(path: str | os.PathLike, base_params: Any, name_map: NameMap) ->
       continue
     i, layer = params[f"{module}.{param}"]
     hpath, base = flat[i]
+    if config.get("fan_in_fan_out") and hpath.endswith("/w"):
+      raise ValueError(f"{config_file} has fan_in_fan_out=true: the layout of "
+                       f"'{_PREFIX}{rest}' ([in, out] or [out, in]) is unknown.")
     want = tuple(np.shape(base))[0 if layer is None else 1:]
     value = _torch_to_haiku(hpath, value)
     if value.shape != want:
