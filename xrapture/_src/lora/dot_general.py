@@ -161,10 +161,15 @@ def _general(lora, x, lhs_lora, dimension_numbers, precision, pet, x_low=None):
   spec = lambda *parts: ",".join("".join(p) for p in parts[:-1]) + "->" + "".join(parts[-1])
   y = jnp.einsum(spec(x_letters, l1, mid), x if x_low is None else x_low, f1,
                  precision=precision)
-  low = jnp.einsum(spec(mid, l2, out), y, f2, precision=precision,
+  # A free leading axis of w that both factors broadcast (size 1) is in
+  # neither einsum input: the update is the same along it, so broadcast.
+  out_low = [l for l in out if l in mid or l in l2]
+  low = jnp.einsum(spec(mid, l2, out_low), y, f2, precision=precision,
                    preferred_element_type=pet)
   w = lax.stop_gradient(lora.w)
   dense = lax.dot_general(w if lhs_lora else x, x if lhs_lora else w,
                           dimension_numbers, precision=precision,
                           preferred_element_type=pet)
+  if out_low != out:
+    low = lax.broadcast_in_dim(low, dense.shape, [out.index(l) for l in out_low])
   return dense + low.astype(dense.dtype)
