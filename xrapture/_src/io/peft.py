@@ -310,7 +310,7 @@ def export_peft(path: str | os.PathLike,
       def name_map(path):  # "transformer/layer_3/attn/query/w"
         if path == "embed/embeddings":
           return "model.embed_tokens"
-        m = re.fullmatch(r"transformer/layer_(\d+)/(?:attn|mlp)/(\w+)/w", path)
+        m = re.fullmatch(r"transformer/layer_(\\d+)/(?:attn|mlp)/(\\w+)/w", path)
         if m is None or m[2] not in LLAMA:
           return None
         return f"model.layers.{m[1]}.{LLAMA[m[2]]}"  # model.layers.3.self_attn.q_proj
