@@ -11,6 +11,7 @@ from jax import lax
 import numpy as np
 import xrapture
 from xrapture._src.testing import dense_check
+from xrapture._src.testing import reference
 
 # Distinct sizes, so that a weight-sized product is unambiguous. Activations
 # use 2, 3 and 5, none a multiple of M or N.
@@ -31,52 +32,8 @@ def _lora(seed=0, lead=(), a_lead=None, b_lead=None, alpha=ALPHA):
       _rand(seed + 2, *b_lead, M, R, scale=0.5), alpha=alpha)
 
 
-def _dense_np(lora):
-  """``w + alpha/r · b @ a``, by hand in numpy."""
-  w, a, b = (np.asarray(x, np.float64) for x in (lora.w, lora.a, lora.b))
-  return (w + lora.alpha / b.shape[-1] * np.matmul(b, a)).astype(np.float32)
-
-
-def check_against_dense(test, fn, x, lora, *, grad_x=True, rtol=2e-4, atol=2e-4):
-  """Runs ``fn(x, W)`` on a LoraWeight and on its dense value, and compares.
-
-  Compares outputs, and the gradients wrt ``a``, ``b`` (and ``x``) of a random
-  linear loss against autodiff of the dense formula ``w + s·b@a``; checks that
-  neither the forward jaxpr nor the value-and-grad jaxpr and compiled HLO
-  contain a weight-sized product.
-  """
-  implicit = xrapture.use_implicit_args(fn)
-  ref = fn(x, jnp.asarray(_dense_np(lora)))
-  ct = _rand(99, *ref.shape).astype(ref.dtype)
-  scale = lora.alpha / lora.rank
-
-  def loss(x, a, b):
-    out = implicit(x, xrapture.LoraWeight(lora.w, a, b, alpha=lora.alpha))
-    return jnp.sum(out * ct), out
-
-  def dense_loss(x, a, b):
-    out = fn(x, lora.w + scale * jnp.matmul(b, a))
-    return jnp.sum(out * ct), out
-
-  argnums = (0, 1, 2) if grad_x else (1, 2)
-  vg = jax.value_and_grad(loss, argnums, has_aux=True)
-  traced = jax.jit(vg).trace(x, lora.a, lora.b)
-  compiled = traced.lower().compile()
-  (_, out), grads = compiled(x, lora.a, lora.b)
-  _, ref_grads = jax.value_and_grad(dense_loss, argnums, has_aux=True)(
-      x, lora.a, lora.b)
-  np.testing.assert_allclose(out, ref, rtol=rtol, atol=atol)
-  for g, ref_g in zip(grads, ref_grads):
-    np.testing.assert_allclose(g, ref_g, rtol=rtol, atol=atol * 10)
-  shapes = [(M, N)]
-  test.assertEqual(dense_check.find_dense_products(implicit, x, lora), [],
-                   "the forward pass forms a dense product")
-  test.assertEqual(
-      dense_check.find_dense_products_in_jaxpr(traced.jaxpr, shapes), [],
-      "the backward pass forms a dense product")
-  test.assertEqual(dense_check.find_dense_products_in_hlo_text(
-      compiled.as_text(), shapes), [], "the compiled HLO has a dense product")
-  return out
+_dense_np = reference.dense_value
+check = reference.assert_matches_dense
 
 
 def _dg(dimension_numbers, lora_on_lhs=False):
@@ -130,7 +87,7 @@ class DotGeneralTest(parameterized.TestCase):
       ("stacked_matmul", (L, 3, M), (L,), lambda x, w: x @ w),
   )
   def test_matches_dense(self, x_shape, lead, fn):
-    check_against_dense(self, fn, _rand(7, *x_shape), _lora(lead=lead))
+    check(fn, _rand(7, *x_shape), _lora(lead=lead))
 
   @parameterized.named_parameters(
       ("same_order", (M, N), (((0, 1), (0, 1)), ((), ()))),
@@ -138,7 +95,7 @@ class DotGeneralTest(parameterized.TestCase):
   )
   def test_contract_both_axes(self, x_shape, dimension_numbers):
     # x is weight-sized here, so its own gradient is too: check a and b only.
-    check_against_dense(self, _dg(dimension_numbers), _rand(7, *x_shape),
+    check(_dg(dimension_numbers), _rand(7, *x_shape),
                         _lora(), grad_x=False)
 
   @parameterized.named_parameters(
@@ -148,9 +105,9 @@ class DotGeneralTest(parameterized.TestCase):
   )
   def test_broadcast_factors(self, a_lead, b_lead):
     lora = _lora(lead=(L,), a_lead=a_lead, b_lead=b_lead)
-    check_against_dense(self, _dg((((2,), (1,)), ((0,), (0,)))),
+    check(_dg((((2,), (1,)), ((0,), (0,)))),
                         _rand(3, L, 3, M), lora)
-    check_against_dense(self, _dg((((1,), (1,)), ((), ()))), _rand(4, 3, M), lora)
+    check(_dg((((1,), (1,)), ((), ()))), _rand(4, 3, M), lora)
 
   def test_no_warnings(self):
     with warnings.catch_warnings():
@@ -207,7 +164,7 @@ class DotGeneralTest(parameterized.TestCase):
   def test_precision_is_kept(self):
     lora, x = _lora(), _rand(1, 3, M)
     fn = lambda x, w: jnp.dot(x, w, precision=lax.Precision.HIGHEST)
-    check_against_dense(self, fn, x, lora, rtol=1e-5, atol=1e-5)
+    check(fn, x, lora, rtol=1e-5, atol=1e-5)
 
   def test_bf16_preferred_element_type(self):
     lora, x = _lora(), _rand(1, 3, M)

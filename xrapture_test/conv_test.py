@@ -1,0 +1,140 @@
+"""Tests for conv_general_dilated on LoraWeights (xrapture/_src/lora/conv.py)."""
+
+import warnings
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import haiku as hk
+import jax
+import jax.numpy as jnp
+from jax import lax
+import numpy as np
+import xrapture
+from xrapture._src.testing import dense_check
+from xrapture._src.testing import reference
+
+# The kernel's channel axes are M (in for HWIO, out for HWOI) and N.
+M, N, R = 48, 40, 4
+ALPHA = 2.0
+
+check = reference.assert_matches_dense
+
+
+def _rand(seed, *shape, scale=1.0):
+  rng = np.random.default_rng(seed)
+  return jnp.asarray(scale * rng.normal(size=shape), jnp.float32)
+
+
+def _conv_lora(window, pointwise, seed=0):
+  """A kernel ``[*window, M, N]`` whose ``pointwise`` factor spans no window."""
+  one = (1,) * len(window)
+  a_lead, b_lead = (one, window) if pointwise == "a" else (window, one)
+  return xrapture.LoraWeight(
+      _rand(seed, *window, M, N, scale=0.1), _rand(seed + 1, *a_lead, R, N, scale=0.5),
+      _rand(seed + 2, *b_lead, M, R, scale=0.5), alpha=ALPHA)
+
+
+def _conv(dimension_numbers, **kwargs):
+  return lambda x, w: lax.conv_general_dilated(
+      x, w, dimension_numbers=dimension_numbers, **kwargs)
+
+
+def _haiku(module, **kwargs):
+  """``fn(x, w)`` applying a Haiku conv module with kernel ``w``."""
+  transformed = hk.without_apply_rng(hk.transform(
+      lambda x: module(with_bias=False, name="conv", **kwargs)(x)))
+  return lambda x, w: transformed.apply({"conv": {"w": w}}, x)
+
+
+_CASES = (
+    # name, x shape, window, fn
+    ("conv1d_same", (2, 9, M), (3,),
+     _conv(("NWC", "WIO", "NWC"), window_strides=(1,), padding="SAME")),
+    ("conv1d_stride_dilation", (2, 11, M), (3,),
+     _conv(("NWC", "WIO", "NWC"), window_strides=(2,), padding=((2, 1),),
+           rhs_dilation=(2,))),
+    ("conv2d_stride_padding_dilation", (2, 7, 9, M), (3, 2),
+     _conv(("NHWC", "HWIO", "NHWC"), window_strides=(2, 1),
+           padding=((1, 0), (2, 2)), rhs_dilation=(1, 2))),
+    ("conv2d_nchw_valid", (2, M, 7, 9), (3, 2),
+     _conv(("NCHW", "HWIO", "NCHW"), window_strides=(1, 1), padding="VALID")),
+    ("conv2d_transposed_hwoi", (2, 5, 6, N), (3, 2),
+     _conv(("NHWC", "HWOI", "NHWC"), window_strides=(1, 1),
+           padding=((2, 2), (1, 1)), lhs_dilation=(2, 2))),
+    ("conv2d_hwoi", (2, 5, 7, N), (3, 2),
+     _conv(("NHWC", "HWOI", "NHWC"), window_strides=(1, 1), padding="SAME")),
+    ("conv_transpose_api", (2, 5, 7, M), (3, 3),
+     lambda x, w: lax.conv_transpose(x, w, (2, 2), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))),
+    ("hk_conv1d", (2, 9, M), (3,),
+     _haiku(hk.Conv1D, output_channels=N, kernel_shape=3)),
+    ("hk_conv2d_strided", (2, 7, 9, M), (3, 2),
+     _haiku(hk.Conv2D, output_channels=N, kernel_shape=(3, 2), stride=2)),
+    ("hk_conv2d_transpose", (2, 5, 7, N), (3, 2),
+     _haiku(hk.Conv2DTranspose, output_channels=M, kernel_shape=(3, 2), stride=2)),
+)
+
+
+class ConvTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      *[(name + "_a_pointwise", x, window, fn, "a") for name, x, window, fn in _CASES],
+      *[(name + "_b_pointwise", x, window, fn, "b") for name, x, window, fn in _CASES])
+  def test_matches_dense(self, x_shape, window, fn, pointwise):
+    lora = _conv_lora(window, pointwise)
+    with warnings.catch_warnings():
+      warnings.simplefilter("error", xrapture.MaterializationWarning)
+      check(fn, _rand(7, *x_shape), lora, rtol=1e-4, atol=1e-4)
+
+  def _materializes(self, fn, x, lora):
+    implicit = xrapture.use_implicit_args(fn)
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      out = implicit(x, lora)
+    messages = [str(w.message) for w in caught
+                if issubclass(w.category, xrapture.MaterializationWarning)]
+    self.assertNotEmpty(messages)
+    self.assertIn("materialized", messages[0])
+    self.assertIn("conv_general_dilated", messages[0])
+    self.assertIn("LoraWeight", messages[0])
+    np.testing.assert_allclose(out, fn(x, reference.dense_value(lora)),
+                               rtol=1e-4, atol=1e-4)
+    with xrapture.strict_mode():
+      with self.assertRaises(xrapture.MaterializationError):
+        implicit(x, lora)
+    return implicit
+
+  def test_grouped_conv_materializes_with_warning(self):
+    lora, x = _conv_lora((3,), "a"), _rand(1, 2, 9, 2 * M)
+    fn = _conv(("NWC", "WIO", "NWC"), window_strides=(1,), padding="SAME",
+               feature_group_count=2)
+    implicit = self._materializes(fn, x, lora)
+    # The checker sees the dense kernel.
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      self.assertNotEmpty(dense_check.find_dense_products(implicit, x, lora))
+
+  def test_depthwise_conv_materializes_with_warning(self):
+    lora = xrapture.LoraWeight(_rand(0, 3, 1, N), _rand(1, 1, R, N),
+                               _rand(2, 3, 1, R))
+    fn = _conv(("NWC", "WIO", "NWC"), window_strides=(1,), padding="SAME",
+               feature_group_count=N)
+    self._materializes(fn, _rand(3, 2, 9, N), lora)
+
+  def test_no_pointwise_factor_materializes_with_warning(self):
+    # Both factors span the window: the update is not a conv times a matmul.
+    lora = xrapture.LoraWeight(_rand(0, 3, M, N), _rand(1, 3, R, N),
+                               _rand(2, 3, M, R))
+    fn = _conv(("NWC", "WIO", "NWC"), window_strides=(1,), padding="SAME")
+    self._materializes(fn, _rand(3, 2, 9, M), lora)
+
+  def test_gradient_wrt_w_is_zero(self):
+    lora, x = _conv_lora((3, 2), "b"), _rand(1, 2, 7, 9, M)
+    fn = xrapture.use_implicit_args(
+        _conv(("NHWC", "HWIO", "NHWC"), window_strides=(1, 1), padding="SAME"))
+    grads = jax.grad(lambda lora: jnp.sum(jnp.sin(fn(x, lora))))(lora)
+    np.testing.assert_array_equal(grads.w, np.zeros(lora.shape))
+
+
+if __name__ == "__main__":
+  absltest.main()
