@@ -77,3 +77,8 @@ def placeholder(shape: Sequence[int], dtype: Any, weak_type: bool = False):
 def is_unspecified_sharding(sharding: Any) -> bool:
   return sharding is None or type(sharding).__name__ in (
       "UnspecifiedValue", "AUTO")
+
+
+def is_tracer(x: Any) -> bool:
+  """Whether ``x`` is a value being traced (under jit, grad, vmap, ...)."""
+  return isinstance(x, jax.core.Tracer)

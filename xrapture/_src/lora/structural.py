@@ -9,6 +9,7 @@ scalar. Anything else returns ``NotImplemented``.
 import jax.numpy as jnp
 from jax import lax
 
+from xrapture._src.implicit import compat
 from xrapture._src.implicit import implicit_array
 from xrapture._src.implicit import registry
 from xrapture._src.lora import lora_weight
@@ -112,7 +113,14 @@ def _squeeze(primitive, lora, *, dimensions):
 
 
 def _scalar(x):
-  return not implicit_array.is_implicit(x) and jnp.ndim(x) == 0
+  """A concrete scalar (a literal or a constant).
+
+  A traced scalar may be differentiated; folded into ``w``, which handlers
+  give no gradient, it would silently lose the ``w`` part of its gradient.
+  Products with traced scalars are materialized (with a warning) instead.
+  """
+  return (not implicit_array.is_implicit(x) and not compat.is_tracer(x)
+          and jnp.ndim(x) == 0)
 
 
 @registry.primitive_handler("mul")

@@ -1,0 +1,258 @@
+"""Tests for transposes, casts, indexing and scaling of LoraWeights.
+
+xrapture/_src/lora/structural.py: each returns a LoraWeight, so the matmul
+that follows stays low-rank.
+"""
+
+import warnings
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import jmp
+import numpy as np
+import xrapture
+from xrapture._src.testing import dense_check
+from xrapture._src.testing import reference
+
+M, N, R, L = 48, 40, 4, 5
+
+check = reference.assert_matches_dense
+dense_value = reference.dense_value
+
+
+def _rand(seed, *shape, scale=1.0):
+  rng = np.random.default_rng(seed)
+  return jnp.asarray(scale * rng.normal(size=shape), jnp.float32)
+
+
+def _lora(seed=0, lead=(), a_lead=None, b_lead=None):
+  a_lead = lead if a_lead is None else a_lead
+  b_lead = lead if b_lead is None else b_lead
+  return xrapture.LoraWeight(
+      _rand(seed, *lead, M, N, scale=0.2), _rand(seed + 1, *a_lead, R, N, scale=0.5),
+      _rand(seed + 2, *b_lead, M, R, scale=0.5), alpha=2.0)
+
+
+def _materialization_messages(fn, *args):
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    out = fn(*args)
+  return out, [str(w.message) for w in caught
+               if issubclass(w.category, xrapture.MaterializationWarning)]
+
+
+class TransposeTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ("tied_unembedding", (2, 3, N), (), lambda x, w: x @ w.T),
+      ("transposed_on_left", (M, 3), (), lambda x, w: w.T @ x),
+      ("tied_embed_and_unembed", (3, M), (),
+       lambda x, w: jnp.tanh(x @ w) @ w.T),
+      ("swapaxes_stacked", (L, 3, N), (),
+       lambda x, w: x @ jnp.swapaxes(w, -1, -2)),
+      ("permute_leading", (L, 2, 3, M), (2, L),
+       lambda x, w: x @ jnp.transpose(w, (1, 0, 2, 3))),
+      ("permute_leading_and_core", (L, 2, 3, N), (2, L),
+       lambda x, w: x @ jnp.transpose(w, (1, 0, 3, 2))),
+  )
+  def test_matches_dense(self, x_shape, lead, fn):
+    lora = _lora(lead=lead)
+    with warnings.catch_warnings():
+      warnings.simplefilter("error", xrapture.MaterializationWarning)
+      check(fn, _rand(7, *x_shape), lora)
+
+  def test_returns_lora_weight(self):
+    lora = _lora()
+    out = xrapture.use_implicit_args(lambda w: w.T)(lora)
+    self.assertIsInstance(out, xrapture.LoraWeight)
+    self.assertEqual(out.shape, (N, M))
+    self.assertEqual((out.a.shape, out.b.shape), ((R, M), (N, R)))
+    np.testing.assert_allclose(dense_value(out), dense_value(lora).T, rtol=1e-6)
+
+  def test_core_axis_moved_to_front_materializes(self):
+    lora = _lora(lead=(L,))
+    fn = xrapture.use_implicit_args(lambda w: jnp.transpose(w, (1, 0, 2)))
+    out, messages = _materialization_messages(fn, lora)
+    self.assertLen(messages, 1)
+    self.assertIn("transpose", messages[0])
+    np.testing.assert_allclose(out, np.transpose(dense_value(lora), (1, 0, 2)),
+                               rtol=1e-5, atol=1e-6)
+
+
+class ConvertElementTypeTest(parameterized.TestCase):
+
+  def test_bf16_matmul(self):
+    lora, x = _lora(), _rand(7, 2, 3, M)
+    fn = lambda x, w: x.astype(jnp.bfloat16) @ w.astype(jnp.bfloat16)
+    # bf16 keeps 8 bits: compare loosely, against a dense bf16 reference.
+    out = check(fn, x, lora, rtol=5e-2, atol=5e-2)
+    self.assertEqual(out.dtype, jnp.bfloat16)
+
+  def test_cast_returns_lora_weight(self):
+    out = xrapture.use_implicit_args(lambda w: w.astype(jnp.bfloat16))(_lora())
+    self.assertIsInstance(out, xrapture.LoraWeight)
+    self.assertEqual(out.dtype, jnp.bfloat16)
+    self.assertEqual({out.w.dtype, out.a.dtype, out.b.dtype},
+                     {np.dtype(jnp.bfloat16)})
+
+  def test_haiku_mixed_precision(self):
+    policy = jmp.get_policy("params=float32,compute=bfloat16,output=float32")
+
+    def forward(x):
+      hk.mixed_precision.set_policy(hk.Linear, policy)
+      try:
+        return hk.Linear(N, with_bias=False, name="linear")(x)
+      finally:
+        hk.mixed_precision.clear_policy(hk.Linear)
+
+    transformed = hk.without_apply_rng(hk.transform(forward))
+    fn = lambda x, w: transformed.apply({"linear": {"w": w}}, x)
+    out = check(fn, _rand(7, 3, M), _lora(), rtol=5e-2, atol=5e-2)
+    self.assertEqual(out.dtype, jnp.float32)
+
+  def test_integer_cast_materializes(self):
+    lora = _lora()
+    fn = xrapture.use_implicit_args(lambda w: w.astype(jnp.int32))
+    out, messages = _materialization_messages(fn, lora)
+    self.assertEqual(out.dtype, jnp.int32)
+    self.assertLen(messages, 1)
+    self.assertIn("convert_element_type", messages[0])
+
+
+class IndexingTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ("static_index", (L,), lambda x, w: x @ w[1]),
+      ("negative_index", (L,), lambda x, w: x @ w[-1]),
+      ("static_slice", (L,), lambda x, w: x @ w[1:3]),
+      ("strided_slice", (L,), lambda x, w: x @ w[::2]),
+      ("two_leading_axes", (2, L), lambda x, w: x @ w[1, 3]),
+      ("dynamic_index_constant", (L,), lambda x, w: x @ w[jnp.asarray(3)]),
+  )
+  def test_matches_dense(self, lead, fn):
+    with warnings.catch_warnings():
+      warnings.simplefilter("error", xrapture.MaterializationWarning)
+      check(fn, _rand(7, 3, M), _lora(lead=lead))
+
+  @parameterized.parameters(0, 2, L - 1)
+  def test_traced_index(self, index):
+    lora, x = _lora(lead=(L,)), _rand(7, 3, M)
+    fn = lambda inputs, w: inputs[0] @ w[inputs[1]]
+    jaxpr = jax.make_jaxpr(xrapture.use_implicit_args(fn))((x, 0), lora)
+    self.assertIn("dynamic_slice", str(jaxpr))
+    with warnings.catch_warnings():
+      warnings.simplefilter("error", xrapture.MaterializationWarning)
+      check(fn, (x, jnp.int32(index)), lora, grad_x=False)
+
+  @parameterized.named_parameters(
+      ("a_broadcast", (1,), (L,)),
+      ("b_broadcast", (L,), (1,)),
+  )
+  def test_broadcast_factor(self, a_lead, b_lead):
+    lora = _lora(lead=(L,), a_lead=a_lead, b_lead=b_lead)
+    x = _rand(7, 3, M)
+    with warnings.catch_warnings():
+      warnings.simplefilter("error", xrapture.MaterializationWarning)
+      check(lambda x, w: x @ w[2], x, lora)
+      check(lambda x, w: x @ w[1:4], x, lora)
+      check(lambda x, w: x @ w[x.shape[0]], x, lora)
+
+  def test_index_returns_lora_weight(self):
+    lora = _lora(lead=(L,))
+    out = xrapture.use_implicit_args(lambda w: w[3])(lora)
+    self.assertIsInstance(out, xrapture.LoraWeight)
+    np.testing.assert_allclose(dense_value(out), dense_value(lora)[3], rtol=1e-6)
+
+  def test_squeeze(self):
+    lora = _lora(lead=(1,))
+    out = xrapture.use_implicit_args(lambda w: jnp.squeeze(w, 0))(lora)
+    self.assertIsInstance(out, xrapture.LoraWeight)
+    self.assertEqual(out.shape, (M, N))
+
+  def test_indexing_the_core_materializes(self):
+    lora = _lora()
+    fn = xrapture.use_implicit_args(lambda w: w[1:3])
+    out, messages = _materialization_messages(fn, lora)
+    self.assertLen(messages, 1)
+    self.assertIn("slice", messages[0])
+    np.testing.assert_allclose(out, dense_value(lora)[1:3], rtol=1e-5, atol=1e-6)
+
+  def test_stack_materializes(self):
+    # jnp.stack([W, W]) forms W: a documented pitfall.
+    lora = _lora()
+    fn = xrapture.use_implicit_args(lambda w: jnp.stack([w, w]))
+    out, messages = _materialization_messages(fn, lora)
+    self.assertNotEmpty(messages)
+    self.assertEqual(out.shape, (2, M, N))
+
+
+class ScalarTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ("mul_left", lambda x, w: x @ (2.5 * w)),
+      ("mul_right", lambda x, w: x @ (w * 2.5)),
+      ("div", lambda x, w: x @ (w / 4.0)),
+      ("neg", lambda x, w: x @ (-w)),
+      ("mul_then_transpose", lambda x, w: x @ (0.5 * w).T.T),
+      ("constant_array_scalar", lambda x, w: x @ (w * np.float32(0.3))),
+  )
+  def test_matches_dense(self, fn):
+    with warnings.catch_warnings():
+      warnings.simplefilter("error", xrapture.MaterializationWarning)
+      check(fn, _rand(7, 3, M), _lora())
+
+  def test_traced_scalar_materializes_and_keeps_its_gradient(self):
+    # w gets no gradient inside a LoraWeight, so a traced (maybe trained)
+    # scalar folded into it would lose the w part of its own gradient.
+    lora, x = _lora(), _rand(7, 3, M)
+    fn = lambda c, x, w: x @ (w * c)
+    implicit = xrapture.use_implicit_args(fn)
+    loss = lambda c: jnp.sum(jnp.sin(implicit(c, x, lora)))
+    grad, messages = _materialization_messages(jax.grad(loss), 1.5)
+    self.assertNotEmpty(messages)
+    self.assertIn("'mul'", messages[0])
+    dense = jnp.asarray(dense_value(lora))
+    expected = jax.grad(lambda c: jnp.sum(jnp.sin(fn(c, x, dense))))(1.5)
+    np.testing.assert_allclose(grad, expected, rtol=1e-4)
+
+  def test_returns_lora_weight(self):
+    lora = _lora()
+    out = xrapture.use_implicit_args(lambda w: -(w * 3.0) / 2.0)(lora)
+    self.assertIsInstance(out, xrapture.LoraWeight)
+    np.testing.assert_allclose(dense_value(out), -1.5 * dense_value(lora),
+                               rtol=1e-5, atol=1e-6)
+
+  @parameterized.named_parameters(
+      ("mul_by_vector", lambda w: w * jnp.ones((N,)), "mul"),
+      ("add", lambda w: w + 1.0, "add"),
+      ("scalar_over_weight", lambda w: 1.0 / w, "div"),
+      ("weight_times_weight", lambda w: w * w, "mul"),
+  )
+  def test_other_elementwise_materializes(self, fn, primitive):
+    lora = _lora()
+    out, messages = _materialization_messages(xrapture.use_implicit_args(fn), lora)
+    self.assertNotEmpty(messages)
+    self.assertIn(f"'{primitive}'", messages[0])
+    self.assertIn("LoraWeight", messages[0])
+    # rtol: 1 / w is large where w is near zero.
+    np.testing.assert_allclose(out, fn(jnp.asarray(dense_value(lora))),
+                               rtol=1e-3, atol=1e-5)
+
+
+class CopyTest(absltest.TestCase):
+
+  def test_copy_keeps_lora_weight(self):
+    lora, x = _lora(), _rand(7, 3, M)
+    fn = lambda x, w: x @ jnp.copy(w)
+    with warnings.catch_warnings():
+      warnings.simplefilter("error", xrapture.MaterializationWarning)
+      check(fn, x, lora)
+    self.assertEqual(dense_check.find_dense_products(
+        xrapture.use_implicit_args(fn), x, lora), [])
+
+
+if __name__ == "__main__":
+  absltest.main()
