@@ -1,0 +1,570 @@
+"""Tests for xrapture.transform on real Haiku modules."""
+
+import warnings
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import jmp
+import numpy as np
+import xrapture
+
+_RANK = 2
+_ALPHA = 4.0
+
+
+def _spec(**overrides):
+  spec = xrapture.default_spec()
+  spec.rank = _RANK
+  spec.alpha = _ALPHA
+  for key, value in overrides.items():
+    setattr(spec, key, value)
+  return spec
+
+
+def _flat(params):
+  flat, treedef = jax.tree_util.tree_flatten_with_path(
+      params, is_leaf=xrapture.is_implicit)
+  names = ["/".join(str(getattr(k, "key", k)) for k in p) for p, _ in flat]
+  return names, [v for _, v in flat], treedef
+
+
+def _perturb(params, seed=0, stddev=0.2):
+  """Random non-zero ``a`` and ``b`` in every LoraWeight (in their dtypes)."""
+  _, leaves, treedef = _flat(params)
+  out = []
+  for i, leaf in enumerate(leaves):
+    if isinstance(leaf, xrapture.LoraWeight):
+      rng = np.random.default_rng(seed * 1000 + i)
+      a = rng.normal(0.0, stddev, leaf.a.shape).astype(np.float32)
+      b = rng.normal(0.0, stddev, leaf.b.shape).astype(np.float32)
+      leaf = leaf.replace(a=jnp.asarray(a, leaf.a.dtype), b=jnp.asarray(b, leaf.b.dtype))
+    out.append(leaf)
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _dense_reference(params, scale):
+  """``w + scale · b @ a`` per LoraWeight, in float64 numpy, cast to w's dtype.
+
+  ``scale`` is what the test expects (``alpha / r`` from the spec), not what
+  the LoraWeight says; ``np.matmul`` broadcasts the size-1 window axes of a
+  conv adapter.
+  """
+  def one(x):
+    if not isinstance(x, xrapture.LoraWeight):
+      return x
+    w = np.asarray(x.w, np.float64)
+    a = np.asarray(x.a.astype(jnp.float32), np.float64)
+    b = np.asarray(x.b.astype(jnp.float32), np.float64)
+    return jnp.asarray(w + scale * np.matmul(b, a), x.w.dtype)
+  return xrapture.tree_map_with_implicit(one, params)
+
+
+def _assert_close(actual, expected, rtol):
+  """``|actual - expected| <= rtol · max|expected|`` elementwise."""
+  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+  np.testing.assert_array_less(np.abs(actual - expected),
+                               rtol * np.max(np.abs(expected)) + 1e-30)
+
+
+# ---------------------------------------------------------------------------
+# Models. Each: (fn, inputs, extra spec fields, {adapted path: (layers, window)}).
+# ---------------------------------------------------------------------------
+
+_X3 = np.random.default_rng(0).normal(size=(2, 5, 6)).astype(np.float32)
+_IDS = np.array([[1, 2, 3], [0, 9, 2]], np.int32)
+_IMG = np.random.default_rng(1).normal(size=(2, 6, 6, 3)).astype(np.float32)
+_SEQ = np.random.default_rng(2).normal(size=(2, 8, 4)).astype(np.float32)
+_VEC = np.random.default_rng(3).normal(size=(3, 6)).astype(np.float32)
+_INIT = hk.initializers.VarianceScaling(1.0)
+
+
+def _linear(x):
+  return hk.Linear(7)(x)
+
+
+def _mha(x):
+  return hk.MultiHeadAttention(num_heads=2, key_size=3, w_init=_INIT)(x, x, x)
+
+
+def _embed_array_index(ids):
+  return hk.Embed(10, 6, lookup_style="ARRAY_INDEX")(ids)
+
+
+def _embed_one_hot(ids):
+  return hk.Embed(10, 6, lookup_style="ONE_HOT")(ids)
+
+
+def _conv1d(x):
+  return hk.Conv1D(5, 3)(x)
+
+
+def _conv2d(x):
+  return hk.Conv2D(5, 3)(x)
+
+
+def _conv2d_transpose(x):
+  return hk.Conv2DTranspose(4, 3, stride=2)(x)
+
+
+def _stack_linear(x):
+  return hk.layer_stack(3)(lambda h: jnp.tanh(hk.Linear(6)(h)))(x)
+
+
+def _stack_conv1d(x):
+  return hk.layer_stack(2)(lambda h: jnp.tanh(hk.Conv1D(4, 3)(h)))(x)
+
+
+def _remat(x):
+  def block(h):
+    return hk.Linear(5)(jnp.tanh(hk.Linear(8)(h)))
+  return hk.remat(block)(x)
+
+
+_MODELS = dict(
+    linear=(_linear, (_X3,), {}, {"linear/w": (0, 0)}),
+    multi_head_attention=(_mha, (_X3,), {}, {
+        "multi_head_attention/query/w": (0, 0),
+        "multi_head_attention/key/w": (0, 0),
+        "multi_head_attention/value/w": (0, 0),
+        "multi_head_attention/linear/w": (0, 0)}),
+    embed_array_index=(_embed_array_index, (_IDS,),
+                       {"targets": (".*/embeddings",)}, {"embed/embeddings": (0, 0)}),
+    embed_one_hot=(_embed_one_hot, (_IDS,),
+                   {"targets": (".*/embeddings",)}, {"embed/embeddings": (0, 0)}),
+    conv1d=(_conv1d, (_SEQ,), {}, {"conv1_d/w": (0, 1)}),
+    conv2d=(_conv2d, (_IMG,), {}, {"conv2_d/w": (0, 2)}),
+    conv2d_transpose=(_conv2d_transpose, (_IMG,), {},
+                      {"conv2_d_transpose/w": (0, 2)}),
+    layer_stack_linear=(_stack_linear, (_VEC,), {},
+                        {"__layer_stack_no_per_layer/linear/w": (1, 0)}),
+    layer_stack_conv1d=(_stack_conv1d, (_SEQ,), {},
+                        {"__layer_stack_no_per_layer/conv1_d/w": (1, 1)}),
+    remat=(_remat, (_X3,), {}, {"linear/w": (0, 0), "linear_1/w": (0, 0)}),
+)
+
+
+def _expected_factor_shapes(shape, layout, rank):
+  """(a, b) shapes for a kernel under a (layers, window) layout, from shapes alone."""
+  layers, window = layout
+  lead = tuple(shape[:layers + window])
+  a_lead = tuple(shape[:layers]) + (1,) * window
+  m, n = shape[-2:]
+  return a_lead + (rank, n), lead + (m, rank)
+
+
+def _expected_trainable(shape, layout, rank):
+  """Σ r·(M+N) per layer; a conv's b spans the window: r·(k·M + N)."""
+  layers, window = layout
+  n_layers = int(np.prod(shape[:layers]))
+  window_size = int(np.prod(shape[layers:layers + window]))
+  m, n = shape[-2:]
+  return n_layers * rank * (window_size * m + n)
+
+
+class HaikuModulesTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(*[(name,) + v for name, v in _MODELS.items()])
+  def test_adapt_apply_merge_and_dense_reference(self, fn, inputs, overrides, layouts):
+    model = xrapture.transform(fn, _spec(**overrides))
+    base = model.init(jax.random.PRNGKey(0), *inputs)
+    params = model.adapt(jax.random.PRNGKey(1), base)
+    names, leaves, _ = _flat(params)
+    base_names, base_leaves, _ = _flat(base)
+    self.assertEqual(names, base_names)
+
+    # Exactly the expected kernels are adapted, with the expected layouts.
+    base_by_name = dict(zip(base_names, base_leaves))
+    adapted = {n: v for n, v in zip(names, leaves) if isinstance(v, xrapture.LoraWeight)}
+    self.assertCountEqual(adapted, layouts)
+    for name, leaf in zip(names, leaves):
+      if name in layouts:
+        base_w = base_by_name[name]
+        self.assertIs(leaf.w, base_w)
+        a_shape, b_shape = _expected_factor_shapes(base_w.shape, layouts[name], _RANK)
+        self.assertEqual((leaf.a.shape, leaf.b.shape), (a_shape, b_shape), name)
+        np.testing.assert_array_equal(leaf.b, 0.0)
+        self.assertGreater(float(jnp.abs(leaf.a).max()), 0.0)
+      else:
+        self.assertIs(leaf, base_by_name[name])
+
+    base_apply = jax.jit(hk.transform(fn).apply)
+    apply = jax.jit(model.apply)
+    y_base = base_apply(base, None, *inputs)
+    # No materialization: strict mode, and any warning is an error.
+    with xrapture.strict_mode(), warnings.catch_warnings():
+      warnings.simplefilter("error")
+      y_adapted = apply(params, None, *inputs)
+      perturbed = _perturb(params)
+      y = apply(perturbed, None, *inputs)
+    _assert_close(y_adapted, y_base, 1e-6)
+
+    y_merged = base_apply(xrapture.merge_params(perturbed), None, *inputs)
+    y_reference = base_apply(_dense_reference(perturbed, _ALPHA / _RANK), None, *inputs)
+    # Positive control: the perturbation changes the output.
+    self.assertGreater(float(np.max(np.abs(y_reference - y_base))),
+                       0.05 * float(np.max(np.abs(y_base))))
+    _assert_close(y, y_merged, 1e-4)
+    _assert_close(y, y_reference, 1e-4)
+
+    # The trainable count follows from the base shapes and layouts alone.
+    expected = sum(_expected_trainable(base_by_name[n].shape,
+                                       layouts[n], _RANK) for n in layouts)
+    self.assertEqual(xrapture.count_trainable(params, model.spec(base)), expected)
+
+  def test_layer_stack_output_matches_a_python_loop_over_layers(self):
+    # Independent of Haiku's scan: apply the adapted layers one by one in numpy.
+    model = xrapture.transform(_stack_linear, _spec())
+    base = model.init(jax.random.PRNGKey(0), _VEC)
+    params = _perturb(model.adapt(jax.random.PRNGKey(1), base))
+    lw = params["__layer_stack_no_per_layer/linear"]["w"]
+    bias = np.asarray(params["__layer_stack_no_per_layer/linear"]["b"], np.float64)
+    w, a, b = (np.asarray(t, np.float64) for t in (lw.w, lw.a, lw.b))
+    h = _VEC.astype(np.float64)
+    for layer in range(w.shape[0]):
+      h = np.tanh(h @ w[layer] + bias[layer]
+                  + (_ALPHA / _RANK) * (h @ b[layer]) @ a[layer])
+    _assert_close(model.apply(params, None, _VEC), h, 1e-5)
+
+  def test_linear_output_matches_numpy(self):
+    model = xrapture.transform(_linear, _spec())
+    base = model.init(jax.random.PRNGKey(0), _X3)
+    params = _perturb(model.adapt(jax.random.PRNGKey(1), base))
+    lw, bias = params["linear"]["w"], np.asarray(params["linear"]["b"], np.float64)
+    w, a, b = (np.asarray(t, np.float64) for t in (lw.w, lw.a, lw.b))
+    x = _X3.astype(np.float64)
+    expected = x @ w + bias + (_ALPHA / _RANK) * (x @ b) @ a
+    _assert_close(model.apply(params, None, _X3), expected, 1e-5)
+
+  def test_embed_lookup_matches_numpy(self):
+    model = xrapture.transform(_embed_array_index, _spec(targets=(".*/embeddings",)))
+    base = model.init(jax.random.PRNGKey(0), _IDS)
+    params = _perturb(model.adapt(jax.random.PRNGKey(1), base))
+    lw = params["embed"]["embeddings"]
+    w, a, b = (np.asarray(t, np.float64) for t in (lw.w, lw.a, lw.b))
+    expected = w[_IDS] + (_ALPHA / _RANK) * b[_IDS] @ a
+    _assert_close(model.apply(params, None, _IDS), expected, 1e-5)
+
+  def test_default_spec_adapts_kernels_not_embeddings(self):
+    def fn(ids):
+      return hk.Linear(3)(hk.Embed(10, 4)(ids))
+    model = xrapture.transform(fn)  # default spec, rank 8 > 3 is an error
+    base = model.init(jax.random.PRNGKey(0), _IDS)
+    with self.assertRaisesRegex(ValueError, "rank 8 .*linear/w"):
+      model.adapt(jax.random.PRNGKey(1), base)
+    model = xrapture.transform(fn, _spec())
+    spec = model.spec(base)
+    self.assertEqual(spec["linear"]["w"], _RANK)
+    self.assertEqual(spec["embed"]["embeddings"], xrapture.LORA_FREEZE)
+    self.assertEqual(spec["linear"]["b"], xrapture.LORA_FREEZE)
+
+  def test_bf16_mixed_precision(self):
+    policy = jmp.get_policy("params=float32,compute=bfloat16,output=float32")
+
+    def fn(x):
+      return hk.Linear(4)(jax.nn.gelu(hk.Linear(8)(x)))
+    with hk.mixed_precision.push_policy(hk.Linear, policy):
+      model = xrapture.transform(fn, _spec())
+      base = model.init(jax.random.PRNGKey(0), _X3)
+      params = model.adapt(jax.random.PRNGKey(1), base)
+      base_fn = hk.transform(fn)
+      y_base = base_fn.apply(base, None, _X3)
+      with xrapture.strict_mode():
+        y_adapted = model.apply(params, None, _X3)
+        perturbed = _perturb(params)
+        y = model.apply(perturbed, None, _X3)
+      y_reference = base_fn.apply(_dense_reference(perturbed, _ALPHA / _RANK), None, _X3)
+      y_merged = base_fn.apply(xrapture.merge_params(perturbed), None, _X3)
+    self.assertEqual(y.dtype, jnp.float32)
+    _assert_close(y_adapted, y_base, 1e-6)
+    self.assertGreater(float(np.max(np.abs(y_reference - y_base))),
+                       0.05 * float(np.max(np.abs(y_base))))
+    # bf16 compute: the LoRA path and the merged kernel round differently.
+    _assert_close(y, y_reference, 3e-2)
+    _assert_close(y, y_merged, 3e-2)
+
+  def test_batch_norm_with_state(self):
+    def fn(x, is_training):
+      h = hk.Linear(6)(x)
+      h = hk.BatchNorm(True, True, 0.9)(h, is_training)
+      return hk.Linear(3)(h)
+    model = xrapture.transform_with_state(fn, _spec())
+    base_fn = hk.transform_with_state(fn)
+    base, state = model.init(jax.random.PRNGKey(0), _VEC, True)
+    params = model.adapt(jax.random.PRNGKey(1), base)
+    self.assertIsInstance(params["linear"]["w"], xrapture.LoraWeight)
+    self.assertIsInstance(params["linear_1"]["w"], xrapture.LoraWeight)
+    self.assertIs(params["batch_norm"]["scale"], base["batch_norm"]["scale"])
+
+    y_base, s_base = base_fn.apply(base, state, None, _VEC, True)
+    with xrapture.strict_mode():
+      y_adapted, s_adapted = model.apply(params, state, None, _VEC, True)
+    _assert_close(y_adapted, y_base, 1e-6)
+    jax.tree.map(lambda u, v: _assert_close(u, v, 1e-6), s_adapted, s_base)
+
+    perturbed = _perturb(params)
+    with xrapture.strict_mode():
+      y, new_state = model.apply(perturbed, state, None, _VEC, True)
+    dense = _dense_reference(perturbed, _ALPHA / _RANK)
+    y_reference, state_reference = base_fn.apply(dense, state, None, _VEC, True)
+    _assert_close(y, y_reference, 1e-4)
+    jax.tree.map(lambda u, v: _assert_close(u, v, 1e-4), new_state, state_reference)
+    # The moving averages moved, so the state really went through the model.
+    mean = new_state["batch_norm/~/mean_ema"]["average"]
+    self.assertGreater(float(jnp.abs(mean - state["batch_norm/~/mean_ema"]["average"]).max()), 0)
+    # Inference mode with the updated state.
+    y_eval, _ = model.apply(perturbed, new_state, None, _VEC, False)
+    y_eval_ref, _ = base_fn.apply(dense, new_state, None, _VEC, False)
+    _assert_close(y_eval, y_eval_ref, 1e-4)
+
+  def test_transform_with_state_reads_stack_layouts(self):
+    def fn(x):
+      h = hk.layer_stack(2)(lambda h: jnp.tanh(hk.Conv1D(4, 3)(h)))(x)
+      counter = hk.get_state("n", [], jnp.int32, init=jnp.zeros)
+      hk.set_state("n", counter + 1)
+      return h
+    model = xrapture.transform_with_state(fn, _spec())
+    base, state = model.init(jax.random.PRNGKey(0), _SEQ)
+    params = model.adapt(jax.random.PRNGKey(1), base)
+    lw = params["__layer_stack_no_per_layer/conv1_d"]["w"]
+    self.assertEqual(lw.a.shape, (2, 1, _RANK, 4))
+    perturbed = _perturb(params)
+    y, new_state = model.apply(perturbed, state, None, _SEQ)
+    y_ref, _ = hk.transform_with_state(fn).apply(
+        _dense_reference(perturbed, _ALPHA / _RANK), state, None, _SEQ)
+    _assert_close(y, y_ref, 1e-4)
+    self.assertEqual(int(new_state["~"]["n"]), 1)
+
+
+class SpecOptionsTest(parameterized.TestCase):
+
+  def _two_linears(self, spec):
+    def fn(x):
+      return hk.Linear(5, name="first")(jnp.tanh(hk.Linear(8, name="second")(x)))
+    model = xrapture.transform(fn, spec)
+    base = model.init(jax.random.PRNGKey(0), _X3)
+    return fn, model, base
+
+  def test_rank_and_alpha_patterns_and_rslora(self):
+    for rslora in (False, True):
+      spec = _spec(rank_pattern=(("second/w", 4),), alpha_pattern=(("first/w", 1.0),),
+                   rslora=rslora)
+      fn, model, base = self._two_linears(spec)
+      params = _perturb(model.adapt(jax.random.PRNGKey(1), base))
+      first, second = params["first"]["w"], params["second"]["w"]
+      self.assertEqual((first.b.shape[-1], second.b.shape[-1]), (_RANK, 4))
+      scale = (lambda alpha, r: alpha / np.sqrt(r)) if rslora else (lambda alpha, r: alpha / r)
+      dense = dict(first=_dense_reference({"w": first}, scale(1.0, _RANK))["w"],
+                   second=_dense_reference({"w": second}, scale(_ALPHA, 4))["w"])
+      ref_params = {k: dict(v, w=dense[k]) for k, v in params.items()}
+      y_ref = hk.transform(fn).apply(ref_params, None, _X3)
+      _assert_close(model.apply(params, None, _X3), y_ref, 1e-4)
+      _assert_close(hk.transform(fn).apply(xrapture.merge_params(params), None, _X3),
+                    y_ref, 1e-4)
+
+  def test_rslora_changes_the_output(self):
+    # rank 4: alpha/r and alpha/sqrt(r) differ, so the test above can fail.
+    outs = []
+    for rslora in (False, True):
+      _, model, base = self._two_linears(_spec(rank=4, rslora=rslora))
+      params = _perturb(model.adapt(jax.random.PRNGKey(1), base))
+      outs.append(model.apply(params, None, _X3))
+    self.assertGreater(float(jnp.abs(outs[0] - outs[1]).max()), 1e-3)
+
+  def test_dtype_bf16_adapters(self):
+    fn, model, base = self._two_linears(_spec(dtype="bfloat16"))
+    params = model.adapt(jax.random.PRNGKey(1), base)
+    lw = params["first"]["w"]
+    self.assertEqual((lw.a.dtype, lw.b.dtype, lw.w.dtype),
+                     (jnp.bfloat16, jnp.bfloat16, jnp.float32))
+    y = model.apply(params, None, _X3)
+    self.assertEqual(y.dtype, jnp.float32)
+    _assert_close(y, hk.transform(fn).apply(base, None, _X3), 1e-6)
+    perturbed = _perturb(params)
+    y_ref = hk.transform(fn).apply(_dense_reference(perturbed, _ALPHA / _RANK), None, _X3)
+    _assert_close(model.apply(perturbed, None, _X3), y_ref, 2e-2)
+    grads = jax.grad(lambda p: model.apply(p, None, _X3).sum())(perturbed)
+    self.assertEqual(grads["first"]["w"].a.dtype, jnp.bfloat16)
+
+  def test_init_stddev(self):
+    def fn(x):
+      return hk.Linear(64)(x)
+    x = np.ones((1, 64), np.float32)
+    model = xrapture.transform(fn, _spec(rank=32, init_stddev=0.5))
+    params = model.adapt(jax.random.PRNGKey(1), model.init(jax.random.PRNGKey(0), x))
+    a = np.asarray(params["linear"]["w"].a)
+    self.assertAlmostEqual(float(a.std()), 0.5, delta=0.03)
+    self.assertAlmostEqual(float(a.mean()), 0.0, delta=0.03)
+
+  def test_full_and_tune_vectors(self):
+    spec = _spec(full=("second/w",), tune_vectors=True)
+    _, model, base = self._two_linears(spec)
+    lora_spec = model.spec(base)
+    self.assertEqual(lora_spec["second"]["w"], xrapture.LORA_FULL)
+    self.assertEqual(lora_spec["first"]["w"], _RANK)
+    self.assertEqual(lora_spec["first"]["b"], xrapture.LORA_FULL)
+    params = model.adapt(jax.random.PRNGKey(1), base)
+    self.assertIs(params["second"]["w"], base["second"]["w"])
+    expected = (_RANK * (8 + 5)) + 6 * 8 + 8 + 5
+    self.assertEqual(xrapture.count_trainable(params, lora_spec), expected)
+
+  def test_one_dimensional_target_is_skipped(self):
+    _, model, base = self._two_linears(_spec(targets=(".*/b", "first/w")))
+    lora_spec = model.spec(base)
+    self.assertEqual(lora_spec["first"]["b"], xrapture.LORA_FREEZE)
+    self.assertEqual(lora_spec["second"]["b"], xrapture.LORA_FREEZE)
+    params = model.adapt(jax.random.PRNGKey(1), base)
+    self.assertIs(params["first"]["b"], base["first"]["b"])
+    self.assertIsInstance(params["first"]["w"], xrapture.LoraWeight)
+
+  def test_only_one_dimensional_targets_is_an_error(self):
+    _, model, base = self._two_linears(_spec(targets=(".*/b",)))
+    with self.assertRaisesRegex(ValueError, r"(?s)match no parameter.*first/w.*second/b"):
+      model.adapt(jax.random.PRNGKey(1), base)
+
+  def test_targets_matching_nothing_list_available_paths(self):
+    _, model, base = self._two_linears(_spec(targets=("mlp/.*",)))
+    with self.assertRaises(ValueError) as ctx:
+      model.spec(base)
+    for path in ("first/w", "first/b", "second/w", "second/b"):
+      self.assertIn(path, str(ctx.exception))
+
+  def test_rank_larger_than_kernel(self):
+    _, model, base = self._two_linears(_spec(rank_pattern=(("second/w", 7),)))
+    with self.assertRaisesRegex(ValueError, r"rank 7.*second/w.*6"):
+      model.adapt(jax.random.PRNGKey(1), base)
+
+  def test_integer_param_targeted(self):
+    def fn(x):
+      table = hk.get_parameter("table", [4, 6], jnp.int32, init=jnp.zeros)
+      return hk.Linear(3)(x) + table.sum()
+    model = xrapture.transform(fn, _spec(targets=(".*",)))
+    base = model.init(jax.random.PRNGKey(0), _VEC)
+    with self.assertRaisesRegex(ValueError, r"'~/table'.*int32"):
+      model.adapt(jax.random.PRNGKey(1), base)
+    # Not targeted, it is left alone.
+    model = xrapture.transform(fn, _spec())
+    params = model.adapt(jax.random.PRNGKey(1), base)
+    self.assertIs(params["~"]["table"], base["~"]["table"])
+
+  def test_three_dimensional_kernel_needs_example_inputs(self):
+    model = xrapture.transform(_conv1d, _spec())
+    base = hk.transform(_conv1d).init(jax.random.PRNGKey(0), _SEQ)  # not model.init
+    with self.assertRaisesRegex(ValueError, r"(?s)'conv1_d/w' \(3, 4, 5\).*model\.adapt\("
+                                r"rng, params, \*inputs\).*model\.init"):
+      model.adapt(jax.random.PRNGKey(1), base)
+    for example in (_SEQ, jax.ShapeDtypeStruct(_SEQ.shape, _SEQ.dtype)):
+      params = model.adapt(jax.random.PRNGKey(1), base, example)
+      self.assertEqual(params["conv1_d"]["w"].a.shape, (1, _RANK, 5))
+    # Two-dimensional kernels need no inputs.
+    model = xrapture.transform(_linear, _spec())
+    params = model.adapt(jax.random.PRNGKey(1),
+                         hk.transform(_linear).init(jax.random.PRNGKey(0), _X3))
+    self.assertIsInstance(params["linear"]["w"], xrapture.LoraWeight)
+
+  def test_adapt_is_deterministic_in_rng(self):
+    model = xrapture.transform(_linear, _spec())
+    base = model.init(jax.random.PRNGKey(0), _X3)
+    one = model.adapt(jax.random.PRNGKey(1), base)["linear"]["w"].a
+    two = model.adapt(jax.random.PRNGKey(1), base)["linear"]["w"].a
+    three = model.adapt(jax.random.PRNGKey(2), base)["linear"]["w"].a
+    np.testing.assert_array_equal(one, two)
+    self.assertFalse(np.array_equal(one, three))
+
+  def test_init_is_haiku_init(self):
+    model = xrapture.transform(_mha, _spec())
+    ours = model.init(jax.random.PRNGKey(3), _X3)
+    theirs = hk.transform(_mha).init(jax.random.PRNGKey(3), _X3)
+    jax.tree.map(np.testing.assert_array_equal, ours, theirs)
+    self.assertEqual(model.config.rank, _RANK)
+
+
+# A small transformer: Embed + layer_stack(MHA + MLP + LayerNorm) + tied or untied head.
+_VOCAB, _D, _LAYERS, _T = 13, 16, 2, 6
+
+
+def _lm(ids, tied):
+  embed = hk.Embed(_VOCAB, _D)
+  h = embed(ids)
+
+  def block(h):
+    n1 = hk.LayerNorm(-1, True, True)(h)
+    h = h + hk.MultiHeadAttention(2, _D // 2, w_init=_INIT)(n1, n1, n1)
+    n2 = hk.LayerNorm(-1, True, True)(h)
+    return h + hk.nets.MLP([2 * _D, _D], activation=jax.nn.gelu)(n2)
+  h = hk.layer_stack(_LAYERS)(block)(h)
+  h = hk.LayerNorm(-1, True, True)(h)
+  if tied:
+    return h @ embed.embeddings.T
+  return hk.Linear(_VOCAB)(h)
+
+
+class TransformerTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(("tied", True), ("untied", False))
+  def test_strict_mode_forward_and_grad(self, tied):
+    fn = lambda ids: _lm(ids, tied)  # pylint: disable=unnecessary-lambda-assignment
+    model = xrapture.transform(fn, _spec(targets=(".*/w", ".*/embeddings")))
+    ids = np.random.default_rng(0).integers(0, _VOCAB, (2, _T)).astype(np.int32)
+    base = jax.jit(model.init)(jax.random.PRNGKey(0), ids)
+    params = _perturb(model.adapt(jax.random.PRNGKey(1), base), stddev=0.05)
+    stack = "__layer_stack_no_per_layer"
+    self.assertEqual(params[f"{stack}/mlp/~/linear_0"]["w"].a.shape,
+                     (_LAYERS, _RANK, 2 * _D))
+    self.assertIsInstance(params["embed"]["embeddings"], xrapture.LoraWeight)
+
+    def loss(p):
+      logits = model.apply(p, None, ids)
+      logp = jax.nn.log_softmax(logits)
+      return -jnp.take_along_axis(logp[:, :-1], ids[:, 1:, None], -1).mean()
+
+    with xrapture.strict_mode(), warnings.catch_warnings():
+      warnings.simplefilter("error")
+      value, grads = jax.jit(jax.value_and_grad(loss))(params)
+    # Forward equals the dense model; gradients exist for a and b.
+    @jax.jit
+    def dense_loss(p):
+      logits = hk.transform(fn).apply(p, None, ids)
+      logp = jax.nn.log_softmax(logits)
+      return -jnp.take_along_axis(logp[:, :-1], ids[:, 1:, None], -1).mean()
+    np.testing.assert_allclose(
+        value, dense_loss(_dense_reference(params, _ALPHA / _RANK)), rtol=1e-4)
+    g = grads["embed"]["embeddings"]
+    self.assertGreater(float(jnp.abs(g.a).max()), 0.0)
+    self.assertGreater(float(jnp.abs(g.b).max()), 0.0)
+    # The adapters' gradients equal those of the dense loss through w + s·b@a.
+    mlp, emb = f"{stack}/mlp/~/linear_0", "embed"
+    mlp_key, emb_key = (mlp, "w"), (emb, "embeddings")
+    dense = _dense_reference(params, _ALPHA / _RANK)
+
+    def loss_through_factors(factors):
+      p = {k: dict(v) for k, v in dense.items()}
+      for (module, name), (a, b) in factors.items():
+        lw = params[module][name]
+        p[module][name] = lw.w + (_ALPHA / _RANK) * jnp.matmul(b, a)
+      return dense_loss(p)
+    factors = {key: (params[key[0]][key[1]].a, params[key[0]][key[1]].b)
+               for key in (mlp_key, emb_key)}
+    expected = jax.jit(jax.grad(loss_through_factors))(factors)
+    for module, name in (mlp_key, emb_key):
+      got = grads[module][name]
+      np.testing.assert_allclose(got.a, expected[(module, name)][0], rtol=2e-3, atol=1e-6)
+      np.testing.assert_allclose(got.b, expected[(module, name)][1], rtol=2e-3, atol=1e-6)
+
+  def test_trainable_count_of_the_transformer(self):
+    fn = lambda ids: _lm(ids, False)  # pylint: disable=unnecessary-lambda-assignment
+    model = xrapture.transform(fn, _spec())
+    ids = np.zeros((1, _T), np.int32)
+    base = jax.jit(model.init)(jax.random.PRNGKey(0), ids)
+    params = model.adapt(jax.random.PRNGKey(1), base)
+    d, r, layers = _D, _RANK, _LAYERS
+    per_layer = 4 * r * (d + d) + r * (d + 2 * d) + r * (2 * d + d)  # q k v o, up, down
+    head = r * (d + _VOCAB)
+    self.assertEqual(xrapture.count_trainable(params, model.spec(base)),
+                     layers * per_layer + head)
+
+
+if __name__ == "__main__":
+  absltest.main()
