@@ -42,6 +42,15 @@ def custom_call_jaxpr(params: dict[str, Any]) -> Any:
   raise KeyError(f"no call jaxpr among params {sorted(params)}")
 
 
+def custom_call_name(eqn: Any) -> str:
+  """The user function behind a custom_jvp/custom_vjp call, for messages."""
+  name = eqn.params.get("name")
+  if name is None:
+    jaxpr, _ = jaxpr_and_consts(custom_call_jaxpr(eqn.params))
+    name = getattr(getattr(jaxpr, "debug_info", None), "func_name", None)
+  return str(name or eqn.primitive.name)
+
+
 def scan_counts(params: dict[str, Any]) -> tuple[int, int]:
   """``(num_consts, num_carry)`` of a scan equation."""
   return params["num_consts"], params["num_carry"]

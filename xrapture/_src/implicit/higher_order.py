@@ -134,7 +134,7 @@ def _cond_rule(eqn, invals):
 @registry.higher_order_rule(tuple(compat.CUSTOM_JVP_NAMES | compat.CUSTOM_VJP_NAMES))
 def _custom_derivative_rule(eqn, invals):
   """Inlines the primal function; its custom derivative rule is dropped."""
-  name = eqn.params.get("name", eqn.primitive.name)
+  name = compat.custom_call_name(eqn)
   warnings.warn(
       f"custom derivative rule of '{name}' dropped: an implicit value flows "
       "into it, so its primal function is differentiated directly.",
