@@ -1,0 +1,1 @@
+"""Performance benchmarks of xrapture (not part of the package)."""

@@ -1,0 +1,205 @@
+r"""Peak memory of LoRA against full fine-tuning with Adam, one process each.
+
+    python benchmarks/memory.py                 # ~118M fp32 params, B=1 and B=4
+    python benchmarks/memory.py --d_model=256 --n_layers=2 --vocab=512   # quick
+
+Each variant trains two steps in its own subprocess (``--child=NAME``), so
+that nothing one variant allocated counts against another, once per batch
+size (activations grow with the batch, parameters and Adam moments do not:
+LoRA's saving is a share of what the parameters take). The parent collects
+what each child reports:
+
+* ``max_rss``: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` after the steps
+  (host memory: on CPU, everything); net of the child's own RSS after its
+  imports and one tiny jit, before any parameter exists (the runtime's share:
+  jax, and torch for PEFT).
+* ``xla``: the compiled step's ``memory_analysis()`` — arguments + outputs +
+  temporaries − aliased (donated) bytes, what XLA itself plans to hold.
+* ``device_peak``: ``peak_bytes_in_use`` of the device, where it reports one
+  (GPU).
+* ``opt_state_bytes``: bytes of the optimizer state.
+
+Writes benchmarks/results/memory.json and .md.
+"""
+
+import json
+import os
+import resource
+import subprocess
+import sys
+
+if __package__ in (None, ""):  # run as a script: import benchmarks/ and xrapture from this checkout
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app
+from absl import flags
+
+from benchmarks import report
+from benchmarks import sizes
+
+_BATCHES = flags.DEFINE_list("batches", ["1", "4"], "Sequences per step (B), one run each.")
+_STEPS = flags.DEFINE_integer("steps", 2, "Training steps each child runs.")
+_VARIANTS = flags.DEFINE_list("variants", ["full", "xrapture", "naive", "peft"],
+                              "Children to run.")
+_CHILD = flags.DEFINE_string("child", None, "Internal: run one variant and print JSON.")
+
+
+def _max_rss_bytes() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _rss_bytes() -> int:
+  """The current resident set size."""
+  with open("/proc/self/statm") as f:
+    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_child(name: str) -> dict:
+  """Builds one variant, trains ``--steps`` steps, and measures (in this process)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from benchmarks import lm  # pylint: disable=g-import-not-at-top
+  from benchmarks import variants  # pylint: disable=g-import-not-at-top
+  cfg = sizes.config()
+  batch = lm.batch(cfg)
+  out = {"variant": name}
+  if name == "peft":
+    import peft  # pylint: disable=g-import-not-at-top,unused-import
+    import torch  # pylint: disable=g-import-not-at-top,unused-import
+  jax.block_until_ready(jax.jit(lambda x: x + 1)(np.ones(4, np.float32)))
+  out["baseline_rss"] = _rss_bytes()
+  base = jax.jit(lm.dense_model(cfg).init)(jax.random.PRNGKey(0), batch[0])
+  out["params"] = lm.param_count(base)
+  out["param_bytes"] = lm.tree_bytes(base)
+  if name == "full":
+    variant = variants.full(cfg, base, batch, copy=False)
+  elif name == "peft":
+    adapted = variants.adapted_params(cfg, base)
+    variant = variants.PeftVariant(
+        cfg, base, adapted, batch, threads=len(os.sched_getaffinity(0)),
+        device="cuda" if jax.default_backend() == "gpu" else "cpu")
+    del adapted
+  else:
+    adapted = variants.adapted_params(cfg, base)
+    if name == "xrapture":
+      variant = variants.xrapture_variant(cfg, base, adapted, batch, copy=False)
+    else:
+      variant = variants.naive(cfg, adapted, batch, copy=False)
+    del adapted
+  del base
+  losses = [float(variant.step()) for _ in range(_STEPS.value)]
+  out.update(max_rss=_max_rss_bytes(), losses=losses, trainable=variant.trainable,
+             opt_state_bytes=variant.opt_state_bytes)
+  if name == "peft":
+    import torch  # pylint: disable=g-import-not-at-top
+    if torch.cuda.is_available():
+      out["device_peak"] = torch.cuda.max_memory_allocated()
+    return out
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    out["device_peak"] = stats["peak_bytes_in_use"]
+  analysis = variant.lower().compile().memory_analysis()
+  out["xla"] = {k: int(getattr(analysis, f"{k}_size_in_bytes"))
+                for k in ("argument", "output", "temp", "alias")}
+  out["xla"]["total"] = (out["xla"]["argument"] + out["xla"]["output"]
+                         + out["xla"]["temp"] - out["xla"]["alias"])
+  return out
+
+
+def _spawn(name: str, argv_flags: list[str]) -> dict:
+  cmd = [sys.executable, os.path.abspath(__file__), f"--child={name}"] + argv_flags
+  proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  if proc.returncode != 0:
+    raise RuntimeError(f"child {name} failed:\n{proc.stderr[-4000:]}")
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def markdown(results: dict) -> str:
+  env, children = results["environment"], results["children"]
+  mib = lambda b: f"{b / 2**20:,.0f}"
+  cfg = results["config"]
+  first = next(c for c in children.values() if "params" in c)
+  lines = [
+      f"Model: d={cfg['d_model']}, {cfg['n_layers']} layers, vocab {cfg['vocab']}, "
+      f"T={cfg['seq_len']}, B={', '.join(results['batches'])}, r={cfg['rank']}: "
+      f"{first['params'] / 1e6:.1f}M fp32 params ({mib(first['param_bytes'])} MiB); "
+      f"Adam; {results['steps']} steps per process.",
+      "",
+      report.environment_line(env),
+      "",
+  ]
+  rows = []
+  for name, c in children.items():
+    rows.append([name, mib(c["max_rss"]), mib(c["baseline_rss"]),
+                 mib(c["max_rss"] - c["baseline_rss"]),
+                 mib(c["xla"]["total"]) if "xla" in c else "",
+                 mib(c["device_peak"]) if "device_peak" in c else "",
+                 f"{c['opt_state_bytes']:,}", f"{c['trainable']:,}"])
+  lines.append(report.markdown_table(
+      ["process", "max RSS MiB", "runtime RSS MiB", "max RSS − runtime MiB", "XLA step MiB", "device peak MiB",
+       "optimizer state bytes", "trainable"], rows))
+  lines += ["", "LoRA ÷ full fine-tune at the same B (target ≤ 0.45):", ""]
+  rows = [[k, v, "yes" if v <= 0.45 else "**no**"] for k, v in results["ratios"].items()]
+  lines.append(report.markdown_table(["measure", "ratio", "met"], rows))
+  return "\n".join(lines)
+
+
+def ratios(children: dict, batches: list[str]) -> dict[str, float]:
+  """Each LoRA child against the full fine-tune child of the same batch size."""
+  net = lambda c: c["max_rss"] - c["baseline_rss"]
+  out = {}
+  for b in batches:
+    full = children.get(f"full B={b}")
+    if not full:
+      continue
+    for name in ("xrapture", "naive", "peft"):
+      c = children.get(f"{name} B={b}")
+      if not c:
+        continue
+      key = f"{name} B={b}"
+      out[f"{key}: max RSS"] = c["max_rss"] / full["max_rss"]
+      out[f"{key}: max RSS − runtime"] = net(c) / net(full)
+      if "xla" in c:
+        out[f"{key}: XLA step bytes"] = c["xla"]["total"] / full["xla"]["total"]
+      if "device_peak" in c and "device_peak" in full:
+        out[f"{key}: device peak"] = c["device_peak"] / full["device_peak"]
+      out[f"{key}: optimizer state"] = c["opt_state_bytes"] / full["opt_state_bytes"]
+  return out
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError("Too many command-line arguments.")
+  if _CHILD.value:
+    print(json.dumps(run_child(_CHILD.value)))
+    return
+  from benchmarks import timing  # pylint: disable=g-import-not-at-top
+  env = timing.environment()
+  passthrough = [f"--{f}={flags.FLAGS[f].value}" for f in
+                 ("d_model", "n_layers", "head_dim", "vocab", "seq_len", "rank", "steps")]
+  children = {}
+  for b in _BATCHES.value:
+    for name in _VARIANTS.value:
+      if name == "peft":
+        try:
+          import peft  # pylint: disable=g-import-not-at-top,unused-import
+        except ImportError:
+          continue
+      key = f"{name} B={b}"
+      children[key] = _spawn(name, passthrough + [f"--batch={b}"])
+      print(key, {k: v for k, v in children[key].items() if k != "losses"}, flush=True)
+  env["loadavg_end"] = timing.load_average()
+  results = {"environment": env, "config": sizes.config().__dict__, "steps": _STEPS.value,
+             "batches": list(_BATCHES.value), "children": children,
+             "ratios": ratios(children, _BATCHES.value)}
+  text = markdown(results)
+  out = sizes.OUT.value or os.path.join(report.RESULTS_DIR, "memory.json")
+  paths = report.write(out, results, text)
+  print(text)
+  print("\nwrote", *paths)
+
+
+if __name__ == "__main__":
+  for _name, _default in (("d_model", 1024), ("n_layers", 8), ("vocab", 8192)):
+    flags.FLAGS.set_default(_name, _default)
+  app.run(main)

@@ -1,0 +1,39 @@
+"""Writing results: a JSON file and a markdown table beside it."""
+
+import json
+import os
+from typing import Any, Sequence
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  def cell(x):
+    if isinstance(x, float):
+      return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
+    return str(x)
+  lines = ["| " + " | ".join(headers) + " |",
+           "|" + "|".join("---" for _ in headers) + "|"]
+  lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def environment_line(env: dict[str, Any]) -> str:
+  versions = ", ".join(f"{k} {env[k]}" for k in
+                       ("jax", "jaxlib", "haiku", "optax", "torch", "peft")
+                       if env.get(k))
+  load = env.get("loadavg_start"), env.get("loadavg_end")
+  return (f"{env['date']} · {env['machine']} · backend {env['backend']} "
+          f"({env['device']}) · Python {env['python']} · {versions} · "
+          f"load average (1/5/15 min) at start {load[0]}, at end {load[1]}")
+
+
+def write(path: str, data: dict[str, Any], markdown: str) -> tuple[str, str]:
+  """Writes ``path`` (JSON) and the same path with ``.md``; returns both."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(data, f, indent=1, sort_keys=True, default=str)
+  md_path = os.path.splitext(path)[0] + ".md"
+  with open(md_path, "w") as f:
+    f.write(markdown.rstrip() + "\n")
+  return path, md_path

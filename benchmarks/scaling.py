@@ -1,0 +1,147 @@
+r"""How the LoRA step grows with width and rank, against full fine-tune and the bound.
+
+    python benchmarks/scaling.py                                  # 256..1024 × 4..64
+    python benchmarks/scaling.py --widths=128,256 --ranks=4,16 --rounds=3   # quick
+
+For each width, one process-wide round robin of: full fine-tune, the bound,
+and xrapture and the hand-written LoRA at every rank (benchmarks/lm.py's
+model, 2 layers, heads of 64). Reports medians over rounds of each step's
+time paired with the bound's (and the full fine-tune's) in the same round.
+Writes benchmarks/results/scaling.json, .md and .png.
+"""
+
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: import benchmarks/ and xrapture from this checkout
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app
+from absl import flags
+import jax
+
+from benchmarks import lm
+from benchmarks import report
+from benchmarks import sizes
+from benchmarks import timing
+from benchmarks import variants
+
+_WIDTHS = flags.DEFINE_list("widths", ["256", "512", "768", "1024"], "Model widths.")
+_RANKS = flags.DEFINE_list("ranks", ["4", "8", "16", "32", "64"], "LoRA ranks.")
+_NAIVE = flags.DEFINE_bool("naive", True, "Also time the hand-written LoRA at every rank.")
+
+
+def measure_width(cfg: lm.Config, ranks: list[int], with_naive: bool,
+                  rounds: int, warmup: int) -> dict:
+  batch = lm.batch(cfg)
+  base = jax.jit(lm.dense_model(cfg).init)(jax.random.PRNGKey(0), batch[0])
+  steps = {"full": variants.full(cfg, base, batch).step,
+           "bound": variants.bound(cfg, base, batch).step}
+  for rank in ranks:
+    rcfg = cfg.replace(rank=rank, alpha=2.0 * rank)
+    adapted = variants.adapted_params(rcfg, base)
+    steps[f"xrapture_r{rank}"] = variants.xrapture_variant(rcfg, base, adapted, batch).step
+    if with_naive:
+      steps[f"naive_r{rank}"] = variants.naive(rcfg, adapted, batch).step
+  times = timing.alternate(steps, rounds, warmup)
+  out = {"step_ms": timing.summarize(times), "points": []}
+  for rank in ranks:
+    point = {"rank": rank}
+    for kind in ("xrapture", "naive"):
+      name = f"{kind}_r{rank}"
+      if name in times:
+        point[kind] = {"ms": 1e3 * timing.quartiles(times[name])[1],
+                       "bound": timing.paired_ratio(times, name, "bound")["median"],
+                       "full": timing.paired_ratio(times, name, "full")["median"]}
+    out["points"].append(point)
+  out["full_over_bound"] = timing.paired_ratio(times, "full", "bound")["median"]
+  return out
+
+
+def markdown(results: dict) -> str:
+  lines = [f"Transformer LM, {results['n_layers']} layers, T={results['seq_len']}, "
+           f"B={results['batch']}, vocab {results['vocab']}; LoRA on q/k/v/out/up/down; "
+           f"medians of {results['rounds']} alternated rounds, ratios paired per round.",
+           "", report.environment_line(results["environment"]), ""]
+  rows = []
+  for width, w in results["widths"].items():
+    ms = w["step_ms"]
+    for p in w["points"]:
+      x, n = p["xrapture"], p.get("naive")
+      rows.append([width, p["rank"], f"{ms['full']['median_ms']:.1f}",
+                   f"{ms['bound']['median_ms']:.1f}", f"{x['ms']:.1f}", x["bound"], x["full"],
+                   "" if n is None else f"{n['ms']:.1f}", "" if n is None else n["bound"],
+                   "" if n is None else x["ms"] / n["ms"]])
+  lines.append(report.markdown_table(
+      ["d", "r", "full ms", "bound ms", "xrapture ms", "xrapture ÷ bound",
+       "xrapture ÷ full", "naive ms", "naive ÷ bound", "xrapture ÷ naive (of medians)"], rows))
+  return "\n".join(lines)
+
+
+def plot(results: dict, path: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  widths = [int(w) for w in results["widths"]]
+  ranks = [p["rank"] for p in next(iter(results["widths"].values()))["points"]]
+  fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+  for i, rank in enumerate(ranks):
+    color = plt.cm.viridis(i / max(1, len(ranks) - 1))
+    pts = [results["widths"][str(w)]["points"][i] for w in widths]
+    left.plot(widths, [p["xrapture"]["bound"] for p in pts], "o-", color=color,
+              label=f"xrapture r={rank}")
+    if "naive" in pts[0]:
+      left.plot(widths, [p["naive"]["bound"] for p in pts], "x--", color=color, alpha=0.6,
+                label=f"hand-written r={rank}")
+  left.plot(widths, [results["widths"][str(w)]["full_over_bound"] for w in widths], "s:",
+            color="black", label="full fine-tune")
+  left.axhline(1.0, color="gray", lw=0.8)
+  left.axhline(1.12, color="red", lw=0.8, ls=":", label="target 1.12× bound")
+  left.set(xlabel="model width d", ylabel="step time ÷ bound (paired median)",
+           title="LoRA step against the bound", xticks=widths)
+  left.legend(fontsize=7, ncol=2)
+  for w in widths:
+    pts = results["widths"][str(w)]["points"]
+    right.plot(ranks, [p["xrapture"]["full"] for p in pts], "o-", label=f"d={w}")
+  right.axhline(1.0, color="gray", lw=0.8)
+  right.set(xlabel="LoRA rank r", ylabel="xrapture step ÷ full fine-tune step",
+            title="LoRA step against full fine-tuning", xscale="log", xticks=ranks)
+  right.minorticks_off()
+  right.set_xticklabels([str(r) for r in ranks])
+  right.legend(fontsize=8)
+  env = results["environment"]
+  fig.suptitle(f"{env['machine']} · {env['backend']} · jax {env['jax']} · {env['date'][:10]}",
+               fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError("Too many command-line arguments.")
+  env = timing.environment()
+  ranks = [int(r) for r in _RANKS.value]
+  results = {"environment": env, "n_layers": sizes.N_LAYERS.value, "seq_len": sizes.SEQ_LEN.value,
+             "batch": sizes.BATCH.value, "vocab": sizes.VOCAB.value, "rounds": sizes.ROUNDS.value,
+             "widths": {}}
+  for width in (int(w) for w in _WIDTHS.value):
+    cfg = sizes.config(d_model=width)
+    results["widths"][str(width)] = measure_width(cfg, ranks, _NAIVE.value,
+                                                  sizes.ROUNDS.value, sizes.WARMUP.value)
+    print(f"d={width} done, load {timing.load_average()}", flush=True)
+    jax.clear_caches()
+  env["loadavg_end"] = timing.load_average()
+  text = markdown(results)
+  out = sizes.OUT.value or os.path.join(report.RESULTS_DIR, "scaling.json")
+  paths = report.write(out, results, text)
+  png = os.path.splitext(out)[0] + ".png"
+  plot(results, png)
+  print(text)
+  print("\nwrote", *paths, png)
+
+
+if __name__ == "__main__":
+  for _name, _default in (("rounds", 8), ("warmup", 1)):
+    flags.FLAGS.set_default(_name, _default)
+  app.run(main)

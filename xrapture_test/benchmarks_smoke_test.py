@@ -1,0 +1,78 @@
+"""The benchmark scripts run end to end on a toy model (no timing asserted)."""
+
+import json
+import os
+from pathlib import Path
+import sys
+import tempfile
+
+from absl import flags
+from absl.testing import absltest
+from absl.testing import flagsaver
+
+# benchmarks/ is not part of the package: import it from the repository root,
+# appended so that the installed xrapture still wins over the source tree.
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import memory  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import scaling  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import step_time  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_TOY = dict(d_model=32, head_dim=16, n_layers=1, vocab=32, seq_len=8, batch=2,
+            rank=2, rounds=2, warmup=1)
+
+
+def _has_peft():
+  try:
+    import peft  # pylint: disable=g-import-not-at-top,unused-import
+    import torch  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    return False
+  return True
+
+
+def setUpModule():
+  if not flags.FLAGS.is_parsed():  # under pytest: the defaults stand
+    flags.FLAGS.mark_as_parsed()
+
+
+class BenchmarksSmokeTest(absltest.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.out_dir = tempfile.mkdtemp()
+
+  def test_step_time_writes_agreeing_results(self):
+    out = os.path.join(self.out_dir, "step_time.json")
+    with flagsaver.flagsaver(out=out, compile_reps=1, peft=_has_peft(), **_TOY):
+      step_time.main([])
+    with open(out) as f:
+      results = json.load(f)
+    self.assertTrue(results["agreement"]["ok"], results["agreement"])
+    self.assertIn("xrapture/bound", results["step_ratios"])
+    self.assertIn("merged/base", results["inference_ratios"])
+    self.assertLess(results["params"]["opt_state_bytes"]["xrapture"],
+                    results["params"]["opt_state_bytes"]["full"])
+    self.assertTrue(os.path.exists(out[:-len(".json")] + ".md"))
+
+  def test_scaling_table_and_plot(self):
+    out = os.path.join(self.out_dir, "scaling.json")
+    with flagsaver.flagsaver(out=out, widths=["16"], ranks=["2"],
+                             naive=False, **_TOY):
+      scaling.main([])
+    self.assertTrue(os.path.getsize(out[:-len(".json")] + ".png") > 0)
+    with open(out[:-len(".json")] + ".md") as f:
+      self.assertIn("xrapture ÷ bound", f.read())
+
+  def test_memory_child_reports_xla_bytes(self):
+    with flagsaver.flagsaver(steps=1, **_TOY):
+      child = memory.run_child("xrapture")
+      full = memory.run_child("full")
+    self.assertGreater(child["max_rss"], 0)
+    self.assertLess(child["opt_state_bytes"], full["opt_state_bytes"])
+    ratios = memory.ratios({"full B=2": full, "xrapture B=2": child}, ["2"])
+    self.assertIn("xrapture B=2: XLA step bytes", ratios)
+
+
+if __name__ == "__main__":
+  absltest.main()
