@@ -6,6 +6,13 @@ import tempfile
 from typing import Iterator
 
 
+def _umask() -> int:
+  """The process umask (reading it means setting it; restored at once)."""
+  umask = os.umask(0o022)
+  os.umask(umask)
+  return umask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
   """Yields a temporary path in ``path``'s directory; renames it onto ``path``.
@@ -20,6 +27,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
   fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=directory)
   os.close(fd)
   try:
+    # mkstemp makes the file owner-only (0600); give it what open() would.
+    os.chmod(tmp, 0o666 & ~_umask())
     yield tmp
     with open(tmp, "rb+") as f:
       os.fsync(f.fileno())
