@@ -373,20 +373,38 @@ class SpecOptionsTest(parameterized.TestCase):
       outs.append(model.apply(params, None, _X3))
     self.assertGreater(float(jnp.abs(outs[0] - outs[1]).max()), 1e-3)
 
-  def test_dtype_bf16_adapters(self):
-    fn, model, base = self._two_linears(_spec(dtype="bfloat16"))
-    params = model.adapt(jax.random.PRNGKey(1), base)
-    lw = params["first"]["w"]
+  @parameterized.named_parameters(
+      ("linear_bf16_adapters", "linear", jnp.float32, "bfloat16"),
+      ("conv1d_bf16_adapters", "conv1d", jnp.float32, "bfloat16"),
+      ("conv2d_transpose_bf16_adapters", "conv2d_transpose", jnp.float32, "bfloat16"),
+      ("stack_conv1d_bf16_adapters", "layer_stack_conv1d", jnp.float32, "bfloat16"),
+      ("conv1d_f32_adapters_on_bf16", "conv1d", jnp.bfloat16, "float32"),
+      ("linear_f32_adapters_on_bf16", "linear", jnp.bfloat16, "float32"))
+  def test_adapter_dtype(self, model_name, base_dtype, adapter_dtype):
+    fn, (x,), _, layouts = _MODELS[model_name]
+    x = x.astype(base_dtype)
+    model = xrapture.transform(fn, _spec(dtype=adapter_dtype))
+    base = jax.tree.map(lambda p: p.astype(base_dtype), model.init(jax.random.PRNGKey(0), x))
+    params = model.adapt(jax.random.PRNGKey(1), base, x)
+    (name,) = layouts
+    module, param = name.rsplit("/", 1)
+    lw = params[module][param]
     self.assertEqual((lw.a.dtype, lw.b.dtype, lw.w.dtype),
-                     (jnp.bfloat16, jnp.bfloat16, jnp.float32))
-    y = model.apply(params, None, _X3)
-    self.assertEqual(y.dtype, jnp.float32)
-    _assert_close(y, hk.transform(fn).apply(base, None, _X3), 1e-6)
+                     (jnp.dtype(adapter_dtype),) * 2 + (jnp.dtype(base_dtype),))
+    base_apply = jax.jit(hk.transform(fn).apply)
+    with xrapture.strict_mode():
+      y = model.apply(params, None, x)
+    self.assertEqual(y.dtype, base_dtype)
+    _assert_close(y, base_apply(base, None, x), 1e-6)
     perturbed = _perturb(params)
-    y_ref = hk.transform(fn).apply(_dense_reference(perturbed, _ALPHA / _RANK), None, _X3)
-    _assert_close(model.apply(perturbed, None, _X3), y_ref, 2e-2)
-    grads = jax.grad(lambda p: model.apply(p, None, _X3).sum())(perturbed)
-    self.assertEqual(grads["first"]["w"].a.dtype, jnp.bfloat16)
+    y_ref = base_apply(_dense_reference(perturbed, _ALPHA / _RANK), None, x)
+    with xrapture.strict_mode():
+      y = model.apply(perturbed, None, x)
+    _assert_close(y, y_ref, 3e-2)
+    grads = jax.grad(lambda p: model.apply(p, None, x).astype(jnp.float32).sum())(perturbed)
+    g = grads[module][param]
+    self.assertEqual((g.a.dtype, g.b.dtype), (jnp.dtype(adapter_dtype),) * 2)
+    self.assertGreater(float(jnp.abs(g.b.astype(jnp.float32)).max()), 0.0)
 
   def test_init_stddev(self):
     def fn(x):

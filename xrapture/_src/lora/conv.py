@@ -63,11 +63,16 @@ def _conv(primitive, lhs, rhs, *, dimension_numbers, feature_group_count,
   else:
     return NotImplemented
   lhs_low = dropout.maybe_drop(lhs)
+  # Adapters may have another dtype than the activations (spec.dtype); unlike
+  # dot_general, conv_general_dilated needs equal operand dtypes: promote.
   if touches == in_dim:   # channels -> r pointwise, then conv r -> out
     x = _channel_matmul(lhs_low, lhs_spec[1], mat, in_axis, precision)
+    dtype = jnp.promote_types(x.dtype, kernel.dtype)
     low = lax.conv_general_dilated(
-        x, kernel, preferred_element_type=preferred_element_type, **conv_kw)
+        x.astype(dtype), kernel.astype(dtype),
+        preferred_element_type=preferred_element_type, **conv_kw)
   else:                   # conv in -> r, then r -> channels pointwise
-    y = lax.conv_general_dilated(lhs_low, kernel, **conv_kw)
+    dtype = jnp.promote_types(lhs_low.dtype, kernel.dtype)
+    y = lax.conv_general_dilated(lhs_low.astype(dtype), kernel.astype(dtype), **conv_kw)
     low = _channel_matmul(y, out_spec[1], mat, out_axis, precision)
   return dense + low.astype(dense.dtype)
