@@ -1,0 +1,260 @@
+"""Tests for xrapture.save_adapter / xrapture.load_adapter (xrapture/_src/io/adapter.py)."""
+
+import json
+import os
+import tempfile
+from unittest import mock
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors
+import safetensors.numpy
+import xrapture
+from xrapture._src.io import adapter
+
+_X = np.random.default_rng(0).normal(size=(2, 8, 4)).astype(np.float32)
+
+
+def _net(x, hidden=6):
+  h = jnp.tanh(hk.Conv1D(hidden, 3, name="conv")(x))
+  h = hk.layer_stack(2)(lambda h: jnp.tanh(hk.Linear(hidden, name="mid")(h)))(h)
+  h = hk.LayerNorm(-1, True, True)(h)
+  return hk.Linear(3, name="head")(h)
+
+
+def _spec(**overrides):
+  spec = xrapture.default_spec()
+  spec.rank = 2
+  spec.alpha = 4.0
+  spec.full = ("head/w",)
+  spec.tune_vectors = True
+  for k, v in overrides.items():
+    setattr(spec, k, v)
+  return spec
+
+
+def _trained(spec, hidden=6, base_dtype=None):
+  """Base params, and adapted params as if trained: random a, b and full leaves."""
+  fn = lambda x: _net(x, hidden)  # pylint: disable=unnecessary-lambda-assignment
+  model = xrapture.transform(fn, spec)
+  base = model.init(jax.random.PRNGKey(0), _X)
+  if base_dtype is not None:
+    base = jax.tree.map(lambda x: x.astype(base_dtype), base)
+  params = model.adapt(jax.random.PRNGKey(1), base,
+                       _X if base_dtype is None else _X.astype(base_dtype))
+  lora_spec = model.spec(base)
+  rng = np.random.default_rng(3)
+
+  def train(rank, x):
+    if isinstance(x, xrapture.LoraWeight):
+      return x.replace(a=jnp.asarray(rng.normal(size=x.a.shape), x.a.dtype),
+                       b=jnp.asarray(rng.normal(size=x.b.shape), x.b.dtype))
+    if rank == xrapture.LORA_FULL:
+      return jnp.asarray(rng.normal(size=x.shape), x.dtype)
+    return x
+  trained = jax.tree.map(train, lora_spec, params,
+                         is_leaf=lambda x: isinstance(x, int))
+  return model, base, trained, lora_spec
+
+
+def _flat(tree):
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=xrapture.is_implicit)
+  return {jax.tree_util.keystr(p): v for p, v in flat}
+
+
+class AdapterFileTest(parameterized.TestCase):
+
+  def _path(self, name="adapter.safetensors"):
+    # Not self.create_tempdir(): that needs absl flags parsed, which pytest does not do.
+    tmp = tempfile.TemporaryDirectory()
+    self.addCleanup(tmp.cleanup)
+    return os.path.join(tmp.name, name)
+
+  def assert_restored(self, loaded, trained, base):
+    got, want, base_flat = _flat(loaded), _flat(trained), _flat(base)
+    self.assertEqual(set(got), set(want))
+    for key, value in want.items():
+      if isinstance(value, xrapture.LoraWeight):
+        restored = got[key]
+        self.assertIsInstance(restored, xrapture.LoraWeight)
+        self.assertIs(restored.w, base_flat[key])
+        for field in ("a", "b"):
+          x, y = getattr(restored, field), getattr(value, field)
+          self.assertEqual(x.dtype, y.dtype, key + field)
+          self.assertEqual(x.shape, y.shape, key + field)
+          # Bit-identical (compare the raw bits, also for bfloat16).
+          np.testing.assert_array_equal(
+              np.asarray(x).view(np.uint8), np.asarray(y).view(np.uint8), key + field)
+        self.assertEqual((restored.alpha, restored.rslora), (value.alpha, value.rslora))
+      else:
+        self.assertEqual(got[key].dtype, value.dtype, key)
+        np.testing.assert_array_equal(
+            np.asarray(got[key]).view(np.uint8), np.asarray(value).view(np.uint8), key)
+
+  @parameterized.named_parameters(
+      ("f32", {}, None),
+      ("bf16_adapters", {"dtype": "bfloat16"}, None),
+      ("bf16_base", {}, jnp.bfloat16),
+      ("rslora_and_patterns", {"rslora": True, "rank_pattern": ((".*mid/w", 3),),
+                               "alpha_pattern": (("conv/w", 7.0),)}, None))
+  def test_save_load_is_exact(self, overrides, base_dtype):
+    model, base, trained, lora_spec = _trained(_spec(**overrides), base_dtype=base_dtype)
+    path = self._path()
+    xrapture.save_adapter(path, trained, lora_spec)
+    self.assertEqual(os.listdir(os.path.dirname(path)), ["adapter.safetensors"])
+    loaded = xrapture.load_adapter(path, base)
+    self.assert_restored(loaded, trained, base)
+    x = _X if base_dtype is None else _X.astype(base_dtype)
+    np.testing.assert_array_equal(model.apply(loaded, None, x), model.apply(trained, None, x))
+
+  def test_frozen_leaves_come_from_the_base(self):
+    spec = _spec(tune_vectors=False)
+    _, base, trained, lora_spec = _trained(spec)
+    path = self._path()
+    xrapture.save_adapter(path, trained, lora_spec)
+    other_base = jax.tree.map(lambda x: x + 1.0, base)
+    loaded = xrapture.load_adapter(path, other_base)
+    self.assertIs(loaded["layer_norm"]["scale"], other_base["layer_norm"]["scale"])
+    self.assertIs(loaded["conv"]["w"].w, other_base["conv"]["w"])
+    np.testing.assert_array_equal(loaded["head"]["w"], trained["head"]["w"])
+
+  def test_file_holds_only_what_training_changed(self):
+    _, base, trained, lora_spec = _trained(_spec(tune_vectors=False))
+    path = self._path()
+    xrapture.save_adapter(path, trained, lora_spec)
+    with safetensors.safe_open(path, framework="numpy") as f:
+      keys = set(f.keys())
+      header = json.loads(f.metadata()["xrapture"])
+    self.assertEqual(keys, {"conv/w::a", "conv/w::b",
+                            "__layer_stack_no_per_layer/mid/w::a",
+                            "__layer_stack_no_per_layer/mid/w::b", "head/w"})
+    self.assertEqual(header["format"], "xrapture-adapter")
+    self.assertEqual(header["xrapture_version"], xrapture.__version__)
+    self.assertEqual(header["jax_version"], jax.__version__)
+    entry = header["entries"]["conv/w"]
+    self.assertEqual(entry["kind"], "lora")
+    self.assertEqual(entry["rank"], 2)
+    self.assertEqual(entry["alpha"], 4.0)
+    self.assertEqual(tuple(entry["base_shape"]), base["conv"]["w"].shape)
+    self.assertEqual(header["entries"]["head/w"]["kind"], "full")
+    # Size: adapters and the full head only, far smaller than the base.
+    stored = sum(x.size for x in jax.tree.leaves(
+        xrapture.split_lora_params(trained, lora_spec)))
+    self.assertEqual(stored, xrapture.count_trainable(trained, lora_spec))
+    self.assertLess(os.path.getsize(path), 4 * stored + 4096)
+
+  def test_load_into_adapted_params(self):
+    _, base, trained, lora_spec = _trained(_spec())
+    path = self._path()
+    xrapture.save_adapter(path, trained, lora_spec)
+    fresh = xrapture.transform(_net, _spec()).adapt(jax.random.PRNGKey(5), base, _X)
+    loaded = xrapture.load_adapter(path, fresh)
+    self.assert_restored(loaded, trained, base)
+
+  def test_another_base_names_path_and_shapes(self):
+    _, _, trained, lora_spec = _trained(_spec())
+    path = self._path()
+    xrapture.save_adapter(path, trained, lora_spec)
+    other = hk.transform(lambda x: _net(x, hidden=5)).init(jax.random.PRNGKey(0), _X)
+    # The first mismatch in path order is the stacked kernel.
+    with self.assertRaisesRegex(
+        ValueError, r"another base: '__layer_stack_no_per_layer/mid/w' was \(2, 6, 6\) "
+        r"float32 there and is \(2, 5, 5\) float32 here"):
+      xrapture.load_adapter(path, other)
+
+  def test_another_dtype_is_a_mismatch(self):
+    _, base, trained, lora_spec = _trained(_spec())
+    path = self._path()
+    xrapture.save_adapter(path, trained, lora_spec)
+    with self.assertRaisesRegex(ValueError, r"'__layer_stack_no_per_layer/mid/w' was "
+                                r"\(2, 6, 6\) float32 there and is \(2, 6, 6\) bfloat16 here"):
+      xrapture.load_adapter(path, jax.tree.map(lambda x: x.astype(jnp.bfloat16), base))
+
+  def test_missing_parameter_is_named(self):
+    _, base, trained, lora_spec = _trained(_spec())
+    path = self._path()
+    xrapture.save_adapter(path, trained, lora_spec)
+    del base["head"]
+    with self.assertRaisesRegex(ValueError, r"(?s)'head/\w+'.*lack.*conv/w"):
+      xrapture.load_adapter(path, base)
+
+  @parameterized.parameters(1, 8, 100, 0.5, -1)
+  def test_truncated_file(self, cut):
+    _, base, trained, lora_spec = _trained(_spec())
+    path = self._path()
+    xrapture.save_adapter(path, trained, lora_spec)
+    with open(path, "rb") as f:
+      data = f.read()
+    keep = int(len(data) * cut) if isinstance(cut, float) else (
+        len(data) + cut if cut < 0 else cut)
+    with open(path, "wb") as f:
+      f.write(data[:keep])
+    snapshot = jax.tree.map(np.array, base)
+    with self.assertRaisesRegex(ValueError, "truncated or corrupt"):
+      xrapture.load_adapter(path, base)
+    # Nothing changed in what was passed in.
+    jax.tree.map(np.testing.assert_array_equal, base, snapshot)
+
+  def test_not_an_adapter_file(self):
+    path = self._path()
+    with open(path, "wb") as f:
+      f.write(safetensors.numpy.save({"x": np.zeros(3, np.float32)}))
+    with self.assertRaisesRegex(ValueError, "without an xrapture header"):
+      xrapture.load_adapter(path, {})
+    with open(path, "wb") as f:
+      f.write(b"not a safetensors file at all")
+    with self.assertRaisesRegex(ValueError, "truncated or corrupt"):
+      xrapture.load_adapter(path, {})
+    with self.assertRaises(FileNotFoundError):
+      xrapture.load_adapter(path + ".missing", {})
+
+  def test_newer_format_version_is_refused(self):
+    path = self._path()
+    header = dict(format=adapter.FORMAT, format_version=adapter.FORMAT_VERSION + 1,
+                  entries={})
+    with open(path, "wb") as f:
+      f.write(safetensors.numpy.save({}, metadata={"xrapture": json.dumps(header)}))
+    with self.assertRaisesRegex(ValueError, "unsupported adapter format"):
+      xrapture.load_adapter(path, {})
+
+  def test_header_entry_without_tensors(self):
+    _, base, trained, lora_spec = _trained(_spec())
+    path = self._path()
+    xrapture.save_adapter(path, trained, lora_spec)
+    header, tensors = adapter.read_adapter(path)
+    del tensors["conv/w::b"]
+    with open(path, "wb") as f:
+      f.write(safetensors.numpy.save(tensors, metadata={"xrapture": json.dumps(header)}))
+    with self.assertRaisesRegex(ValueError, r"'conv/w'.*conv/w::b.*missing"):
+      xrapture.load_adapter(path, base)
+
+  def test_spec_of_another_tree(self):
+    _, _, trained, lora_spec = _trained(_spec())
+    del lora_spec["head"]
+    with self.assertRaisesRegex(ValueError, "model.spec"):
+      xrapture.save_adapter(self._path(), trained, lora_spec)
+
+  def test_failed_save_keeps_the_old_file(self):
+    _, base, trained, lora_spec = _trained(_spec())
+    path = self._path()
+    xrapture.save_adapter(path, trained, lora_spec)
+    with open(path, "rb") as f:
+      old = f.read()
+    changed = jax.tree.map(lambda x: x, trained)
+    changed["head"]["w"] = changed["head"]["w"] + 1.0
+    with mock.patch.object(adapter.atomic.os, "replace",
+                                    side_effect=OSError("disk gone")):
+      with self.assertRaisesRegex(OSError, "disk gone"):
+        xrapture.save_adapter(path, changed, lora_spec)
+    with open(path, "rb") as f:
+      self.assertEqual(f.read(), old)
+    self.assertEqual(os.listdir(os.path.dirname(path)), ["adapter.safetensors"])
+    self.assert_restored(xrapture.load_adapter(path, base), trained, base)
+
+
+if __name__ == "__main__":
+  absltest.main()
