@@ -1,0 +1,83 @@
+"""A small byte-level Transformer language model in Haiku.
+
+Pre-LayerNorm decoder blocks (causal ``hk.MultiHeadAttention`` + GELU MLP),
+stacked with ``hk.layer_stack`` so every block's parameters share one
+``[num_layers, ...]`` array. Parameter paths read, for instance,
+``"blocks/attn/query/w"`` (``[num_layers, d_model, d_model]``) and
+``"head/w"`` (the unembedding, ``[d_model, vocab_size]``).
+"""
+
+from typing import Any
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+# Bytes: every corpus is read as UTF-8 bytes, one token per byte.
+VOCAB_SIZE = 256
+
+
+class Block(hk.Module):
+  """One pre-LayerNorm decoder block: causal self-attention, then an MLP."""
+
+  def __init__(self, num_heads: int, mlp_dim: int, name: str | None = None):
+    super().__init__(name=name)
+    self.num_heads = num_heads
+    self.mlp_dim = mlp_dim
+
+  def __call__(self, h: jax.Array) -> jax.Array:
+    seq_len, d_model = h.shape[-2:]
+    init = hk.initializers.VarianceScaling(1.0, 'fan_in', 'truncated_normal')
+    y = hk.LayerNorm(-1, create_scale=True, create_offset=True, name='ln_attn')(h)
+    mask = jnp.tril(jnp.ones((1, 1, seq_len, seq_len), bool))
+    y = hk.MultiHeadAttention(
+        num_heads=self.num_heads, key_size=d_model // self.num_heads,
+        w_init=init, name='attn')(y, y, y, mask=mask)
+    h = h + y
+    y = hk.LayerNorm(-1, create_scale=True, create_offset=True, name='ln_mlp')(h)
+    y = hk.nets.MLP([self.mlp_dim, d_model], w_init=init,
+                    activation=jax.nn.gelu, name='mlp')(y)
+    return h + y
+
+
+def make_forward(model: ml_collections.ConfigDict):
+  """Returns ``forward(tokens [B, T] int32) -> logits [B, T, VOCAB_SIZE]``.
+
+  Args:
+    model: ``d_model``, ``num_layers``, ``num_heads``, ``mlp_dim``,
+      ``max_len`` (see configs/pretrain.py).
+  """
+  if model.d_model % model.num_heads:
+    raise ValueError(f'd_model={model.d_model} is not a multiple of '
+                     f'num_heads={model.num_heads}.')
+  d_model, num_layers = model.d_model, model.num_layers
+  num_heads, mlp_dim, max_len = model.num_heads, model.mlp_dim, model.max_len
+
+  def forward(tokens: jax.Array) -> jax.Array:
+    seq_len = tokens.shape[-1]
+    if seq_len > max_len:
+      raise ValueError(f'{seq_len} tokens exceed max_len={max_len}.')
+    h = hk.Embed(VOCAB_SIZE, d_model, name='embed')(tokens)
+    h = h + hk.Embed(max_len, d_model, name='pos_embed')(jnp.arange(seq_len))
+
+    def block(x):
+      return Block(num_heads, mlp_dim, name='block')(x)
+    with hk.experimental.name_scope('blocks'):
+      h = hk.layer_stack(num_layers)(block)(h)
+    h = hk.LayerNorm(-1, create_scale=True, create_offset=True, name='ln_f')(h)
+    return hk.Linear(VOCAB_SIZE, name='head')(h)
+  return forward
+
+
+def next_token_loss(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+  """Mean cross-entropy (nats) of ``logits[:, :-1]`` against ``tokens[:, 1:]``."""
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits[:, :-1], tokens[:, 1:]).mean()
+
+
+def architecture(model: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The fields of ``model`` that fix the parameter shapes, as a plain dict."""
+  return {k: model[k] for k in
+          ('d_model', 'num_layers', 'num_heads', 'mlp_dim', 'max_len')}
