@@ -1,6 +1,7 @@
 """From base params to adapted params and back: spec trees, init, merge, split."""
 
 from typing import Any, Callable
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -122,8 +123,11 @@ def merge_params(params: Any, destructive: bool = False) -> Any:
     returned as the same objects.
   """
   merge = _merge_donating if destructive else _merge
-  return implicit_array.tree_map_with_implicit(
-      lambda x: merge(x) if implicit_array.is_implicit(x) else x, params)
+  with warnings.catch_warnings():
+    # Only w's buffer can hold the merged kernel; a and b are freed unused.
+    warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+    return implicit_array.tree_map_with_implicit(
+        lambda x: merge(x) if implicit_array.is_implicit(x) else x, params)
 
 
 def _is_spec_leaf(x):
