@@ -176,7 +176,7 @@ class DenseCheckTest(parameterized.TestCase):
   @parameterized.named_parameters(
       ("dot", "  %dot.1 = f32[48,40]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}", 1),
       ("dot_transposed", "  ROOT %d = bf16[2,40,48]{2,1,0} dot(%p0, %p1)", 1),
-      ("convolution", "  %c = f32[3,48,40]{2,1,0} convolution(%x, %g), window={size=5}", 1),
+      ("convolution", "  %c = f32[3,48,40]{2,1,0} convolution(%x, %g)", 1),
       ("convolution_interleaved", "  %c = f32[48,3,40]{2,1,0} convolution(%x, %g)", 1),
       ("dot_interleaved", "  %d = f32[48,3,40]{2,1,0} dot(%x, %g)", 0),
       ("custom_call_matmul",

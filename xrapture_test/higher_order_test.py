@@ -224,7 +224,8 @@ class HaikuTest(absltest.TestCase):
 
   def test_remat(self):
     def forward(x):
-      layer = hk.remat(lambda h: jnp.tanh(hk.Linear(N, with_bias=False, name="linear")(h)))
+      linear = lambda h: hk.Linear(N, with_bias=False, name="linear")(h)
+      layer = hk.remat(lambda h: jnp.tanh(linear(h)))
       return layer(x)
 
     transformed = hk.without_apply_rng(hk.transform(forward))

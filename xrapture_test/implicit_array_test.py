@@ -1,4 +1,4 @@
-"""Tests for ImplicitArray and its tree utilities (xrapture/_src/implicit/implicit_array.py)."""
+"""Tests for ImplicitArray and tree utilities (xrapture/_src/implicit/implicit_array.py)."""
 
 import dataclasses
 
