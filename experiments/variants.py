@@ -1,0 +1,72 @@
+"""The three ways to fine-tune the base: LoRA, full fine-tune, head-only.
+
+Each returns a :class:`trainer.Run`: the params to start from, which of them
+train (a lora spec tree), the optimizer and the apply function. Only LoRA
+changes the model's parameters (targeted kernels become
+``xrapture.LoraWeight``); the other two are the baselines LoRA is compared
+with, written the way one would without xrapture (full) or with its spec
+alone (head-only: no adapters, one module trained in full).
+"""
+
+from typing import Any, Callable
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import ml_collections
+import xrapture
+
+from experiments import trainer
+
+# The keys of the fine-tuning config that change what a method computes;
+# a checkpoint written under other values is refused (trainer.Run.fingerprint).
+_TRAJECTORY_KEYS = ('seed', 'domain', 'warmup_steps', 'weight_decay',
+                    'grad_clip_norm', 'num_steps', 'batch_size', 'seq_len')
+
+
+def _fingerprint(method: str, config: ml_collections.ConfigDict, **more) -> dict[str, Any]:
+  record = {k: config[k] for k in _TRAJECTORY_KEYS}
+  record.update(method=method, learning_rate=config.learning_rate[method],
+                model=config.pretrain.model.to_dict(), **more)
+  return record
+
+
+def lora(config: ml_collections.ConfigDict, forward: Callable[..., jax.Array],
+         base_params: Any) -> trainer.Run:
+  """Adapters on the kernels ``config.lora.targets`` names; the rest frozen."""
+  model = xrapture.transform(forward, config.lora)
+  lora_spec = model.spec(base_params)
+  example = jax.ShapeDtypeStruct((1, config.seq_len), jnp.int32)
+  params = model.adapt(jax.random.PRNGKey(config.seed), base_params, example)
+  tx = xrapture.wrap_optimizer(
+      trainer.make_optimizer(config.learning_rate.lora, config), lora_spec)
+  return trainer.Run('lora', model.apply, params, base_params, lora_spec, tx,
+                     _fingerprint('lora', config, lora=config.lora.to_dict()))
+
+
+def full(config: ml_collections.ConfigDict, forward: Callable[..., jax.Array],
+         base_params: Any) -> trainer.Run:
+  """Every parameter trained: plain Haiku and optax."""
+  lora_spec = jax.tree.map(lambda _: xrapture.LORA_FULL, base_params)
+  return trainer.Run('full', hk.transform(forward).apply, base_params, base_params,
+                     lora_spec, trainer.make_optimizer(config.learning_rate.full, config),
+                     _fingerprint('full', config))
+
+
+def head(config: ml_collections.ConfigDict, forward: Callable[..., jax.Array],
+         base_params: Any) -> trainer.Run:
+  """Only the parameters ``config.head`` names train (the unembedding)."""
+  spec = xrapture.default_spec()
+  spec.targets = ()
+  spec.full = tuple(config.head)
+  lora_spec = xrapture.transform(forward, spec).spec(base_params)
+  if xrapture.LORA_FULL not in jax.tree.leaves(lora_spec):
+    raise ValueError(f'config.head {tuple(config.head)} matches no parameter.')
+  tx = xrapture.wrap_optimizer(
+      trainer.make_optimizer(config.learning_rate.head, config),
+                               lora_spec)
+  return trainer.Run('head', hk.transform(forward).apply, base_params, base_params,
+                     lora_spec, tx, _fingerprint('head', config, head=list(config.head)))
+
+
+METHODS = {'lora': lora, 'full': full, 'head': head}

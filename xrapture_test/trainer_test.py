@@ -1,0 +1,125 @@
+"""Tests for experiments/trainer.py: resume, refusal of other settings, results."""
+
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+from unittest import mock
+
+from absl import app
+from absl.testing import absltest
+import numpy as np
+import safetensors.numpy
+
+# The repository root (in the source tree or in Bazel's runfiles), appended so
+# that the installed xrapture is the one imported.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.append(_ROOT)
+from experiments import lm_data  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import lm_model  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import pretraining  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import trainer  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import variants  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def smoke_config(**overrides):
+  """configs/finetune.py:smoke (a tiny model, a few steps), with ``overrides``."""
+  path = os.path.join(_ROOT, 'configs', 'finetune.py')
+  spec = importlib.util.spec_from_file_location('_finetune_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config('smoke')
+  config.update_from_flattened_dict({'progress_bar': False, **overrides})
+  return config
+
+
+def read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+class TrainerTest(absltest.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    tmp = tempfile.TemporaryDirectory()
+    self.addCleanup(tmp.cleanup)
+    self.tmp = tmp.name
+    self.config = smoke_config(num_steps=8, eval_every=4)
+    self.base = pretraining.init_params(self.config.pretrain.model, 0)
+    self.forward = lm_model.make_forward(self.config.pretrain.model)
+    self.data = lm_data.load('docs')
+    self.mesh = sharding.make_mesh((1, 1))
+
+  def train(self, workdir, method='lora', config=None):
+    config = config or self.config
+    run = variants.METHODS[method](config, self.forward, self.base)
+    return trainer.train(run, self.data, config, workdir, self.mesh)
+
+  def test_resume_after_a_crash_matches_an_uninterrupted_run(self):
+    straight = os.path.join(self.tmp, 'straight')
+    want = self.train(straight)
+
+    crashed = os.path.join(self.tmp, 'crashed')
+    real_batch = lm_data.train_batch
+
+    def dies_at_step_7(data, seed, step, *args):
+      if step == 7:
+        raise KeyboardInterrupt('killed')
+      return real_batch(data, seed, step, *args)
+    with mock.patch.object(lm_data, 'train_batch', dies_at_step_7):
+      with self.assertRaises(KeyboardInterrupt):
+        self.train(crashed)
+    ckpts = os.path.join(crashed, 'checkpoints')
+    self.assertEqual(sorted(os.listdir(ckpts)), ['step_00000003', 'step_00000006'])
+    self.assertFalse(os.path.exists(os.path.join(crashed, trainer.RESULT)))
+    # A checkpoint write that was killed halfway leaves a temporary directory.
+    os.makedirs(os.path.join(ckpts, '.tmp-step_00000009-dead'))
+
+    got = self.train(crashed)  # resumes from step 6
+    for key in ('val_bpb', 'test_bpb', 'trainable_params', 'opt_state_bytes'):
+      self.assertEqual(got[key], want[key], key)
+    with open(os.path.join(straight, 'adapter.safetensors'), 'rb') as f:
+      want_tensors = safetensors.numpy.load(f.read())
+    with open(os.path.join(crashed, 'adapter.safetensors'), 'rb') as f:
+      got_tensors = safetensors.numpy.load(f.read())
+    self.assertCountEqual(got_tensors, want_tensors)
+    for name in want_tensors:
+      np.testing.assert_array_equal(got_tensors[name], want_tensors[name], name)
+
+    def losses(workdir):
+      return [(r['step'], r['split'], r['loss'])
+              for r in read_jsonl(os.path.join(workdir, trainer.METRICS))]
+    # Records the crashed run wrote after step 6 were dropped and rewritten.
+    self.assertEqual(losses(crashed), losses(straight))
+
+  def test_a_finished_run_is_not_trained_again(self):
+    workdir = os.path.join(self.tmp, 'run')
+    first = self.train(workdir, 'head')
+    with mock.patch.object(lm_data, 'train_batch', side_effect=AssertionError):
+      self.assertEqual(self.train(workdir, 'head'), first)
+
+  def test_other_settings_are_refused(self):
+    workdir = os.path.join(self.tmp, 'run')
+    self.train(workdir, 'head')
+    with self.assertRaisesRegex(app.UsageError, r'learning_rate: 0\.003 there, 0\.1 now'):
+      self.train(workdir, 'head', smoke_config(num_steps=8, eval_every=4,
+                                            **{'learning_rate.head': 0.1}))
+
+  def test_result_counts_what_trains(self):
+    result = self.train(os.path.join(self.tmp, 'run'))
+    d, layers, mlp, rank = 32, 2, 64, 4
+    # Adapters on query/key/value/linear (d×d) and both MLP kernels, per layer.
+    want = layers * rank * (4 * (d + d) + (d + mlp) + (mlp + d))
+    self.assertEqual(result['trainable_params'], want)
+    # Adam's two moments per trainable number, plus a few step counters.
+    self.assertBetween(result['opt_state_bytes'], 8 * want, 8 * want + 64)
+    self.assertBetween(result['val_bpb'], 1.0, 12.0)
+    self.assertGreater(result['adapter_bytes'], 4 * want)
+    self.assertGreater(result['step_time_s'], 0)
+
+
+if __name__ == '__main__':
+  absltest.main()
