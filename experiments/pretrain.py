@@ -1,0 +1,48 @@
+r"""Pretrains the base byte-level Transformer LM on domain A.
+
+  python experiments/pretrain.py --config=configs/pretrain.py --workdir=/tmp/base
+
+Trains on the stdlib's Python modules (see configs/pretrain.py) and writes
+``base.safetensors`` and ``model.json`` to the workdir; fine-tune from it with
+``experiments/finetune.py --config.base_checkpoint=/tmp/base``. (finetune.py
+also pretrains on its own when its workdir has no base.) Rerun with the same
+workdir to resume.
+
+Several devices: ``--config.mesh='(4, 2)'`` splits batches 4 ways and kernels
+2 ways. Several hosts: run the same command on every host with
+``--config.distributed=True``, which calls ``jax.distributed.initialize()``
+(coordinator address, process count and id from the cluster environment,
+e.g. SLURM or Cloud TPU, or from ``JAX_COORDINATOR_ADDRESS`` /
+``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``); the mesh then spans every
+host's devices and process 0 writes the files.
+"""
+
+import pathlib
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+# The repository root, for `experiments.*`; appended so an installed xrapture wins.
+sys.path.append(str(pathlib.Path(__file__).resolve().parents[1]))
+from experiments import launch  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import pretraining  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Pretraining config, e.g. configs/pretrain.py.', lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Directory for checkpoints, metrics and the base model; '
+    'created if missing.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}.')
+  mesh = launch.setup(_CONFIG.value, _WORKDIR.value)
+  pretraining.run(_CONFIG.value, _WORKDIR.value, mesh)
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=launch.parse_flags)

@@ -1,0 +1,88 @@
+"""Smoke tests of experiments/pretrain.py."""
+
+import importlib
+import io
+import json
+import os
+import sys
+import tempfile
+from unittest import mock
+
+from absl import flags
+from absl.testing import absltest
+from absl.testing import flagsaver
+import jax
+import numpy as np
+
+# The repository root (in the source tree or in Bazel's runfiles), appended so
+# that the installed xrapture is the one imported.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.append(_ROOT)
+from experiments import launch  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import pretraining  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_CONFIG = os.path.join(_ROOT, 'configs', 'pretrain.py')
+
+
+def import_launcher():
+  """experiments/pretrain.py, imported afresh.
+
+  Each launcher defines --config and --workdir; under pytest another test
+  file's launcher may have defined them already in this process.
+  """
+  for name in ('config', 'workdir'):
+    if name in flags.FLAGS:
+      delattr(flags.FLAGS, name)
+  sys.modules.pop('experiments.pretrain', None)
+  return importlib.import_module('experiments.pretrain')
+
+
+class PretrainTest(absltest.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    tmp = tempfile.TemporaryDirectory()
+    self.addCleanup(tmp.cleanup)
+    self.tmp = tmp.name
+    self.launcher = import_launcher()
+
+  def run_main(self, *args):
+    """Parses ``args`` as `app.run` would, then runs ``main([])``."""
+    argv = ['pretrain.py', *args]
+    with flagsaver.flagsaver(), mock.patch.object(sys, 'argv', argv):
+      launch.parse_flags(argv)
+      self.launcher.main([])
+
+  def test_pretrains_saves_and_resumes(self):
+    workdir = os.path.join(self.tmp, 'base')
+    args = (f'--config={_CONFIG}:smoke', f'--workdir={workdir}',
+            '--config.progress_bar=False', '--config.mesh=(1, 1)')
+    self.run_main(*args)
+    with open(os.path.join(workdir, pretraining.MODEL)) as f:
+      model = json.load(f)
+    self.assertEqual(model['d_model'], 32)
+    self.assertEqual(model['domain'], 'code')
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      records = [json.loads(line) for line in f]
+    self.assertEqual([r['step'] for r in records if r['split'] == 'val'], [3, 6])
+    self.assertLess(records[-2]['loss'], records[0]['loss'])  # it learns
+
+    config = pretraining.ml_collections.ConfigDict(model)
+    params = pretraining.load(workdir, config)
+    # A finished base is loaded, not trained again.
+    with mock.patch.object(pretraining.trainer, 'train', side_effect=AssertionError):
+      self.run_main(*args)
+    for a, b in zip(jax.tree.leaves(params),
+                    jax.tree.leaves(pretraining.load(workdir, config))):
+      np.testing.assert_array_equal(a, b)
+
+  def test_unknown_config_field(self):
+    stderr = io.StringIO()
+    with mock.patch.object(sys, 'stderr', stderr), self.assertRaises(SystemExit):
+      self.run_main(f'--config={_CONFIG}', '--config.model.depth=4',
+                    f'--workdir={self.tmp}')
+    self.assertIn('depth', stderr.getvalue())
+
+
+if __name__ == '__main__':
+  absltest.main()
