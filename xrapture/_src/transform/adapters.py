@@ -52,7 +52,7 @@ def lora_spec_from_config(params: Any, spec: ml_collections.ConfigDict) -> Any:
             f"its kernel of shape {shape}. Lower spec.rank or add a "
             "spec.rank_pattern entry for this path.")
       decisions.append(max(rank, LORA_FREEZE))
-    elif len(shape) < 2 and spec.tune_vectors:
+    elif len(shape) < 2 and spec.tune_vectors and jnp.issubdtype(dtype, jnp.inexact):
       decisions.append(LORA_FULL)
     else:
       decisions.append(LORA_FREEZE)

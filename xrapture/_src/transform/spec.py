@@ -23,7 +23,8 @@ def default_spec() -> ml_collections.ConfigDict:
       Default: every kernel named ``w``. Embeddings (``embeddings``) only
       when named.
     full: regexes of parameters trained in full (no adapter) (``()``).
-    tune_vectors: train every 1-D parameter (biases, norms) in full (False).
+    tune_vectors: train every floating-point 1-D parameter (biases, norms) in
+      full (False); integer ones stay frozen.
     rslora: scale by ``alpha / sqrt(rank)`` (rank-stabilized LoRA) (False).
     init_stddev: ``a`` starts as N(0, init_stddev²); ``b`` starts at zero, so
       an adapted model starts equal to its base (0.01).
