@@ -1,0 +1,271 @@
+"""Tests for xrapture/_src/transform/adapters.py: spec trees, init, merge, split."""
+
+import math
+import warnings
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import jax
+import jax.numpy as jnp
+import numpy as np
+import xrapture
+from xrapture._src.transform import adapters
+from xrapture._src.transform import layout as layout_lib
+
+LoraWeight = xrapture.LoraWeight
+FULL, FREEZE = xrapture.LORA_FULL, xrapture.LORA_FREEZE
+
+
+def _spec(**overrides):
+  spec = xrapture.default_spec()
+  spec.rank = 2
+  for k, v in overrides.items():
+    setattr(spec, k, v)
+  return spec
+
+
+def _params():
+  rng = np.random.default_rng(0)
+  f = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)  # pylint: disable=unnecessary-lambda-assignment
+  return {
+      "mlp/~/linear_0": {"w": f(4, 6), "b": f(6)},
+      "mlp/~/linear_1": {"w": f(6, 3), "b": f(3)},
+      "embed": {"embeddings": f(10, 4)},
+      "norm": {"scale": f(6)},
+  }
+
+
+class LoraSpecTest(parameterized.TestCase):
+
+  def test_default_targets(self):
+    spec = adapters.lora_spec_from_config(_params(), _spec())
+    self.assertEqual(spec, {
+        "mlp/~/linear_0": {"w": 2, "b": FREEZE},
+        "mlp/~/linear_1": {"w": 2, "b": FREEZE},
+        "embed": {"embeddings": FREEZE},
+        "norm": {"scale": FREEZE}})
+
+  def test_full_beats_targets_and_tune_vectors(self):
+    spec = adapters.lora_spec_from_config(
+        _params(), _spec(full=("mlp/~/linear_1/w", "embed/.*"), tune_vectors=True))
+    self.assertEqual(spec, {
+        "mlp/~/linear_0": {"w": 2, "b": FULL},
+        "mlp/~/linear_1": {"w": FULL, "b": FULL},
+        "embed": {"embeddings": FULL},
+        "norm": {"scale": FULL}})
+
+  def test_targets_are_fullmatched(self):
+    # "linear_0" alone matches no whole path.
+    with self.assertRaisesRegex(ValueError, "match no parameter"):
+      adapters.lora_spec_from_config(_params(), _spec(targets=("linear_0",)))
+    spec = adapters.lora_spec_from_config(_params(), _spec(targets=(".*linear_0/w",)))
+    self.assertEqual(spec["mlp/~/linear_0"]["w"], 2)
+    self.assertEqual(spec["mlp/~/linear_1"]["w"], FREEZE)
+
+  def test_no_match_lists_every_path_shape_and_dtype(self):
+    with self.assertRaises(ValueError) as ctx:
+      adapters.lora_spec_from_config(_params(), _spec(targets=("nothing",)))
+    message = str(ctx.exception)
+    self.assertIn("('nothing',)", message)
+    for line in ("mlp/~/linear_0/w  (4, 6) float32", "mlp/~/linear_1/b  (3,) float32",
+                 "embed/embeddings  (10, 4) float32", "norm/scale  (6,) float32"):
+      self.assertIn(line, message)
+
+  def test_one_dimensional_targets(self):
+    # Skipped next to a kernel...
+    spec = adapters.lora_spec_from_config(_params(), _spec(targets=(".*/b", ".*linear_0/w")))
+    self.assertEqual(spec["mlp/~/linear_0"]["b"], FREEZE)
+    self.assertEqual(spec["mlp/~/linear_0"]["w"], 2)
+    # ... an error alone.
+    with self.assertRaisesRegex(ValueError, "1-D parameters never get adapters"):
+      adapters.lora_spec_from_config(_params(), _spec(targets=(".*/b", "norm/scale")))
+
+  def test_empty_targets_only_full(self):
+    spec = adapters.lora_spec_from_config(_params(), _spec(targets=(), full=("embed/.*",)))
+    self.assertEqual(spec["embed"]["embeddings"], FULL)
+    self.assertEqual(spec["mlp/~/linear_0"]["w"], FREEZE)
+
+  @parameterized.parameters((4, 4), (5, None), (3, 3))
+  def test_rank_limit(self, rank, expected):
+    params = {"lin": {"w": jnp.ones((4, 9))}}
+    if expected is None:
+      with self.assertRaisesRegex(ValueError, r"rank 5 for 'lin/w' exceeds min\(M, N\) = 4"):
+        adapters.lora_spec_from_config(params, _spec(rank=rank))
+    else:
+      self.assertEqual(adapters.lora_spec_from_config(params, _spec(rank=rank))["lin"]["w"],
+                       expected)
+
+  def test_rank_limit_uses_the_last_two_axes(self):
+    # A conv kernel [k, in, out] and a stack [L, in, out]: min(in, out).
+    params = {"conv": {"w": jnp.ones((9, 3, 5))}}
+    with self.assertRaisesRegex(ValueError, r"min\(M, N\) = 3"):
+      adapters.lora_spec_from_config(params, _spec(rank=4))
+
+  def test_rank_pattern_zero_freezes(self):
+    spec = adapters.lora_spec_from_config(
+        _params(), _spec(rank_pattern=((".*linear_1/w", 0),)))
+    self.assertEqual(spec["mlp/~/linear_1"]["w"], FREEZE)
+    self.assertEqual(spec["mlp/~/linear_0"]["w"], 2)
+
+  @parameterized.parameters("targets", "full")
+  def test_integer_params(self, field):
+    params = {"lin": {"w": jnp.ones((4, 6))}, "table": {"ids": jnp.ones((4, 6), jnp.int32)}}
+    with self.assertRaisesRegex(ValueError, r"'table/ids' has integer dtype int32"):
+      adapters.lora_spec_from_config(params, _spec(**{field: (".*",)}))
+
+  def test_integer_vectors_are_not_trained_by_tune_vectors(self):
+    params = {"lin": {"w": jnp.ones((4, 6)), "b": jnp.ones(6)}, "step": {"n": jnp.zeros(1, jnp.int32)}}
+    spec = adapters.lora_spec_from_config(params, _spec(tune_vectors=True))
+    self.assertEqual(spec["lin"]["b"], FULL)
+    self.assertEqual(spec["step"]["n"], FREEZE)
+
+
+class InitLoraWeightTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ("matrix", (5, 7), layout_lib.KernelLayout(0, 0), (3, 7), (5, 3)),
+      ("stack", (4, 5, 7), layout_lib.KernelLayout(1, 0), (4, 3, 7), (4, 5, 3)),
+      ("conv1d", (4, 5, 7), layout_lib.KernelLayout(0, 1), (1, 3, 7), (4, 5, 3)),
+      ("conv2d", (3, 2, 5, 7), layout_lib.KernelLayout(0, 2), (1, 1, 3, 7), (3, 2, 5, 3)),
+      ("stack_of_conv", (4, 2, 5, 7), layout_lib.KernelLayout(1, 1), (4, 1, 3, 7),
+       (4, 2, 5, 3)))
+  def test_shapes(self, shape, layout, a_shape, b_shape):
+    w = jnp.ones(shape)
+    lw = adapters.init_lora_weight(jax.random.PRNGKey(0), w, 3, 6.0, layout, 0.01)
+    self.assertIs(lw.w, w)
+    self.assertEqual((lw.a.shape, lw.b.shape), (a_shape, b_shape))
+    np.testing.assert_array_equal(lw.b, 0.0)
+    self.assertEqual(lw.get_scale(), 2.0)
+    np.testing.assert_array_equal(lw.materialize(), w)
+
+  def test_init_distribution_dtype_and_rslora(self):
+    w = jnp.ones((256, 128), jnp.float32)
+    lw = adapters.init_lora_weight(jax.random.PRNGKey(0), w, 64, 16.0,
+                                   layout_lib.stacked(2), 0.25, "bfloat16", rslora=True)
+    self.assertEqual((lw.a.dtype, lw.b.dtype), (jnp.bfloat16, jnp.bfloat16))
+    a = np.asarray(lw.a, np.float32)
+    self.assertAlmostEqual(float(a.std()), 0.25, delta=0.01)
+    self.assertAlmostEqual(float(a.mean()), 0.0, delta=0.01)
+    self.assertEqual(lw.get_scale(), 16.0 / math.sqrt(64))
+
+  def test_stacked_layers_get_independent_adapters(self):
+    lw = adapters.init_lora_weight(jax.random.PRNGKey(0), jnp.ones((3, 8, 8)), 2, 1.0,
+                                   layout_lib.stacked(3), 0.1)
+    self.assertFalse(np.array_equal(lw.a[0], lw.a[1]))
+
+
+def _count_expected(shapes_layouts, rank):
+  total = 0
+  for shape, (layers, window) in shapes_layouts:
+    n_layers = int(np.prod(shape[:layers]))
+    k = int(np.prod(shape[layers:layers + window]))
+    total += n_layers * rank * (k * shape[-2] + shape[-1])
+  return total
+
+
+class AdaptMergeSplitTest(parameterized.TestCase):
+
+  def _adapted(self, spec=None, layouts=None):
+    spec = spec or _spec(full=("embed/.*",))
+    params = _params()
+    params["stack"] = {"w": jnp.asarray(np.random.default_rng(1).normal(size=(3, 4, 5)),
+                                        jnp.float32)}
+    params["conv"] = {"w": jnp.asarray(np.random.default_rng(2).normal(size=(3, 4, 5)),
+                                       jnp.float32)}
+    lora_spec = adapters.lora_spec_from_config(params, spec)
+    leaves = jax.tree.leaves(params)
+    conv_index = [i for i, x in enumerate(leaves) if x is params["conv"]["w"]][0]
+
+    def layouts_fn(wanted):
+      # adapt asks only about the targeted kernels with more than two axes.
+      self.assertLen(wanted, 2)
+      return layouts or {conv_index: layout_lib.KernelLayout(0, 1)}
+    adapted = adapters.adapt_params(jax.random.PRNGKey(0), params, lora_spec, spec, layouts_fn)
+    return params, adapted, lora_spec
+
+  def test_adapt_params(self):
+    params, adapted, _ = self._adapted()
+    self.assertIs(adapted["embed"]["embeddings"], params["embed"]["embeddings"])
+    self.assertIs(adapted["norm"]["scale"], params["norm"]["scale"])
+    self.assertIs(adapted["mlp/~/linear_0"]["b"], params["mlp/~/linear_0"]["b"])
+    self.assertEqual(adapted["stack"]["w"].a.shape, (3, 2, 5))  # no layout given: stacked
+    self.assertEqual(adapted["conv"]["w"].a.shape, (1, 2, 5))
+    self.assertEqual(adapted["mlp/~/linear_0"]["w"].alpha, 16.0)
+    # Different keys per leaf.
+    self.assertFalse(np.array_equal(adapted["mlp/~/linear_0"]["w"].a[:, :3],
+                                    adapted["mlp/~/linear_1"]["w"].a[:, :3]))
+
+  def test_adapt_params_alpha_pattern(self):
+    spec = _spec(alpha_pattern=(("conv/w", 3.0), (".*", 5.0)), rslora=True)
+    _, adapted, _ = self._adapted(spec)
+    self.assertEqual(adapted["conv"]["w"].alpha, 3.0)
+    self.assertEqual(adapted["stack"]["w"].alpha, 5.0)
+    self.assertTrue(adapted["stack"]["w"].rslora)
+
+  def test_adapt_params_rejects_a_spec_of_another_tree(self):
+    with self.assertRaisesRegex(ValueError, "lora_spec has 1 leaves"):
+      adapters.adapt_params(jax.random.PRNGKey(0), _params(), {"x": 2}, _spec(),
+                            lambda wanted: {})
+
+  @parameterized.parameters(False, True)
+  def test_merge_params_against_numpy(self, destructive):
+    _, adapted, _ = self._adapted()
+    rng = np.random.default_rng(5)
+    trained = xrapture.tree_map_with_implicit(
+        lambda x: x.replace(a=jnp.asarray(rng.normal(size=x.a.shape), jnp.float32),
+                            b=jnp.asarray(rng.normal(size=x.b.shape), jnp.float32))
+        if isinstance(x, LoraWeight) else x, adapted)
+    expected = {}
+    for module in ("mlp/~/linear_0", "stack", "conv"):
+      lw = trained[module]["w"]
+      w, a, b = (np.asarray(t, np.float64) for t in (lw.w, lw.a, lw.b))
+      expected[module] = w + (16.0 / 2) * np.matmul(b, a)
+    # Hand-written for the conv: one low-rank pair per window position.
+    lw = trained["conv"]["w"]
+    for k in range(3):
+      np.testing.assert_allclose(
+          expected["conv"][k],
+          np.asarray(lw.w[k], np.float64) + 8.0 * np.asarray(lw.b[k], np.float64)
+          @ np.asarray(lw.a[0], np.float64), rtol=1e-12)
+    embeddings = trained["embed"]["embeddings"]
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")
+      merged = xrapture.merge_params(trained, destructive=destructive)
+    for module, want in expected.items():
+      got = merged[module]["w"]
+      self.assertNotIsInstance(got, LoraWeight)
+      self.assertEqual(got.dtype, jnp.float32)
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    self.assertIs(merged["embed"]["embeddings"], embeddings)
+
+  def test_merge_keeps_base_dtype(self):
+    w = jnp.ones((4, 6), jnp.bfloat16)
+    lw = LoraWeight(w, jnp.ones((2, 6), jnp.float32), jnp.ones((4, 2), jnp.float32), alpha=2.0)
+    merged = xrapture.merge_params({"w": lw})["w"]
+    self.assertEqual(merged.dtype, jnp.bfloat16)
+    np.testing.assert_array_equal(merged, jnp.full((4, 6), 3.0, jnp.bfloat16))
+
+  def test_split_and_count(self):
+    params, adapted, lora_spec = self._adapted()
+    split = xrapture.split_lora_params(adapted, lora_spec)
+    self.assertIs(split["embed"]["embeddings"], params["embed"]["embeddings"])  # full
+    self.assertIs(split["norm"]["scale"], xrapture.EmptyNode)
+    self.assertIs(split["stack"]["w"].w, xrapture.EmptyNode)
+    self.assertIs(split["stack"]["w"].a, adapted["stack"]["w"].a)
+    expected = _count_expected([((4, 6), (0, 0)), ((6, 3), (0, 0)), ((3, 4, 5), (1, 0)),
+                                ((3, 4, 5), (0, 1))], 2) + 10 * 4
+    self.assertEqual(xrapture.count_trainable(adapted, lora_spec), expected)
+    self.assertEqual(sum(x.size for x in jax.tree.leaves(split)), expected)
+    # No adapters: the count is the full leaves only (zero here).
+    self.assertEqual(xrapture.count_trainable(params, jax.tree.map(lambda _: FREEZE, params)),
+                     0)
+
+  def test_split_round_trips_through_jit(self):
+    _, adapted, lora_spec = self._adapted()
+    split = xrapture.split_lora_params(adapted, lora_spec)
+    again = jax.jit(lambda t: t)(split)
+    self.assertEqual(jax.tree.structure(again), jax.tree.structure(split))
+
+
+if __name__ == "__main__":
+  absltest.main()
