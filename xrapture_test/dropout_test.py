@@ -131,6 +131,16 @@ class TransformDropoutTest(parameterized.TestCase):
     self.assertGreater(float(jnp.abs(y1 - y2).max()), 1e-3)
     self.assertGreater(float(jnp.abs(y1 - plain.apply(params, None, x)).max()), 1e-3)
 
+  def test_rng_by_keyword(self):
+    # Haiku's apply takes rng by keyword too; dropout must not silently stop.
+    model, _, _, params = self._models(_linear, _X)
+    by_position = model.apply(params, jax.random.PRNGKey(3), _X)
+    by_keyword = model.apply(params, rng=jax.random.PRNGKey(3), x=_X)
+    np.testing.assert_array_equal(by_keyword, by_position)
+    self.assertGreater(float(jnp.abs(by_keyword - model.apply(params, None, _X)).max()), 1e-3)
+    np.testing.assert_array_equal(model.apply(params, rng=None, x=_X),
+                                  model.apply(params, None, _X))
+
   def test_only_the_low_rank_path_is_dropped(self):
     # Fresh adapters (b = 0): the LoRA path is zero, so dropout changes nothing.
     model = xrapture.transform(_linear, _spec(0.9))

@@ -119,11 +119,15 @@ class LoraTransformed:
     split: one key for the model, one for LoRA dropout.
     """
     rng_pos = 1 if self._with_state else 0
-    rng = args[rng_pos] if len(args) > rng_pos else None
+    positional = len(args) > rng_pos  # else maybe apply(params, rng=..., ...)
+    rng = args[rng_pos] if positional else kwargs.get("rng")
     rate = float(self.config.dropout)
     if rate > 0.0 and rng is not None:
       rng, dropout_rng = jax.random.split(rng)
-      args = args[:rng_pos] + (rng,) + args[rng_pos + 1:]
+      if positional:
+        args = args[:rng_pos] + (rng,) + args[rng_pos + 1:]
+      else:
+        kwargs = dict(kwargs, rng=rng)
       with dropout_lib.lora_dropout(rate, dropout_rng):
         return self._apply(params, *args, **kwargs)
     return self._apply(params, *args, **kwargs)
