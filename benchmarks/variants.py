@@ -207,6 +207,11 @@ class PeftVariant:
     import torch  # pylint: disable=g-import-not-at-top
     import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
     torch.set_num_threads(threads)
+    if device.startswith("cuda"):
+      # JAX's default f32 matmul precision on GPUs is TF32; torch's is full
+      # f32. Compare like with like: TF32 in both.
+      torch.backends.cuda.matmul.allow_tf32 = True
+      torch.backends.cudnn.allow_tf32 = True
     self._torch, self._F, self._device = torch, F, device
     model = lm.torch_model(cfg)
     model.load_state_dict({k: torch.from_numpy(v.copy())
