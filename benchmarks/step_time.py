@@ -63,9 +63,8 @@ def build(cfg: lm.Config, with_peft: bool, torch_device: str = "cpu"):
       "xrapture": variants.xrapture_variant(cfg, base, adapted, batch),
   }
   if with_peft:
-    steps["peft"] = variants.PeftVariant(cfg, base, adapted, batch,
-                                         threads=timing.cpu_threads(),
-                                         device=torch_device)
+    steps["peft"] = variants.PeftVariant(cfg, batch, threads=timing.cpu_threads(),
+                                         device=torch_device, base=base, adapted=adapted)
   return base, adapted, batch, steps
 
 

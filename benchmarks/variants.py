@@ -201,8 +201,10 @@ class PeftVariant:
 
   name = "peft"
 
-  def __init__(self, cfg: lm.Config, base: Any, adapted: Any, batch: Any,
-               threads: int, device: str = "cpu"):
+  def __init__(self, cfg: lm.Config, batch: Any, threads: int, device: str = "cpu",
+               base: Any = None, adapted: Any = None):
+    """Builds the model; with ``base``/``adapted`` (Haiku trees), copies their
+    weights in, else keeps torch's initialization (enough to measure memory)."""
     import peft  # pylint: disable=g-import-not-at-top
     import torch  # pylint: disable=g-import-not-at-top
     import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
@@ -214,15 +216,16 @@ class PeftVariant:
       torch.backends.cudnn.allow_tf32 = True
     self._torch, self._F, self._device = torch, F, device
     model = lm.torch_model(cfg)
-    model.load_state_dict({k: torch.from_numpy(v.copy())
-                           for k, v in lm.torch_state_dict(base, cfg).items()})
+    if base is not None:
+      model.load_state_dict({k: torch.from_numpy(v)
+                             for k, v in lm.torch_state_dict(base, cfg).items()})
     config = peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha,
                              target_modules=list(lm.TARGETS), lora_dropout=0.0,
                              bias="none")
     self.model = peft.get_peft_model(model, config).to(device)
     # xrapture's b [in, r] is PEFT's lora_A.weightᵀ; a [r, out] is lora_B.weightᵀ.
     for name, module in self.model.named_modules():
-      if isinstance(module, peft.tuners.lora.Linear):
+      if adapted is not None and isinstance(module, peft.tuners.lora.Linear):
         path = name.split("model.", 2)[-1].replace("layers.", "layer_").replace(".", "/")
         lora = adapted[path]["w"]
         with torch.no_grad():
