@@ -1,5 +1,6 @@
 """Tests for xrapture.transform on real Haiku modules."""
 
+import unittest
 import warnings
 
 from absl.testing import absltest
@@ -377,9 +378,7 @@ class SpecOptionsTest(parameterized.TestCase):
       ("linear_bf16_adapters", "linear", jnp.float32, "bfloat16"),
       ("conv1d_bf16_adapters", "conv1d", jnp.float32, "bfloat16"),
       ("conv2d_transpose_bf16_adapters", "conv2d_transpose", jnp.float32, "bfloat16"),
-      ("stack_conv1d_bf16_adapters", "layer_stack_conv1d", jnp.float32, "bfloat16"),
-      ("conv1d_f32_adapters_on_bf16", "conv1d", jnp.bfloat16, "float32"),
-      ("linear_f32_adapters_on_bf16", "linear", jnp.bfloat16, "float32"))
+      ("conv1d_f32_adapters_on_bf16", "conv1d", jnp.bfloat16, "float32"))
   def test_adapter_dtype(self, model_name, base_dtype, adapter_dtype):
     fn, (x,), _, layouts = _MODELS[model_name]
     x = x.astype(base_dtype)
@@ -482,6 +481,30 @@ class SpecOptionsTest(parameterized.TestCase):
                          hk.transform(_linear).init(jax.random.PRNGKey(0), _X3))
     self.assertIsInstance(params["linear"]["w"], xrapture.LoraWeight)
 
+  @unittest.expectedFailure
+  def test_layer_stack_vectors_are_vectors(self):
+    """KNOWN BUG: inside hk.layer_stack a bias or LayerNorm scale is [L, D].
+
+    The spec decides "vector or kernel" by ndim, so tune_vectors leaves these
+    per-layer vectors frozen, and a target matching them gives them a LoRA
+    adapter across (layers, features) instead of skipping them. Telling them
+    apart needs the scan depth from apply's jaxpr at spec time (as adapt
+    reads layouts); remove expectedFailure once it does.
+    """
+    def fn(x):
+      return hk.layer_stack(3)(lambda h: hk.LayerNorm(-1, True, True)(hk.Linear(6)(h)))(x)
+    stack = "__layer_stack_no_per_layer"
+    model = xrapture.transform(fn, _spec(tune_vectors=True))
+    base = model.init(jax.random.PRNGKey(0), _VEC)
+    lora_spec = model.spec(base)
+    self.assertEqual(lora_spec[f"{stack}/linear"]["w"], _RANK)
+    self.assertEqual(lora_spec[f"{stack}/linear"]["b"], xrapture.LORA_FULL)
+    self.assertEqual(lora_spec[f"{stack}/layer_norm"]["scale"], xrapture.LORA_FULL)
+    model = xrapture.transform(fn, _spec(targets=(".*",)))
+    model.init(jax.random.PRNGKey(0), _VEC)
+    params = model.adapt(jax.random.PRNGKey(1), base)
+    self.assertIs(params[f"{stack}/layer_norm"]["scale"], base[f"{stack}/layer_norm"]["scale"])
+
   def test_adapt_is_deterministic_in_rng(self):
     model = xrapture.transform(_linear, _spec())
     base = model.init(jax.random.PRNGKey(0), _X3)
@@ -503,7 +526,8 @@ class SpecOptionsTest(parameterized.TestCase):
 _VOCAB, _D, _LAYERS, _T = 13, 16, 2, 6
 
 
-def _lm(ids, tied):
+def _lm(ids):
+  """Logits of a tied head (``h @ Eᵀ``) and of an untied one (``hk.Linear``)."""
   embed = hk.Embed(_VOCAB, _D)
   h = embed(ids)
 
@@ -514,17 +538,21 @@ def _lm(ids, tied):
     return h + hk.nets.MLP([2 * _D, _D], activation=jax.nn.gelu)(n2)
   h = hk.layer_stack(_LAYERS)(block)(h)
   h = hk.LayerNorm(-1, True, True)(h)
-  if tied:
-    return h @ embed.embeddings.T
-  return hk.Linear(_VOCAB)(h)
+  return h @ embed.embeddings.T, hk.Linear(_VOCAB, name="head")(h)
+
+
+def _lm_loss(logits, ids):
+  total = 0.0
+  for l in logits:
+    logp = jax.nn.log_softmax(l)
+    total -= jnp.take_along_axis(logp[:, :-1], ids[:, 1:, None], -1).mean()
+  return total
 
 
 class TransformerTest(parameterized.TestCase):
 
-  @parameterized.named_parameters(("tied", True), ("untied", False))
-  def test_strict_mode_forward_and_grad(self, tied):
-    fn = lambda ids: _lm(ids, tied)  # pylint: disable=unnecessary-lambda-assignment
-    model = xrapture.transform(fn, _spec(targets=(".*/w", ".*/embeddings")))
+  def test_strict_mode_forward_and_grad(self):
+    model = xrapture.transform(_lm, _spec(targets=(".*/w", ".*/embeddings")))
     ids = np.random.default_rng(0).integers(0, _VOCAB, (2, _T)).astype(np.int32)
     base = jax.jit(model.init)(jax.random.PRNGKey(0), ids)
     params = _perturb(model.adapt(jax.random.PRNGKey(1), base), stddev=0.05)
@@ -533,55 +561,38 @@ class TransformerTest(parameterized.TestCase):
                      (_LAYERS, _RANK, 2 * _D))
     self.assertIsInstance(params["embed"]["embeddings"], xrapture.LoraWeight)
 
+    # Trainable count from the shapes: per layer q, k, v, o (d×d), up (d×2d),
+    # down (2d×d); then the embeddings (V×d) and the untied head (d×V).
+    d, r = _D, _RANK
+    per_layer = 4 * r * (d + d) + r * (d + 2 * d) + r * (2 * d + d)
+    self.assertEqual(xrapture.count_trainable(params, model.spec(base)),
+                     _LAYERS * per_layer + 2 * r * (_VOCAB + d))
+
     def loss(p):
-      logits = model.apply(p, None, ids)
-      logp = jax.nn.log_softmax(logits)
-      return -jnp.take_along_axis(logp[:, :-1], ids[:, 1:, None], -1).mean()
+      return _lm_loss(model.apply(p, None, ids), ids)
 
     with xrapture.strict_mode(), warnings.catch_warnings():
       warnings.simplefilter("error")
       value, grads = jax.jit(jax.value_and_grad(loss))(params)
-    # Forward equals the dense model; gradients exist for a and b.
-    @jax.jit
-    def dense_loss(p):
-      logits = hk.transform(fn).apply(p, None, ids)
-      logp = jax.nn.log_softmax(logits)
-      return -jnp.take_along_axis(logp[:, :-1], ids[:, 1:, None], -1).mean()
-    np.testing.assert_allclose(
-        value, dense_loss(_dense_reference(params, _ALPHA / _RANK)), rtol=1e-4)
-    g = grads["embed"]["embeddings"]
-    self.assertGreater(float(jnp.abs(g.a).max()), 0.0)
-    self.assertGreater(float(jnp.abs(g.b).max()), 0.0)
-    # The adapters' gradients equal those of the dense loss through w + s·b@a.
-    mlp, emb = f"{stack}/mlp/~/linear_0", "embed"
-    mlp_key, emb_key = (mlp, "w"), (emb, "embeddings")
+
+    # Reference: the dense model, differentiated through w + s·b@a for a few
+    # kernels (a stacked MLP kernel, the tied embeddings, the untied head).
+    keys = ((f"{stack}/mlp/~/linear_0", "w"), ("embed", "embeddings"), ("head", "w"))
     dense = _dense_reference(params, _ALPHA / _RANK)
 
     def loss_through_factors(factors):
       p = {k: dict(v) for k, v in dense.items()}
       for (module, name), (a, b) in factors.items():
-        lw = params[module][name]
-        p[module][name] = lw.w + (_ALPHA / _RANK) * jnp.matmul(b, a)
-      return dense_loss(p)
-    factors = {key: (params[key[0]][key[1]].a, params[key[0]][key[1]].b)
-               for key in (mlp_key, emb_key)}
-    expected = jax.jit(jax.grad(loss_through_factors))(factors)
-    for module, name in (mlp_key, emb_key):
+        p[module][name] = params[module][name].w + (_ALPHA / _RANK) * jnp.matmul(b, a)
+      return _lm_loss(hk.transform(_lm).apply(p, None, ids), ids)
+    factors = {key: (params[key[0]][key[1]].a, params[key[0]][key[1]].b) for key in keys}
+    expected_value, expected = jax.jit(jax.value_and_grad(loss_through_factors))(factors)
+    np.testing.assert_allclose(value, expected_value, rtol=1e-4)
+    for module, name in keys:
       got = grads[module][name]
+      self.assertGreater(float(jnp.abs(got.b).max()), 0.0)
       np.testing.assert_allclose(got.a, expected[(module, name)][0], rtol=2e-3, atol=1e-6)
       np.testing.assert_allclose(got.b, expected[(module, name)][1], rtol=2e-3, atol=1e-6)
-
-  def test_trainable_count_of_the_transformer(self):
-    fn = lambda ids: _lm(ids, False)  # pylint: disable=unnecessary-lambda-assignment
-    model = xrapture.transform(fn, _spec())
-    ids = np.zeros((1, _T), np.int32)
-    base = jax.jit(model.init)(jax.random.PRNGKey(0), ids)
-    params = model.adapt(jax.random.PRNGKey(1), base)
-    d, r, layers = _D, _RANK, _LAYERS
-    per_layer = 4 * r * (d + d) + r * (d + 2 * d) + r * (2 * d + d)  # q k v o, up, down
-    head = r * (d + _VOCAB)
-    self.assertEqual(xrapture.count_trainable(params, model.spec(base)),
-                     layers * per_layer + head)
 
 
 if __name__ == "__main__":
