@@ -1,5 +1,6 @@
 """Tests for xrapture.save_adapter / xrapture.load_adapter (xrapture/_src/io/adapter.py)."""
 
+import functools
 import json
 import os
 import tempfile
@@ -37,27 +38,34 @@ def _spec(**overrides):
   return spec
 
 
-def _trained(spec, hidden=6, base_dtype=None):
-  """Base params, and adapted params as if trained: random a, b and full leaves."""
-  fn = lambda x: _net(x, hidden)  # pylint: disable=unnecessary-lambda-assignment
-  model = xrapture.transform(fn, spec)
+def _trained(hidden=6, base_dtype=None, **overrides):
+  """(model, base, trained, lora_spec): trained has random a, b and full leaves.
+
+  Cached per arguments (tests share them; none mutates them in place).
+  """
+  return _trained_cached(hidden, base_dtype, tuple(sorted(overrides.items())))
+
+
+@functools.lru_cache(maxsize=None)
+def _trained_cached(hidden, base_dtype, overrides):
+  model = xrapture.transform(lambda x: _net(x, hidden), _spec(**dict(overrides)))
+  x = _X if base_dtype is None else _X.astype(base_dtype)
   base = model.init(jax.random.PRNGKey(0), _X)
   if base_dtype is not None:
-    base = jax.tree.map(lambda x: x.astype(base_dtype), base)
-  params = model.adapt(jax.random.PRNGKey(1), base,
-                       _X if base_dtype is None else _X.astype(base_dtype))
+    base = jax.tree.map(lambda p: p.astype(base_dtype), base)
+  params = model.adapt(jax.random.PRNGKey(1), base, x)
   lora_spec = model.spec(base)
   rng = np.random.default_rng(3)
 
-  def train(rank, x):
-    if isinstance(x, xrapture.LoraWeight):
-      return x.replace(a=jnp.asarray(rng.normal(size=x.a.shape), x.a.dtype),
-                       b=jnp.asarray(rng.normal(size=x.b.shape), x.b.dtype))
+  def train(rank, p):
+    if isinstance(p, xrapture.LoraWeight):
+      return p.replace(a=jnp.asarray(rng.normal(size=p.a.shape), p.a.dtype),
+                       b=jnp.asarray(rng.normal(size=p.b.shape), p.b.dtype))
     if rank == xrapture.LORA_FULL:
-      return jnp.asarray(rng.normal(size=x.shape), x.dtype)
-    return x
+      return jnp.asarray(rng.normal(size=p.shape), p.dtype)
+    return p
   trained = jax.tree.map(train, lora_spec, params,
-                         is_leaf=lambda x: isinstance(x, int))
+                         is_leaf=lambda p: isinstance(p, int))
   return model, base, trained, lora_spec
 
 
@@ -102,7 +110,7 @@ class AdapterFileTest(parameterized.TestCase):
       ("rslora_and_patterns", {"rslora": True, "rank_pattern": ((".*mid/w", 3),),
                                "alpha_pattern": (("conv/w", 7.0),)}, None))
   def test_save_load_is_exact(self, overrides, base_dtype):
-    model, base, trained, lora_spec = _trained(_spec(**overrides), base_dtype=base_dtype)
+    model, base, trained, lora_spec = _trained(base_dtype=base_dtype, **overrides)
     path = self._path()
     xrapture.save_adapter(path, trained, lora_spec)
     self.assertEqual(os.listdir(os.path.dirname(path)), ["adapter.safetensors"])
@@ -112,8 +120,7 @@ class AdapterFileTest(parameterized.TestCase):
     np.testing.assert_array_equal(model.apply(loaded, None, x), model.apply(trained, None, x))
 
   def test_frozen_leaves_come_from_the_base(self):
-    spec = _spec(tune_vectors=False)
-    _, base, trained, lora_spec = _trained(spec)
+    _, base, trained, lora_spec = _trained(tune_vectors=False)
     path = self._path()
     xrapture.save_adapter(path, trained, lora_spec)
     other_base = jax.tree.map(lambda x: x + 1.0, base)
@@ -123,7 +130,7 @@ class AdapterFileTest(parameterized.TestCase):
     np.testing.assert_array_equal(loaded["head"]["w"], trained["head"]["w"])
 
   def test_file_holds_only_what_training_changed(self):
-    _, base, trained, lora_spec = _trained(_spec(tune_vectors=False))
+    _, base, trained, lora_spec = _trained(tune_vectors=False)
     path = self._path()
     xrapture.save_adapter(path, trained, lora_spec)
     with safetensors.safe_open(path, framework="numpy") as f:
@@ -148,7 +155,7 @@ class AdapterFileTest(parameterized.TestCase):
     self.assertLess(os.path.getsize(path), 4 * stored + 4096)
 
   def test_load_into_adapted_params(self):
-    _, base, trained, lora_spec = _trained(_spec())
+    _, base, trained, lora_spec = _trained()
     path = self._path()
     xrapture.save_adapter(path, trained, lora_spec)
     fresh = xrapture.transform(_net, _spec()).adapt(jax.random.PRNGKey(5), base, _X)
@@ -156,10 +163,11 @@ class AdapterFileTest(parameterized.TestCase):
     self.assert_restored(loaded, trained, base)
 
   def test_another_base_names_path_and_shapes(self):
-    _, _, trained, lora_spec = _trained(_spec())
+    _, _, trained, lora_spec = _trained()
     path = self._path()
     xrapture.save_adapter(path, trained, lora_spec)
-    other = hk.transform(lambda x: _net(x, hidden=5)).init(jax.random.PRNGKey(0), _X)
+    other = jax.eval_shape(hk.transform(lambda x: _net(x, hidden=5)).init,
+                           jax.random.PRNGKey(0), _X)
     # The first mismatch in path order is the stacked kernel.
     with self.assertRaisesRegex(
         ValueError, r"another base: '__layer_stack_no_per_layer/mid/w' was \(2, 6, 6\) "
@@ -167,7 +175,7 @@ class AdapterFileTest(parameterized.TestCase):
       xrapture.load_adapter(path, other)
 
   def test_another_dtype_is_a_mismatch(self):
-    _, base, trained, lora_spec = _trained(_spec())
+    _, base, trained, lora_spec = _trained()
     path = self._path()
     xrapture.save_adapter(path, trained, lora_spec)
     with self.assertRaisesRegex(ValueError, r"'__layer_stack_no_per_layer/mid/w' was "
@@ -175,16 +183,16 @@ class AdapterFileTest(parameterized.TestCase):
       xrapture.load_adapter(path, jax.tree.map(lambda x: x.astype(jnp.bfloat16), base))
 
   def test_missing_parameter_is_named(self):
-    _, base, trained, lora_spec = _trained(_spec())
+    _, base, trained, lora_spec = _trained()
     path = self._path()
     xrapture.save_adapter(path, trained, lora_spec)
-    del base["head"]
+    base = {k: v for k, v in base.items() if k != "head"}
     with self.assertRaisesRegex(ValueError, r"(?s)'head/\w+'.*lack.*conv/w"):
       xrapture.load_adapter(path, base)
 
   @parameterized.parameters(1, 8, 100, 0.5, -1)
   def test_truncated_file(self, cut):
-    _, base, trained, lora_spec = _trained(_spec())
+    _, base, trained, lora_spec = _trained()
     path = self._path()
     xrapture.save_adapter(path, trained, lora_spec)
     with open(path, "rb") as f:
@@ -222,7 +230,7 @@ class AdapterFileTest(parameterized.TestCase):
       xrapture.load_adapter(path, {})
 
   def test_header_entry_without_tensors(self):
-    _, base, trained, lora_spec = _trained(_spec())
+    _, base, trained, lora_spec = _trained()
     path = self._path()
     xrapture.save_adapter(path, trained, lora_spec)
     header, tensors = adapter.read_adapter(path)
@@ -233,13 +241,13 @@ class AdapterFileTest(parameterized.TestCase):
       xrapture.load_adapter(path, base)
 
   def test_spec_of_another_tree(self):
-    _, _, trained, lora_spec = _trained(_spec())
-    del lora_spec["head"]
+    _, _, trained, lora_spec = _trained()
+    lora_spec = {k: v for k, v in lora_spec.items() if k != "head"}
     with self.assertRaisesRegex(ValueError, "model.spec"):
       xrapture.save_adapter(self._path(), trained, lora_spec)
 
   def test_failed_save_keeps_the_old_file(self):
-    _, base, trained, lora_spec = _trained(_spec())
+    _, base, trained, lora_spec = _trained()
     path = self._path()
     xrapture.save_adapter(path, trained, lora_spec)
     with open(path, "rb") as f:

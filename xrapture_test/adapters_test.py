@@ -26,7 +26,9 @@ def _spec(**overrides):
 
 def _params():
   rng = np.random.default_rng(0)
-  f = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)  # pylint: disable=unnecessary-lambda-assignment
+
+  def f(*shape):
+    return jnp.asarray(rng.normal(size=shape), jnp.float32)
   return {
       "mlp/~/linear_0": {"w": f(4, 6), "b": f(6)},
       "mlp/~/linear_1": {"w": f(6, 3), "b": f(3)},
@@ -114,7 +116,8 @@ class LoraSpecTest(parameterized.TestCase):
       adapters.lora_spec_from_config(params, _spec(**{field: (".*",)}))
 
   def test_integer_vectors_are_not_trained_by_tune_vectors(self):
-    params = {"lin": {"w": jnp.ones((4, 6)), "b": jnp.ones(6)}, "step": {"n": jnp.zeros(1, jnp.int32)}}
+    params = {"lin": {"w": jnp.ones((4, 6)), "b": jnp.ones(6)},
+              "step": {"n": jnp.zeros(1, jnp.int32)}}
     spec = adapters.lora_spec_from_config(params, _spec(tune_vectors=True))
     self.assertEqual(spec["lin"]["b"], FULL)
     self.assertEqual(spec["step"]["n"], FREEZE)

@@ -115,7 +115,9 @@ class AtomicWriteTest(parameterized.TestCase):
         f.write(b"x")
     finally:
       os.umask(old)
-    mode = lambda name: stat.S_IMODE(os.stat(os.path.join(directory, name)).st_mode)  # pylint: disable=unnecessary-lambda-assignment
+
+    def mode(name):
+      return stat.S_IMODE(os.stat(os.path.join(directory, name)).st_mode)
     self.assertEqual(mode("a"), mode("b"))
     self.assertEqual(mode("a"), 0o640)
     self.assertEqual(os.umask(old), old)  # umask restored

@@ -1,6 +1,8 @@
 """Tests for LoRA dropout (xrapture/_src/lora/dropout.py) and handler keys
 (xrapture/_src/implicit/randomness.py), alone and through xrapture.transform."""
 
+import functools
+
 from absl.testing import absltest
 from absl.testing import parameterized
 import haiku as hk
@@ -104,14 +106,22 @@ def _conv(x):
   return hk.Conv1D(4, 3)(x)
 
 
+@functools.lru_cache(maxsize=None)
+def _models_cached(fn):
+  """(dropout model, same without dropout, base, trained params), shared by tests."""
+  x = {_linear: _X, _conv: _SEQ}[fn]
+  model = xrapture.transform(fn, _spec(0.5))
+  plain = xrapture.transform(fn, _spec(0.0))
+  base = model.init(jax.random.PRNGKey(0), x)
+  params = _randomize(model.adapt(jax.random.PRNGKey(1), base))
+  return model, plain, base, params
+
+
 class TransformDropoutTest(parameterized.TestCase):
 
-  def _models(self, fn, x, rate=0.5):
-    model = xrapture.transform(fn, _spec(rate))
-    plain = xrapture.transform(fn, _spec(0.0))
-    base = model.init(jax.random.PRNGKey(0), x)
-    params = _randomize(model.adapt(jax.random.PRNGKey(1), base))
-    return model, plain, base, params
+  def _models(self, fn, x):
+    del x  # _models_cached picks the input that goes with fn
+    return _models_cached(fn)
 
   @parameterized.named_parameters(("linear", _linear, _X), ("conv1d", _conv, _SEQ))
   def test_rng_none_is_no_dropout(self, fn, x):

@@ -1,5 +1,6 @@
 """Tests for the seed facade: XRapTureConfig, XRapTure, apply_lora."""
 
+import functools
 import logging
 import warnings
 
@@ -23,7 +24,9 @@ def _net(x):
   return hk.Linear(3, name="head")(h)
 
 
+@functools.lru_cache(maxsize=None)
 def _base():
+  """Base params, cached: tests copy before they change anything."""
   return hk.transform(_net).init(jax.random.PRNGKey(0), _X)
 
 
@@ -73,7 +76,8 @@ class ConfigAndSpecsTest(parameterized.TestCase):
   def test_base_decision_function(self):
     rapture = xrapture.XRapTure(_config(
         fully_fine_tune_parameters=["head"], lora_fine_tune_parameters=["w", "conv/b"]))
-    key = lambda *names: tuple(jax.tree_util.DictKey(n) for n in names)  # pylint: disable=unnecessary-lambda-assignment
+    def key(*names):
+      return tuple(jax.tree_util.DictKey(n) for n in names)
     self.assertEqual(rapture.base_decision_function(key("head", "w")), xrapture.LORA_FULL)
     self.assertEqual(rapture.base_decision_function(key("up", "w")), _RANK)
     self.assertEqual(rapture.base_decision_function(key("conv", "b")), _RANK)  # regex
@@ -157,7 +161,7 @@ class InitMergeTest(parameterized.TestCase):
 
   @parameterized.parameters(True, False)
   def test_merge_parameters(self, destructive):
-    base = _base()
+    base = jax.tree.map(jnp.copy, _base())  # donation would delete the cached arrays
     rapture = xrapture.XRapTure(_config())
     params = _randomize(xrapture.XRapTure.init_lora_parameters(
         base, rapture.make_lora_specs(base), alpha=3.0))
@@ -167,6 +171,9 @@ class InitMergeTest(parameterized.TestCase):
       merged = xrapture.XRapTure.merge_parameters(params, destructive=destructive)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
                  merged, expected)
+    # Destructive: w's buffer now holds the merged kernel.
+    self.assertEqual(params["up"]["w"].w.is_deleted(), destructive)
+    self.assertFalse(params["up"]["b"].is_deleted())
 
 
 class ApplyLoraTest(parameterized.TestCase):
@@ -185,10 +192,15 @@ class ApplyLoraTest(parameterized.TestCase):
     base_fn = hk.transform(_net)
     if kind == "transformed":
       module = base_fn
-      run = lambda m, p, x: m.apply(p, None, x)  # pylint: disable=unnecessary-lambda-assignment
+
+      def run(m, p, x):
+        return m.apply(p, None, x)
     else:
-      module = lambda params, x: base_fn.apply(params, None, x)  # pylint: disable=unnecessary-lambda-assignment
-      run = lambda m, p, x: m(p, x)  # pylint: disable=unnecessary-lambda-assignment
+      def module(params, x):
+        return base_fn.apply(params, None, x)
+
+      def run(m, p, x):
+        return m(p, x)
     rapture = xrapture.XRapTure(_config())
     out = rapture.apply_lora(module, base, optax.adam(1e-2), alpha=alpha,
                              rng=jax.random.PRNGKey(4))

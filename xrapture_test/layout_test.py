@@ -19,15 +19,22 @@ _VEC = np.zeros((2, 4), np.float32)
 def _layouts(fn, *inputs, abstract=False, **kwargs):
   """{path: layout} for every kernel (a param named ``w``)."""
   transformed = hk.transform(fn)
-  params = transformed.init(jax.random.PRNGKey(0), *inputs, **kwargs)
+
+  # Layouts need shapes only: abstract params (static inputs stay Python values).
+  def init(rng, *arrays):
+    return transformed.init(rng, *[arrays[i] if isinstance(x, np.ndarray) else x
+                                   for i, x in enumerate(inputs)], **kwargs)
+  params = jax.eval_shape(init, jax.random.PRNGKey(0),
+                          *[x if isinstance(x, np.ndarray) else None for x in inputs])
   flat, _ = jax.tree_util.tree_flatten_with_path(params)
   names = ["/".join(k.key for k in p) for p, _ in flat]
   wanted = [i for i, name in enumerate(names) if name.endswith("/w")]
   args = (None,) + inputs
   if abstract:
-    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     args = (None,) + tuple(jax.ShapeDtypeStruct(np.shape(x), x.dtype)
                            if isinstance(x, np.ndarray) else x for x in inputs)
+  else:
+    params = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), params)
   found = layout_lib.kernel_layouts(transformed.apply, params, args, kwargs, wanted)
   return {names[i]: found[i] for i in wanted}
 
@@ -115,7 +122,8 @@ class KernelLayoutsTest(parameterized.TestCase):
         KernelLayout(2, 2)}),
       ("remat_conv", lambda x: hk.remat(_conv1d)(x), _SEQ, {"conv1_d/w": KernelLayout(0, 1)}),
       ("stack_of_remat_conv",
-       _stack(2, lambda h: hk.remat(lambda g: jnp.tanh(hk.Conv1D(4, 3)(g)))(h)), _SEQ, {"__layer_stack_no_per_layer/conv1_d/w": KernelLayout(1, 1)}),
+       _stack(2, lambda h: hk.remat(lambda g: jnp.tanh(hk.Conv1D(4, 3)(g)))(h)), _SEQ,
+       {"__layer_stack_no_per_layer/conv1_d/w": KernelLayout(1, 1)}),
       ("mixed_precision_conv", _mixed_conv, _SEQ, {"conv1_d/w": KernelLayout(0, 1)}),
       ("conv_in_hk_scan", _conv_in_hk_scan, _SEQ, {"conv1_d/w": KernelLayout(0, 1)}),
       ("conv_in_fori_loop", _conv_in_fori_loop, _SEQ, {"conv1_d/w": KernelLayout(0, 1)}),
