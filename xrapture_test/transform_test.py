@@ -288,36 +288,36 @@ class HaikuModulesTest(parameterized.TestCase):
 
   def test_batch_norm_with_state(self):
     def fn(x, is_training):
-      h = hk.Linear(6)(x)
+      h = hk.Conv1D(6, 3)(x)  # a 3-D kernel: adapt traces apply with the flag
       h = hk.BatchNorm(True, True, 0.9)(h, is_training)
       return hk.Linear(3)(h)
     model = xrapture.transform_with_state(fn, _spec())
     base_fn = hk.transform_with_state(fn)
-    base, state = model.init(jax.random.PRNGKey(0), _VEC, True)
+    base, state = model.init(jax.random.PRNGKey(0), _SEQ, True)
     params = model.adapt(jax.random.PRNGKey(1), base)
+    self.assertEqual(params["conv1_d"]["w"].a.shape, (1, _RANK, 6))
     self.assertIsInstance(params["linear"]["w"], xrapture.LoraWeight)
-    self.assertIsInstance(params["linear_1"]["w"], xrapture.LoraWeight)
     self.assertIs(params["batch_norm"]["scale"], base["batch_norm"]["scale"])
 
-    y_base, s_base = base_fn.apply(base, state, None, _VEC, True)
+    y_base, s_base = base_fn.apply(base, state, None, _SEQ, True)
     with xrapture.strict_mode():
-      y_adapted, s_adapted = model.apply(params, state, None, _VEC, True)
+      y_adapted, s_adapted = model.apply(params, state, None, _SEQ, True)
     _assert_close(y_adapted, y_base, 1e-6)
     jax.tree.map(lambda u, v: _assert_close(u, v, 1e-6), s_adapted, s_base)
 
     perturbed = _perturb(params)
     with xrapture.strict_mode():
-      y, new_state = model.apply(perturbed, state, None, _VEC, True)
+      y, new_state = model.apply(perturbed, state, None, _SEQ, True)
     dense = _dense_reference(perturbed, _ALPHA / _RANK)
-    y_reference, state_reference = base_fn.apply(dense, state, None, _VEC, True)
+    y_reference, state_reference = base_fn.apply(dense, state, None, _SEQ, True)
     _assert_close(y, y_reference, 1e-4)
     jax.tree.map(lambda u, v: _assert_close(u, v, 1e-4), new_state, state_reference)
     # The moving averages moved, so the state really went through the model.
     mean = new_state["batch_norm/~/mean_ema"]["average"]
     self.assertGreater(float(jnp.abs(mean - state["batch_norm/~/mean_ema"]["average"]).max()), 0)
     # Inference mode with the updated state.
-    y_eval, _ = model.apply(perturbed, new_state, None, _VEC, False)
-    y_eval_ref, _ = base_fn.apply(dense, new_state, None, _VEC, False)
+    y_eval, _ = model.apply(perturbed, new_state, None, _SEQ, False)
+    y_eval_ref, _ = base_fn.apply(dense, new_state, None, _SEQ, False)
     _assert_close(y_eval, y_eval_ref, 1e-4)
 
   def test_transform_with_state_reads_stack_layouts(self):
