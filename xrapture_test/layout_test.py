@@ -104,26 +104,26 @@ class KernelLayoutsTest(parameterized.TestCase):
   @parameterized.named_parameters(
       ("linear", lambda x: hk.Linear(3)(x), _VEC, {"linear/w": KernelLayout(0, 0)}),
       ("layer_stack_linear", _stack(3, lambda h: hk.Linear(4)(h)), _VEC,
-       {"__layer_stack_no_per_layer/linear/w": KernelLayout(1, 0)}),
+       {"__layer_stack_no_per_layer/linear/w": KernelLayout(1, 0, 1)}),
       ("conv1d", _conv1d, _SEQ, {"conv1_d/w": KernelLayout(0, 1)}),
       ("conv2d", lambda x: hk.Conv2D(3, 3)(x), _IMG, {"conv2_d/w": KernelLayout(0, 2)}),
       ("conv3d", lambda x: hk.Conv3D(3, 2)(x), _VOL, {"conv3_d/w": KernelLayout(0, 3)}),
       ("conv2d_transpose", lambda x: hk.Conv2DTranspose(3, 3, stride=2)(x), _IMG,
        {"conv2_d_transpose/w": KernelLayout(0, 2)}),
       ("layer_stack_conv1d", _stack(2, lambda h: jnp.tanh(hk.Conv1D(4, 3)(h))), _SEQ,
-       {"__layer_stack_no_per_layer/conv1_d/w": KernelLayout(1, 1)}),
+       {"__layer_stack_no_per_layer/conv1_d/w": KernelLayout(1, 1, 1)}),
       ("nested_stack_linear",
        _stack(2, lambda h: hk.layer_stack(3)(lambda g: hk.Linear(4)(g))(h)), _VEC,
        {"__layer_stack_no_per_layer/__layer_stack_no_per_layer/linear/w":
-        KernelLayout(2, 0)}),
+        KernelLayout(2, 0, 2)}),
       ("nested_stack_conv2d",
        _stack(2, lambda h: hk.layer_stack(2)(lambda g: hk.Conv2D(4, 3)(g))(h)), _IMG,
        {"__layer_stack_no_per_layer/__layer_stack_no_per_layer/conv2_d/w":
-        KernelLayout(2, 2)}),
+        KernelLayout(2, 2, 2)}),
       ("remat_conv", lambda x: hk.remat(_conv1d)(x), _SEQ, {"conv1_d/w": KernelLayout(0, 1)}),
       ("stack_of_remat_conv",
        _stack(2, lambda h: hk.remat(lambda g: jnp.tanh(hk.Conv1D(4, 3)(g)))(h)), _SEQ,
-       {"__layer_stack_no_per_layer/conv1_d/w": KernelLayout(1, 1)}),
+       {"__layer_stack_no_per_layer/conv1_d/w": KernelLayout(1, 1, 1)}),
       ("mixed_precision_conv", _mixed_conv, _SEQ, {"conv1_d/w": KernelLayout(0, 1)}),
       ("conv_in_hk_scan", _conv_in_hk_scan, _SEQ, {"conv1_d/w": KernelLayout(0, 1)}),
       ("conv_in_fori_loop", _conv_in_fori_loop, _SEQ, {"conv1_d/w": KernelLayout(0, 1)}),
@@ -132,7 +132,7 @@ class KernelLayoutsTest(parameterized.TestCase):
       ("einsum_3d", _einsum_3d, _VEC, {"~/w": KernelLayout(1, 0)}),
       ("indexed_3d", _index_3d, _VEC, {"~/w": KernelLayout(1, 0)}),
       ("same_shapes", _same_shape_conv_and_stack, _SEQ,
-       {"conv/w": KernelLayout(0, 1), "__layer_stack_no_per_layer/lin/w": KernelLayout(1, 0)}),
+       {"conv/w": KernelLayout(0, 1), "__layer_stack_no_per_layer/lin/w": KernelLayout(1, 0, 1)}),
   )
   def test_layouts(self, fn, x, expected):
     self.assertEqual(_layouts(fn, x), expected)
@@ -140,7 +140,7 @@ class KernelLayoutsTest(parameterized.TestCase):
   def test_abstract_params_and_inputs(self):
     self.assertEqual(_layouts(_same_shape_conv_and_stack, _SEQ, abstract=True),
                      {"conv/w": KernelLayout(0, 1),
-                      "__layer_stack_no_per_layer/lin/w": KernelLayout(1, 0)})
+                      "__layer_stack_no_per_layer/lin/w": KernelLayout(1, 0, 1)})
 
   def test_static_arguments_stay_static(self):
     def fn(x, use_conv, scale=1.0):

@@ -481,15 +481,11 @@ class SpecOptionsTest(parameterized.TestCase):
                          hk.transform(_linear).init(jax.random.PRNGKey(0), _X3))
     self.assertIsInstance(params["linear"]["w"], xrapture.LoraWeight)
 
-  @unittest.expectedFailure
   def test_layer_stack_vectors_are_vectors(self):
-    """KNOWN BUG: inside hk.layer_stack a bias or LayerNorm scale is [L, D].
+    """Inside hk.layer_stack a bias or LayerNorm scale is [L, D]: a vector.
 
-    The spec decides "vector or kernel" by ndim, so tune_vectors leaves these
-    per-layer vectors frozen, and a target matching them gives them a LoRA
-    adapter across (layers, features) instead of skipping them. Telling them
-    apart needs the scan depth from apply's jaxpr at spec time (as adapt
-    reads layouts); remove expectedFailure once it does.
+    The spec reads the scan depth from apply's jaxpr, so tune_vectors trains
+    these per-layer vectors in full and a target matching them skips them.
     """
     def fn(x):
       return hk.layer_stack(3)(lambda h: hk.LayerNorm(-1, True, True)(hk.Linear(6)(h)))(x)

@@ -19,8 +19,16 @@ LORA_FREEZE = lora_weight.LORA_FREEZE
 LORA_FULL = lora_weight.LORA_FULL
 
 
-def lora_spec_from_config(params: Any, spec: ml_collections.ConfigDict) -> Any:
+def lora_spec_from_config(params: Any, spec: ml_collections.ConfigDict,
+                          scanned: dict[int, int] | None = None) -> Any:
   """The lora spec tree of ``params`` under ``spec``.
+
+  Args:
+    params: base params.
+    spec: the ConfigDict.
+    scanned: flat leaf index -> leading axes that scans slice off (from
+      :func:`layout.kernel_layouts`); a ``[L, D]`` layer-stack bias with one
+      scanned axis is a vector. Missing entries count as 0.
 
   Returns:
     A tree like ``params`` holding, per parameter, its adapter rank (> 0),
@@ -33,8 +41,10 @@ def lora_spec_from_config(params: Any, spec: ml_collections.ConfigDict) -> Any:
   """
   flat, treedef = paths.flatten_with_paths(params)
   decisions = []
-  for path, value in flat:
+  scanned = scanned or {}
+  for index, (path, value) in enumerate(flat):
     shape = tuple(np.shape(value))
+    core_ndim = len(shape) - scanned.get(index, 0)
     dtype = np.dtype(value.dtype)
     targeted = spec_lib.matches_any(spec.targets, path)
     full = spec_lib.matches_any(spec.full, path)
@@ -44,7 +54,7 @@ def lora_spec_from_config(params: Any, spec: ml_collections.ConfigDict) -> Any:
           "but the spec's targets/full patterns match it. Narrow the patterns.")
     if full:
       decisions.append(LORA_FULL)
-    elif targeted and len(shape) >= 2:
+    elif targeted and core_ndim >= 2:
       rank = spec_lib.rank_for(spec, path)
       if rank > min(shape[-2:]):
         raise ValueError(
@@ -52,7 +62,7 @@ def lora_spec_from_config(params: Any, spec: ml_collections.ConfigDict) -> Any:
             f"its kernel of shape {shape}. Lower spec.rank or add a "
             "spec.rank_pattern entry for this path.")
       decisions.append(max(rank, LORA_FREEZE))
-    elif len(shape) < 2 and spec.tune_vectors and jnp.issubdtype(dtype, jnp.inexact):
+    elif core_ndim < 2 and spec.tune_vectors and jnp.issubdtype(dtype, jnp.inexact):
       decisions.append(LORA_FULL)
     else:
       decisions.append(LORA_FREEZE)

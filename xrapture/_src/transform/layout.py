@@ -27,16 +27,20 @@ class KernelLayout:
   """Axes of a ``[*layers, *window, M, N]`` kernel.
 
   Attributes:
-    layers: leading axes sliced off by scans (one adapter pair per index).
+    layers: leading axes with one adapter pair per index (stacked layers).
     window: conv window axes after those (one pair spans them).
+    scanned: leading axes that scans slice off before the parameter is used:
+      a ``[L, D]`` bias of ``hk.layer_stack`` has ``scanned=1`` and is a
+      vector, not a kernel.
   """
   layers: int
   window: int
+  scanned: int = 0
 
 
-def stacked(ndim: int) -> KernelLayout:
+def stacked(ndim: int, scanned: int = 0) -> KernelLayout:
   """Every leading axis a layer axis: the layout for kernels never seen in a conv."""
-  return KernelLayout(layers=ndim - 2, window=0)
+  return KernelLayout(layers=max(ndim - 2, 0), window=0, scanned=scanned)
 
 
 def _sub_jaxprs(eqn) -> Iterator[tuple[Any, Sequence[int]]]:
@@ -126,10 +130,12 @@ def kernel_layouts(apply_fn, params, args, kwargs, wanted: Sequence[int]
   for i in wanted:
     ndim = len(p_leaves[i].shape)
     uses = list(_terminal_uses(jaxpr, jaxpr.invars[i], 0))
+    scanned = max((layers for _, layers in uses), default=0)
     conv_layers = [layers for kind, layers in uses if kind == "conv"]
     if conv_layers:
       layers = max(conv_layers)
-      layouts[i] = KernelLayout(layers=layers, window=ndim - 2 - layers)
+      layouts[i] = KernelLayout(layers=layers, window=ndim - 2 - layers,
+                                scanned=scanned)
     else:
-      layouts[i] = stacked(ndim)
+      layouts[i] = stacked(ndim, scanned)
   return layouts

@@ -50,13 +50,29 @@ class LoraTransformed:
     Returns:
       A tree like ``params``: the adapter rank of every adapted kernel,
       ``LORA_FULL`` for parameters trained in full, ``LORA_FREEZE`` for the
-      rest. Pass it to :func:`xrapture.wrap_optimizer`.
+      rest. Pass it to :func:`xrapture.wrap_optimizer`. Once :meth:`init`
+      has seen example inputs, the ``[L, D]`` vectors of a layer stack count
+      as vectors (``tune_vectors``); before, as 2-D parameters.
 
     Raises:
       ValueError: as :func:`xrapture.lora_spec` (targets matching nothing
         list the available paths; rank too large; integer targets).
     """
-    return adapters.lora_spec_from_config(params, self.config)
+    return self._spec_and_layouts(params, self._example)[0]
+
+  def _spec_and_layouts(self, params, example):
+    """The lora spec tree and the layouts of all ≥2-D leaves (None: unknown).
+
+    With example inputs one trace of ``apply`` tells, for each parameter,
+    which leading axes a layer stack scans over (a ``[L, D]`` bias is a
+    vector) and which are a conv window.
+    """
+    layouts = None
+    if example is not None:
+      wanted = [i for i, x in enumerate(jax.tree.leaves(params)) if np.ndim(x) >= 2]
+      layouts = self._layouts(params, example, wanted) if wanted else {}
+    scanned = {i: l.scanned for i, l in (layouts or {}).items()}
+    return adapters.lora_spec_from_config(params, self.config, scanned), layouts
 
   def adapt(self, rng: jax.Array, params: Any, *example_args, **example_kwargs) -> Any:
     """Wraps every targeted kernel of ``params`` in a fresh LoraWeight.
@@ -79,14 +95,14 @@ class LoraTransformed:
     Returns:
       params with LoraWeights; every other leaf is the same object.
     """
-    lora_spec = self.spec(params)
     if example_args or example_kwargs:
       example = (_abstract(example_args), _abstract(example_kwargs))
     else:
       example = self._example
+    lora_spec, known = self._spec_and_layouts(params, example)
 
     def layouts(wanted):
-      if example is None:
+      if known is None:
         flat = jax.tree.leaves(params)
         names = [p for p, _ in adapters.paths.flatten_with_paths(params)[0]]
         raise ValueError(
@@ -95,7 +111,7 @@ class LoraTransformed:
             + ") may be conv kernels or stacks of layers; xrapture reads which "
             "from how apply uses them. Pass example inputs: "
             "model.adapt(rng, params, *inputs), or call model.init first.")
-      return self._layouts(params, example, wanted)
+      return {i: known[i] for i in wanted}
 
     return adapters.adapt_params(rng, params, lora_spec, self.config, layouts)
 
