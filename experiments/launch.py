@@ -23,10 +23,13 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError) as e:
+    detail = e
+    while isinstance(detail, Exception) and detail.args:  # AttributeError(KeyError(str))
+      detail = detail.args[0]
     overrides = [a.split('=', 1)[0] for a in argv[1:] if a.startswith('--config.')]
     sys.stderr.write(
-        f'FATAL Flags parsing error: the config has no field {e} (overrides given: '
-        f'{", ".join(overrides)}). Fields are listed in the config file.\n'
+        f'FATAL Flags parsing error: {", ".join(overrides)}: no such config field: '
+        + ' '.join(str(detail).split()) + '\n'
         'Pass --helpshort or --helpfull to see help on flags.\n')
     sys.exit(1)
 

@@ -238,23 +238,29 @@ def train(run: Run, data: lm_data.Corpus, config: ml_collections.ConfigDict,
     return sharding.put_batch(mesh, lm_data.train_batch(
         train_data, config.seed, step, config.batch_size, config.seq_len))
 
-  def save(step, params, opt_state, clock):
+  def save(step, params, opt_state, clock, window_losses):
     host_params, host_opt = sharding.to_host((params, opt_state))
     if is_writer:
-      checkpointing.save(ckpt_dir, step, host_params, run.lora_spec, host_opt,
-                         extra=dict(run=run.name, seed=config.seed, next_batch=step,
-                                    clock=dict(seconds=clock.seconds,
-                                               steps=clock.steps)),
-                         keep=config.keep_checkpoints)
+      checkpointing.save(
+          ckpt_dir, step, host_params, run.lora_spec, host_opt,
+          extra=dict(run=run.name, seed=config.seed, next_batch=step,
+                     clock=dict(seconds=clock.seconds, steps=clock.steps),
+                     window_losses=[float(x) for x in window_losses]),
+          keep=config.keep_checkpoints)
 
   bar = tqdm.tqdm(total=config.num_steps, initial=start, desc=run.name,
                   disable=not (config.progress_bar and is_writer),
                   dynamic_ncols=True, mininterval=1.0)
   clock = _Clock(**(resumed.get('clock') or {}))
+  if start == 0:
+    val = evaluate(params, val_batches)
+    metrics.write(run=run.name, step=0, split='val', loss=val, bpb=bits_per_byte(val))
   pending = 0  # steps dispatched since the clock last started
+  window_losses = list(resumed.get('window_losses', []))  # since the last log
   for step in range(start, config.num_steps):
     (params, opt_state), loss = train_step((params, opt_state), batch(step),
                                            np.int32(step))
+    window_losses.append(loss)
     bar.update(1)
     done = step + 1
     if step == start:
@@ -267,25 +273,30 @@ def train(run: Run, data: lm_data.Corpus, config: ml_collections.ConfigDict,
     save_now = done % config.checkpoint_every == 0 or done == config.num_steps
     if not (log or evaluate_now or save_now):
       continue
-    loss = float(loss)  # waits for the step
+    # Waits for the step. The logged loss is the mean over the steps since
+    # the last log, so it does not depend on where a run was resumed.
+    loss = float(np.mean(np.asarray(jax.device_get(window_losses), np.float64)))
     seconds = clock.stop(pending)
     if not math.isfinite(loss):
       raise FloatingPointError(f'{run.name}: loss is {loss} at step {done}.')
-    record = dict(run=run.name, step=done, split='train', loss=loss,
-                  bpb=bits_per_byte(loss))
+    postfix = dict(loss=f'{loss:.3f}')
     if pending:
-      record['tokens_per_s'] = tokens_per_step * pending / seconds
-      bar.set_postfix(loss=f'{loss:.3f}', tok_s=f"{record['tokens_per_s']:,.0f}")
-    pending = 0
+      postfix['tok_s'] = f'{tokens_per_step * pending / seconds:,.0f}'
     if log:
-      metrics.write(**record)
+      metrics.write(run=run.name, step=done, split='train', loss=loss,
+                    bpb=bits_per_byte(loss), steps=len(window_losses),
+                    **({'tokens_per_s': tokens_per_step * pending / seconds}
+                       if pending else {}))
+      window_losses = []
     if evaluate_now:
       val = evaluate(params, val_batches)
       metrics.write(run=run.name, step=done, split='val', loss=val,
                     bpb=bits_per_byte(val))
-      bar.set_postfix(loss=f'{loss:.3f}', val_bpb=f'{bits_per_byte(val):.3f}')
+      postfix['val_bpb'] = f'{bits_per_byte(val):.3f}'
+    bar.set_postfix(postfix)
+    pending = 0
     if save_now:
-      save(done, params, opt_state, clock)
+      save(done, params, opt_state, clock, window_losses)
     clock.start()
   bar.close()
 

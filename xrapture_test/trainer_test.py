@@ -47,7 +47,8 @@ class TrainerTest(absltest.TestCase):
     tmp = tempfile.TemporaryDirectory()
     self.addCleanup(tmp.cleanup)
     self.tmp = tmp.name
-    self.config = smoke_config(num_steps=8, eval_every=4)
+    # Checkpoints at 3 and 6, logs at 4 and 8: resuming at 6 starts mid-window.
+    self.config = smoke_config(num_steps=8, eval_every=4, log_every=4)
     self.base = pretraining.init_params(self.config.pretrain.model, 0)
     self.forward = lm_model.make_forward(self.config.pretrain.model)
     self.data = lm_data.load('docs')
@@ -104,15 +105,16 @@ class TrainerTest(absltest.TestCase):
   def test_other_settings_are_refused(self):
     workdir = os.path.join(self.tmp, 'run')
     self.train(workdir, 'head')
-    with self.assertRaisesRegex(app.UsageError, r'learning_rate: 0\.003 there, 0\.1 now'):
+    with self.assertRaisesRegex(app.UsageError, r'learning_rate: 0\.01 there, 0\.1 now'):
       self.train(workdir, 'head', smoke_config(num_steps=8, eval_every=4,
                                             **{'learning_rate.head': 0.1}))
 
   def test_result_counts_what_trains(self):
     result = self.train(os.path.join(self.tmp, 'run'))
-    d, layers, mlp, rank = 32, 2, 64, 4
-    # Adapters on query/key/value/linear (d×d) and both MLP kernels, per layer.
-    want = layers * rank * (4 * (d + d) + (d + mlp) + (mlp + d))
+    d, layers, mlp, rank, vocab = 32, 2, 64, 4, 256
+    # Adapters on query/key/value/linear (d×d) and both MLP kernels, per
+    # layer, and the head (config.lora.full) in full.
+    want = layers * rank * (4 * (d + d) + (d + mlp) + (mlp + d)) + (d + 1) * vocab
     self.assertEqual(result['trainable_params'], want)
     # Adam's two moments per trainable number, plus a few step counters.
     self.assertBetween(result['opt_state_bytes'], 8 * want, 8 * want + 64)
