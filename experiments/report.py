@@ -1,0 +1,101 @@
+"""The comparison table (markdown) and the training curves (PNG)."""
+
+import json
+import os
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_LABELS = {'pretrain': 'pretraining', 'base': 'base (no fine-tune)', 'lora': 'LoRA',
+           'full': 'full fine-tune', 'head': 'head-only'}
+
+
+def _bytes(n: int | None) -> str:
+  if n is None:
+    return '–'
+  for unit in ('B', 'KiB', 'MiB', 'GiB'):
+    if n < 1024 or unit == 'GiB':
+      return f'{n:.0f} {unit}' if unit == 'B' else f'{n:.1f} {unit}'
+    n /= 1024
+  raise AssertionError
+
+
+def _count(n: int | None) -> str:
+  return '–' if n is None else f'{n:,}'
+
+
+def table(results: Sequence[dict[str, Any]], domain: str,
+          labels: dict[str, str] | None = None) -> str:
+  """A markdown table, one row per result record (see trainer.train).
+
+  Args:
+    results: the base's record first, then one per method.
+    domain: names the corpus in the header.
+    labels: run name -> the method's name in the table, where the default
+      (``'LoRA'``, ``'full fine-tune'``, ...) should say more.
+  """
+  labels = dict(_LABELS, **(labels or {}))
+  base = results[0]
+  full = next((r for r in results if r['run'] == 'full'), None)
+  lines = [
+      f'| method | val bits/byte ({domain}) | test bits/byte | val gain over base '
+      '| trainable params | optimizer state | step time | tokens/s | adapter file |',
+      '|---|---|---|---|---|---|---|---|---|',
+  ]
+  for r in results:
+    step = r.get('step_time_s')
+    rate = r.get('tokens_per_s')
+    gain = base['val_bpb'] - r['val_bpb']
+    gain_text = '–' if r is base else f'{gain:.3f}'
+    if full is not None and r is not base and full is not r:
+      share = gain / (base['val_bpb'] - full['val_bpb'])
+      gain_text += f' ({share:.0%} of full\'s)'
+    lines.append(
+        f"| {labels.get(r['run'], r['run'])} | {r['val_bpb']:.3f} | {r['test_bpb']:.3f} "
+        f"| {gain_text} | {_count(r.get('trainable_params'))} "
+        f"| {_bytes(r.get('opt_state_bytes'))} "
+        f"| {'–' if step is None else f'{step * 1000:.0f} ms'} "
+        f"| {'–' if rate is None else f'{rate:,.0f}'} "
+        f"| {_bytes(r.get('adapter_bytes'))} |")
+  return '\n'.join(lines) + '\n'
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def plot(panels: Sequence[tuple[str, dict[str, str]]], path: str) -> None:
+  """Train and val bits/byte against step: one panel per stage, one colour per run.
+
+  Args:
+    panels: ``(title, {run name: its metrics.jsonl})`` per panel.
+    path: the PNG to write (atomically).
+  """
+  fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5),
+                           squeeze=False)
+  for ax, (title, runs) in zip(axes[0], panels):
+    for i, (name, metrics_path) in enumerate(runs.items()):
+      records = read_metrics(metrics_path)
+      for split, style in (('train', dict(alpha=0.4, lw=1)),
+                           ('val', dict(marker='o', ms=3, lw=1.5))):
+        points = [(r['step'], r['bpb']) for r in records if r['split'] == split]
+        if points:
+          steps, bpb = zip(*points)
+          ax.plot(steps, bpb, color=f'C{i}', **style,
+                  label=f'{_LABELS.get(name, name)} {split}')
+    ax.set_xlabel('step')
+    ax.set_ylabel('bits per byte')
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  tmp = path + '.tmp.png'
+  fig.savefig(tmp, dpi=100)
+  plt.close(fig)
+  os.replace(tmp, path)
