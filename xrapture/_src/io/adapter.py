@@ -114,25 +114,28 @@ def load_adapter(path: str, base_params: Any) -> Any:
 
   Raises:
     ValueError: the file is unreadable, or does not fit ``base_params``: the
-      message names the first path that is missing or whose shape or dtype
+      message names every path that is missing or whose shape or dtype
       differs, with both shapes. Nothing is partially applied.
   """
   header, tensors = read_adapter(path)
   entries = header["entries"]
   flat, treedef = paths.flatten_with_paths(base_params)
   by_path = dict(flat)
+  problems = []
   for name, entry in entries.items():
     if name not in by_path:
-      raise ValueError(
-          f"{path} was saved for another base: it has parameter '{name}', which "
-          "these base params lack. Base parameters:\n" + paths.describe(base_params))
+      problems.append(f"'{name}' is in the file but not in these base params")
+      continue
     base = by_path[name]
     base = base.w if isinstance(base, LoraWeight) else base
     shape, dtype = tuple(np.shape(base)), jnp.dtype(base.dtype).name
     if shape != tuple(entry["base_shape"]) or dtype != entry["base_dtype"]:
-      raise ValueError(
-          f"{path} was saved for another base: '{name}' was {tuple(entry['base_shape'])} "
-          f"{entry['base_dtype']} there and is {shape} {dtype} here.")
+      problems.append(f"'{name}' was {tuple(entry['base_shape'])} {entry['base_dtype']} "
+                      f"there and is {shape} {dtype} here")
+  if problems:
+    raise ValueError(
+        f"{path} was saved for another base ({len(problems)} mismatches):\n  "
+        + "\n  ".join(problems) + "\nBase parameters:\n" + paths.describe(base_params))
   for name, entry in entries.items():
     keys = [name + "::a", name + "::b"] if entry["kind"] == "lora" else [name]
     missing = [k for k in keys if k not in tensors]

@@ -40,7 +40,8 @@ class XRapTureConfig:
     lora_dim: adapter rank for every LoRA-tuned parameter.
     fully_fine_tune_parameters: names of parameters trained in full.
     lora_fine_tune_parameters: names of parameters that get adapters.
-    tune_vectors: train 1-D parameters in full in :meth:`XRapTure.apply_lora`.
+    tune_vectors: kept for the seed's signature; as in the seed,
+      :meth:`XRapTure.apply_lora` takes ``tune_vectors`` as an argument.
     verbose: log each parameter's decision (absl.logging.info).
     dtype: adapter dtype.
   """

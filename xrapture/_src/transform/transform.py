@@ -44,21 +44,34 @@ class LoraTransformed:
     self._example = (_abstract(args), _abstract(kwargs))
     return self._hk.init(rng, *args, **kwargs)
 
-  def spec(self, params: Any) -> Any:
+  def spec(self, params: Any, *example_args, **example_kwargs) -> Any:
     """The lora spec tree of base ``params``.
+
+    Args:
+      params: base params.
+      *example_args: optional inputs as for ``apply`` (arrays or
+        ``jax.ShapeDtypeStruct``s); default: those of the last :meth:`init`.
+      **example_kwargs: likewise.
 
     Returns:
       A tree like ``params``: the adapter rank of every adapted kernel,
       ``LORA_FULL`` for parameters trained in full, ``LORA_FREEZE`` for the
-      rest. Pass it to :func:`xrapture.wrap_optimizer`. Once :meth:`init`
-      has seen example inputs, the ``[L, D]`` vectors of a layer stack count
-      as vectors (``tune_vectors``); before, as 2-D parameters.
+      rest. Pass it to :func:`xrapture.wrap_optimizer`. With example inputs,
+      the ``[L, D]`` vectors of a layer stack count as vectors
+      (``tune_vectors``); without, as 2-D parameters.
 
     Raises:
-      ValueError: as :func:`xrapture.lora_spec` (targets matching nothing
-        list the available paths; rank too large; integer targets).
+      ValueError: targets match no kernel (the message lists the parameters
+        that exist), a rank exceeds a kernel's ``min(M, N)``, an integer
+        parameter is targeted, or ``apply`` cannot be traced with the
+        example inputs.
     """
-    return self._spec_and_layouts(params, self._example)[0]
+    return self._spec_and_layouts(params, self._example_from(example_args, example_kwargs))[0]
+
+  def _example_from(self, args, kwargs):
+    if args or kwargs:
+      return (_abstract(args), _abstract(kwargs))
+    return self._example
 
   def _spec_and_layouts(self, params, example):
     """The lora spec tree and the layouts of all ≥2-D leaves (None: unknown).
@@ -70,7 +83,16 @@ class LoraTransformed:
     layouts = None
     if example is not None:
       wanted = [i for i, x in enumerate(jax.tree.leaves(params)) if np.ndim(x) >= 2]
-      layouts = self._layouts(params, example, wanted) if wanted else {}
+      try:
+        layouts = self._layouts(params, example, wanted) if wanted else {}
+      except Exception as e:  # any error of the user's function while tracing
+        raise ValueError(
+            "xrapture traces apply once, with example inputs, to tell layer "
+            "stacks and conv windows from kernel axes, and that trace failed "
+            f"with these params and inputs {example}: {type(e).__name__}: {e}. "
+            "Pass example inputs that fit these params: "
+            "model.adapt(rng, params, *inputs) / model.spec(params, *inputs)."
+        ) from e
     scanned = {i: l.scanned for i, l in (layouts or {}).items()}
     return adapters.lora_spec_from_config(params, self.config, scanned), layouts
 
@@ -95,11 +117,8 @@ class LoraTransformed:
     Returns:
       params with LoraWeights; every other leaf is the same object.
     """
-    if example_args or example_kwargs:
-      example = (_abstract(example_args), _abstract(example_kwargs))
-    else:
-      example = self._example
-    lora_spec, known = self._spec_and_layouts(params, example)
+    lora_spec, known = self._spec_and_layouts(
+        params, self._example_from(example_args, example_kwargs))
 
     def layouts(wanted):
       if known is None:
