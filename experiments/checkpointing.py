@@ -44,6 +44,9 @@ def write_json(path: str, record: Any) -> None:
   try:
     with os.fdopen(fd, 'w') as f:
       json.dump(record, f, indent=1, sort_keys=True)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
