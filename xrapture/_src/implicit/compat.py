@@ -51,9 +51,49 @@ def custom_call_name(eqn: Any) -> str:
   return str(name or eqn.primitive.name)
 
 
-def scan_counts(params: dict[str, Any]) -> tuple[int, int]:
-  """``(num_consts, num_carry)`` of a scan equation."""
-  return params["num_consts"], params["num_carry"]
+def scan_counts(eqn: Any) -> tuple[int, int]:
+  """``(num_consts, num_carry)`` of a scan equation.
+
+  Read from the equation's params where JAX names them (``num_consts`` /
+  ``num_carry`` up to 0.10); otherwise derived from types alone: the carry
+  is what the body returns unstacked and takes back, ``xs`` and ``ys`` are
+  stacked along ``length``. Raises if the types leave the split ambiguous.
+  """
+  params = eqn.params
+  if "num_consts" in params and "num_carry" in params:
+    return params["num_consts"], params["num_carry"]
+  return _derive_scan_counts(eqn)
+
+
+def _derive_scan_counts(eqn: Any) -> tuple[int, int]:
+  body, _ = jaxpr_and_consts(eqn.params["jaxpr"])
+  length = eqn.params["length"]
+  key = lambda aval: (tuple(aval.shape), str(aval.dtype))
+  stacked = lambda outer, inner: key(outer) == ((length,) + key(inner)[0], key(inner)[1])
+  ins = [v.aval for v in eqn.invars]
+  outs = [v.aval for v in eqn.outvars]
+  body_ins = [v.aval for v in body.invars]
+  body_outs = [v.aval for v in body.outvars]
+  found = []
+  for num_carry in range(len(outs) + 1):
+    if not all(key(outs[i]) == key(body_outs[i]) for i in range(num_carry)):
+      continue
+    if not all(stacked(outs[i], body_outs[i]) for i in range(num_carry, len(outs))):
+      continue
+    for num_consts in range(len(ins) - num_carry + 1):
+      carry = range(num_consts, num_consts + num_carry)
+      ok = (all(key(ins[j]) == key(body_ins[j]) for j in range(num_consts + num_carry))
+            and all(key(body_ins[j]) == key(body_outs[j - num_consts]) for j in carry)
+            and all(stacked(ins[j], body_ins[j])
+                    for j in range(num_consts + num_carry, len(ins))))
+      if ok:
+        found.append((num_consts, num_carry))
+  if len(found) != 1:
+    raise NotImplementedError(
+        f"this JAX ({jax.__version__}) names scan's parameters {sorted(eqn.params)}; "
+        f"xrapture could not tell consts, carry and xs apart ({len(found)} "
+        "readings fit the types). Please report it with your JAX version.")
+  return found[0]
 
 
 def bind_equation(eqn: Any, invals: Sequence[Any]) -> list[Any]:

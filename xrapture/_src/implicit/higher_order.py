@@ -66,7 +66,7 @@ def _scannable(value, length):
 @registry.higher_order_rule(("scan",))
 def _scan_rule(eqn, invals):
   params = eqn.params
-  num_consts, num_carry = compat.scan_counts(params)
+  num_consts, num_carry = compat.scan_counts(eqn)
   length = params["length"]
   consts = invals[:num_consts]
   init = _materialize_all(invals[num_consts:num_consts + num_carry],

@@ -76,7 +76,7 @@ def _terminal_uses(jaxpr: Any, var: Any, layers: int) -> Iterator[tuple[str, int
       elif name in _PASS_THROUGH:
         yield from _terminal_uses(jaxpr, eqn.outvars[0], layers)
       elif name == "scan":
-        num_consts, num_carry = compat.scan_counts(eqn.params)
+        num_consts, num_carry = compat.scan_counts(eqn)
         body, _ = compat.jaxpr_and_consts(eqn.params["jaxpr"])
         sliced = pos >= num_consts + num_carry
         yield from _terminal_uses(body, body.invars[pos], layers + int(sliced))
