@@ -64,7 +64,7 @@ def markdown(results: dict) -> str:
            f"medians of {results['rounds']} alternated rounds, ratios paired per round.",
            "", report.environment_line(results["environment"]), ""]
   rows = []
-  for width, w in results["widths"].items():
+  for width, w in sorted(results["widths"].items(), key=lambda kv: int(kv[0])):
     ms = w["step_ms"]
     for p in w["points"]:
       x, n = p["xrapture"], p.get("naive")
@@ -82,7 +82,7 @@ def plot(results: dict, path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  widths = [int(w) for w in results["widths"]]
+  widths = sorted(int(w) for w in results["widths"])
   ranks = [p["rank"] for p in next(iter(results["widths"].values()))["points"]]
   fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
   for i, rank in enumerate(ranks):
