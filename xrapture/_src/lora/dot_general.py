@@ -53,11 +53,11 @@ def lora_matmul(x, w, a, b, w_axis, scale, precision, preferred_element_type):
 def _lora_matmul_fwd(x, w, a, b, w_axis, scale, precision, preferred_element_type):
   first, first_k, second, second_r = _roles(a, b, w_axis)
   u = _dot(x, first, 1, first_k, precision)                      # [T, r]
+  us = u * jnp.asarray(scale, u.dtype)
   dense = _dot(x, w, 1, w_axis, precision, preferred_element_type)
-  low = _dot(u * jnp.asarray(scale, u.dtype), second, 1, second_r, precision,
-             preferred_element_type)
+  low = _dot(us, second, 1, second_r, precision, preferred_element_type)
   y = dense + low.astype(dense.dtype)
-  return y, (x, w, a, b, u)
+  return y, (x, w, a, b, us)
 
 
 def _tokens_outer_t(small, big, precision):
@@ -77,7 +77,7 @@ def _tokens_outer_t(small, big, precision):
 
 def _lora_matmul_bwd(w_axis, scale, precision, preferred_element_type, res, g):
   del preferred_element_type
-  x, w, a, b, u = res
+  x, w, a, b, us = res
   first, first_k, second, second_r = _roles(a, b, w_axis)
   g = g.astype(x.dtype) if g.dtype != x.dtype else g
   gu = _dot(g, second, 1, 1 - second_r, precision) * jnp.asarray(scale, g.dtype)
@@ -86,7 +86,6 @@ def _lora_matmul_bwd(w_axis, scale, precision, preferred_element_type, res, g):
     d_first = _tokens_outer_t(gu, x, precision)
   else:                                 # first is a [r, K]
     d_first = _dot(gu, x, 0, 0, precision)
-  us = u * jnp.asarray(scale, u.dtype)
   if second_r == 0:                     # second is a [r, out]
     d_second = _dot(us, g, 0, 0, precision)
   else:                                 # second is b [out, r]
