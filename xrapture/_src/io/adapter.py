@@ -85,11 +85,9 @@ def read_adapter(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     ValueError: the file is truncated, corrupt or not an xrapture adapter.
   """
   try:
-    with open(path, "rb") as f:
-      data = f.read()
     with safetensors.safe_open(path, framework="numpy") as f:
       metadata = f.metadata() or {}
-    tensors = safetensors.numpy.load(data)
+      tensors = {name: f.get_tensor(name) for name in f.keys()}
   except FileNotFoundError:
     raise
   except Exception as e:  # safetensors raises its own error types
