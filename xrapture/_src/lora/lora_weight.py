@@ -6,11 +6,17 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 
 from xrapture._src.implicit import implicit_array
 
 LORA_FREEZE = 0
 LORA_FULL = -1
+
+
+def is_spec_leaf(x) -> bool:
+  """A lora spec entry: a rank, ``LORA_FULL`` or ``LORA_FREEZE``."""
+  return isinstance(x, (int, np.integer))
 
 
 def _broadcasts_to(lead: tuple[int, ...], target: tuple[int, ...]) -> bool:

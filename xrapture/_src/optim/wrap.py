@@ -3,7 +3,6 @@
 from typing import Any
 
 import jax
-import numpy as np
 import optax
 
 from xrapture._src.implicit import implicit_array
@@ -13,17 +12,13 @@ from xrapture._src.optim import freeze
 LoraWeight = lora_weight.LoraWeight
 
 
-def _is_spec_leaf(x):
-  return isinstance(x, (int, np.integer))
-
-
 def frozen_flags(lora_spec: Any, params: Any) -> Any:
   """True where frozen: ``LORA_FREEZE`` leaves and every LoraWeight's ``w``."""
   def one(rank, value):
     if isinstance(value, LoraWeight):
       return implicit_array.map_fields(lambda name, _: name == "w", value)
     return jax.tree.map(lambda _: rank == lora_weight.LORA_FREEZE, value)
-  return jax.tree.map(one, lora_spec, params, is_leaf=_is_spec_leaf)
+  return jax.tree.map(one, lora_spec, params, is_leaf=lora_weight.is_spec_leaf)
 
 
 def wrap_optimizer(tx: optax.GradientTransformation, lora_spec: Any,

@@ -140,10 +140,6 @@ def merge_params(params: Any, destructive: bool = False) -> Any:
         lambda x: merge(x) if implicit_array.is_implicit(x) else x, params)
 
 
-def _is_spec_leaf(x):
-  return isinstance(x, (int, np.integer))
-
-
 def split_lora_params(params: Any, lora_spec: Any) -> Any:
   """The trainable part of ``params``, with ``EmptyNode`` elsewhere.
 
@@ -156,7 +152,7 @@ def split_lora_params(params: Any, lora_spec: Any) -> Any:
       return implicit_array.map_fields(
           lambda name, x: implicit_array.EmptyNode if name == "w" else x, value)
     return value if rank == LORA_FULL else implicit_array.EmptyNode
-  return jax.tree.map(one, lora_spec, params, is_leaf=_is_spec_leaf)
+  return jax.tree.map(one, lora_spec, params, is_leaf=lora_weight.is_spec_leaf)
 
 
 def count_trainable(params: Any, lora_spec: Any) -> int:
