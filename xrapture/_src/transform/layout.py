@@ -9,7 +9,7 @@ right operand keeps its remaining leading axes as a window.
 """
 
 import dataclasses
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -54,8 +54,6 @@ def _sub_jaxprs(eqn) -> Iterator[tuple[Any, Sequence[int]]]:
     nc, nb = params["cond_nconsts"], params["body_nconsts"]
     yield params["cond_jaxpr"], list(range(nc)) + list(range(nc + nb, n))
     yield params["body_jaxpr"], list(range(nc, n))
-  elif name == "scan":
-    yield params["jaxpr"], list(range(n))
   else:
     for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
       if key in params:
@@ -91,10 +89,30 @@ def _terminal_uses(jaxpr: Any, var: Any, layers: int) -> Iterator[tuple[str, int
               yield from _terminal_uses(inner, inner.invars[inner_pos], layers)
 
 
-def _leaf_kind(x):
-  if isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)):
-    return "dynamic"
-  return "static"
+def close_over_static(fn: Callable[..., Any], args: Sequence[Any],
+                      kwargs: dict[str, Any]) -> tuple[Callable[..., Any], list[Any]]:
+  """Splits ``fn(*args, **kwargs)`` into a function of its array leaves.
+
+  Returns:
+    ``(call, dynamic)``: ``call(dynamic)`` runs ``fn`` with every array (or
+    ``jax.ShapeDtypeStruct``) leaf taken from ``dynamic``, in flattening
+    order, and every other leaf (flags such as ``is_training``, ``None``)
+    kept as the Python value it was; ``dynamic`` holds those leaves as
+    ``jax.ShapeDtypeStruct``s, ready for ``jax.make_jaxpr``/``eval_shape``.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten((tuple(args), kwargs))
+  is_array = [isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
+              for x in leaves]
+
+  def call(dynamic):
+    it = iter(dynamic)
+    full = [next(it) if array else x for array, x in zip(is_array, leaves)]
+    a, kw = jax.tree_util.tree_unflatten(treedef, full)
+    return fn(*a, **kw)
+
+  dynamic = [jax.ShapeDtypeStruct(np.shape(x), x.dtype)
+             for array, x in zip(is_array, leaves) if array]
+  return call, dynamic
 
 
 def kernel_layouts(apply_fn, params, args, kwargs, wanted: Sequence[int]
@@ -111,21 +129,10 @@ def kernel_layouts(apply_fn, params, args, kwargs, wanted: Sequence[int]
   Returns:
     The layout of each wanted leaf.
   """
-  p_leaves, p_tree = jax.tree_util.tree_flatten(params)
-  p_abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in p_leaves]
-  a_leaves, a_tree = jax.tree_util.tree_flatten((args, kwargs))
-  kinds = [_leaf_kind(x) for x in a_leaves]
-  dynamic = [jax.ShapeDtypeStruct(x.shape, x.dtype)
-             for k, x in zip(kinds, a_leaves) if k == "dynamic"]
-
-  def flat_fn(p_flat, dyn):
-    it = iter(dyn)
-    full = [next(it) if k == "dynamic" else x for k, x in zip(kinds, a_leaves)]
-    a, kw = jax.tree_util.tree_unflatten(a_tree, full)
-    return apply_fn(jax.tree_util.tree_unflatten(p_tree, p_flat), *a, **kw)
-
-  closed = jax.make_jaxpr(flat_fn)(p_abstract, dynamic)
-  jaxpr, _ = compat.jaxpr_and_consts(closed)
+  p_leaves = jax.tree_util.tree_leaves(params)
+  # Params come first among the array leaves, so invar i is params leaf i.
+  call, dynamic = close_over_static(apply_fn, (params, *args), kwargs)
+  jaxpr, _ = compat.jaxpr_and_consts(jax.make_jaxpr(call)(dynamic))
   layouts = {}
   for i in wanted:
     ndim = len(p_leaves[i].shape)

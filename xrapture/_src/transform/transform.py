@@ -139,16 +139,9 @@ class LoraTransformed:
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
     if self._with_state:
       # The state's shapes, from init; flags (is_training) stay Python values.
-      leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
-      dynamic = [i for i, x in enumerate(leaves) if isinstance(x, jax.ShapeDtypeStruct)]
-
-      def init_state(r, values):
-        full = list(leaves)
-        for i, value in zip(dynamic, values):
-          full[i] = value
-        a, k = jax.tree_util.tree_unflatten(treedef, full)
-        return self._hk.init(r, *a, **k)[1]
-      state = jax.eval_shape(init_state, rng, [leaves[i] for i in dynamic])
+      call, dynamic = layout_lib.close_over_static(
+          lambda r, *a, **k: self._hk.init(r, *a, **k)[1], (rng, *args), kwargs)
+      state = jax.eval_shape(call, dynamic)
       args = (state, rng) + tuple(args)
     else:
       args = (rng,) + tuple(args)
