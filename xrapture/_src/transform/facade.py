@@ -122,13 +122,15 @@ class XRapTure:
 
   @staticmethod
   def init_lora_parameters(param_tree: Any, lora_spec: Any, dtype: Any = jnp.float32,
-                           rng: jax.Array = jax.random.PRNGKey(0), stddev: float = 0.01,
+                           rng: jax.Array | None = None, stddev: float = 0.01,
                            alpha: float = 1.0, is_leaf: Callable | None = None) -> Any:
     """LoraWeights (``b = 0``, ``a ~ N(0, stddev²)``) where the spec holds a rank.
 
     Raises:
       ValueError: a 1-D parameter has a rank in the spec.
     """
+    if rng is None:  # the seed's default; made here, not at import
+      rng = jax.random.PRNGKey(0)
     flat, treedef = jax.tree_util.tree_flatten_with_path(param_tree, is_leaf=is_leaf)
     specs = treedef.flatten_up_to(lora_spec)
     keys = iter(jax.random.split(rng, max(len(flat), 1)))
@@ -158,7 +160,7 @@ class XRapTure:
 
   def apply_lora(self, module: Any, parameters: Any, tx: optax.GradientTransformation,
                  decision_fn: Callable | None = None, tune_vectors: bool = False,
-                 rng: jax.Array = jax.random.PRNGKey(0), stddev: float = 0.01,
+                 rng: jax.Array | None = None, stddev: float = 0.01,
                  alpha: float = 1.0, is_leaf: Callable | None = None) -> XRapTureModule:
     """Adapts ``parameters`` and wraps ``module`` and ``tx`` for LoRA training.
 
