@@ -2,3 +2,8 @@
 
 Knows nothing of LoRA or Haiku.
 """
+
+# Importing the handler modules registers them.
+from xrapture._src.quant import dot_general as _dot_general
+from xrapture._src.quant import gather as _gather
+from xrapture._src.quant import structural as _structural
