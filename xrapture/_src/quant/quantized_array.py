@@ -7,11 +7,12 @@ blocks with one float32 absmax each. Dequantization is pure JAX and equals
 ``int8_vectorwise_dequant`` (int8) bit for bit.
 """
 
-import numpy as np
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 
 from xrapture._src.implicit import implicit_array
 from xrapture._src.quant import codebooks
@@ -112,6 +113,10 @@ class QuantizedArray(implicit_array.ImplicitArray):
     """The dequantized array (see :func:`dequantize`)."""
     return dequantize(self)
 
+  def replace(self, **changes) -> "QuantizedArray":
+    """A validated copy with the given fields replaced."""
+    return dataclasses.replace(self, **changes)
+
 
 def block_scales(q: QuantizedArray) -> jax.Array:
   """float32 ``[..., R, K/block_size]``: the absmax of every block.
@@ -130,9 +135,12 @@ def block_scales(q: QuantizedArray) -> jax.Array:
   values = jnp.asarray(codebooks.dynamic_map())[flat]
   values = values.reshape(*lead, blocks, DOUBLE_QUANT_BLOCK) * absmax2[..., None]
   values = values.reshape(*lead, blocks * DOUBLE_QUANT_BLOCK)[..., :n]
-  # Two roundings, as bitsandbytes does them: keep XLA from fusing the
-  # multiply and the add into one fused multiply-add.
-  values = lax.optimization_barrier(values) + lax.stop_gradient(q.offset)[..., None]
+  # bitsandbytes rounds the product, then the sum. XLA contracts a multiply
+  # feeding an add into one fused multiply-add (one rounding), and removes
+  # barriers first; adding a zero it cannot fold (offset·0) makes the product's
+  # own add the contraction target, so the sum below is rounded on its own.
+  offset = lax.stop_gradient(q.offset)[..., None]
+  values = (values + offset * 0) + offset
   return values.reshape(absmax.shape)
 
 

@@ -24,7 +24,7 @@ def _map_lead(q, fn, **changes):
   lead = q.ndim - 2
   children = {f: getattr(q, f) for f in ("codes", "absmax", "absmax2", "offset")}
   children = {f: None if c is None else fn(c, lead) for f, c in children.items()}
-  return dataclasses.replace(q, **children, **changes)
+  return q.replace(**children, **changes)
 
 
 @registry.primitive_handler("transpose")
@@ -48,7 +48,7 @@ def _convert(primitive, q, *, new_dtype, **unused_params):
   del primitive, unused_params
   if not isinstance(q, QuantizedArray) or not jnp.issubdtype(new_dtype, jnp.floating):
     return NotImplemented
-  return dataclasses.replace(q, dense_dtype=new_dtype)
+  return q.replace(dense_dtype=new_dtype)
 
 
 @registry.primitive_handler(("copy", "copy_p", "optimization_barrier_p"))
