@@ -50,7 +50,7 @@ def quantize_array(x: Any, scheme: str = "nf4", *, block_size: int = 64,
     >>> q = xrapture.quantize_array(w, "nf4", block_size=64)
     >>> q.shape, q.codes.shape, q.absmax.shape
     ((64, 3), (3, 32), (3, 1))
-    >>> float(np.abs(xrapture.dequantize(q) - w).max()) < 0.15
+    >>> float(np.abs(xrapture.dequantize(q) - w).max()) < 0.16
     True
 
   Args:
