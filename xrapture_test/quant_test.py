@@ -191,6 +191,15 @@ class NF4Test(parameterized.TestCase):
     _assert_bits_equal(self, np.asarray(q.codes).reshape(-1), _numpy(packed).reshape(-1))
     _assert_bits_equal(self, xrapture.dequantize(q), _numpy(bnb.dequantize_4bit(packed, state)))
 
+  def test_positive_axis_means_the_same_as_negative(self):
+    w = _kernel(8, 128, 40)
+    for positive, negative in ((0, -2), (1, -1)):
+      w = w if negative == -2 else w.T
+      q = xrapture.quantize_array(w, "nf4", axis=positive)
+      self.assertEqual((q.axis, q.shape), (negative, w.shape))
+      np.testing.assert_array_equal(
+          xrapture.dequantize(q), xrapture.dequantize(xrapture.quantize_array(w, axis=negative)))
+
   def test_stacked_layers_are_quantized_one_by_one(self):
     stack = jnp.stack([_kernel(s, 128, 40) for s in range(3)])
     q = xrapture.quantize_array(stack, "nf4", double_quant=True)

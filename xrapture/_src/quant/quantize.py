@@ -72,6 +72,7 @@ def quantize_array(x: Any, scheme: str = "nf4", *, block_size: int = 64,
       or lower than 2-D array.
   """
   dtype = _check(x, scheme, block_size, double_quant, axis)
+  axis -= len(np.shape(x)) if axis >= 0 else 0
   rows = np.asarray(jax.device_get(x)).astype(_F32)
   if axis == -2:
     rows = np.swapaxes(rows, -1, -2)
@@ -97,7 +98,7 @@ def _check(x, scheme, block_size, double_quant, axis) -> np.dtype:
   if scheme not in SCHEMES:
     raise ValueError(f"quantize_array: scheme must be one of {SCHEMES}, got {scheme!r}.")
   shape = tuple(np.shape(x))
-  dtype = np.dtype(getattr(x, "dtype", np.asarray(x).dtype))
+  dtype = np.dtype(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(f"quantize_array: only floating-point arrays can be quantized; got "
                      f"dtype {dtype} (shape {shape}).")
