@@ -9,10 +9,10 @@ below is bitsandbytes 0.50's CPU path, float32 rounding for float32 rounding:
   the high nibble.
 * double quantization (``compress_statistics=True``): ``offset`` is the mean
   of the absmax values (summed in float64; torch sums float32 in an order
-  that depends on the CPU, so its mean can differ by an ulp); ``absmax -
-  offset`` is quantized in blocks of 256 with the 8-bit dynamic map, each
+  that depends on the CPU, so its mean can differ by an ulp or two); ``absmax
+  - offset`` is quantized in blocks of 256 with the 8-bit dynamic map, each
   value ``v · (1/absmax2)`` going to its bin of a 65536-bin table (the CPU
-  kernel's rule; an exact nearest search differs in a few codes per million).
+  kernel's rule, which now and then picks the second-nearest code).
 * int8 (``int8_vectorwise_quant``): per output channel ``absmax = max|x|``;
   ``round_half_even(x · ((1/absmax) · 127))``; a zero row gets zero codes.
 """
@@ -60,7 +60,7 @@ def quantize_array(x: Any, scheme: str = "nf4", *, block_size: int = 64,
     block_size: NF4 values per absmax, one of 32, 64, ..., 4096 dividing the
       size of ``axis``. Ignored by int8.
     double_quant: NF4 only: quantize the absmax values too (bitsandbytes'
-      ``compress_statistics``), saving about 0.37 bits per parameter.
+      ``compress_statistics``), saving 0.37 bits per parameter at block 64.
     axis: ``-2`` or ``-1``: the blocked (input) axis.
 
   Returns:
