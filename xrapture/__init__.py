@@ -37,8 +37,7 @@ from xrapture._src.transform.spec import default_spec
 from xrapture._src.transform.transform import LoraTransformed
 from xrapture._src.transform.transform import transform
 from xrapture._src.transform.transform import transform_with_state
-
-__version__ = "0.1.0"
+from xrapture._src.version import __version__
 
 __all__ = (
     "ArrayValue",

@@ -49,7 +49,7 @@ def save_adapter(path: str, params: Any, lora_spec: Any) -> None:
     lora_spec: ``model.spec(base_params)``: ``LORA_FULL`` leaves are saved
       too, frozen ones are not.
   """
-  from xrapture import __version__  # pylint: disable=g-import-not-at-top
+  from xrapture._src.version import __version__  # pylint: disable=g-import-not-at-top
   flat_params, _ = paths.flatten_with_paths(params)
   ranks = jax.tree_util.tree_leaves(lora_spec)
   if len(ranks) != len(flat_params):
