@@ -1,8 +1,11 @@
 """xrapture: LoRA for JAX + Haiku as a functional transform."""
 
+import jax as _jax
+
+from xrapture import implicit
+from xrapture._src import deprecations as _deprecations
 from xrapture._src import implicit as _implicit  # registers higher-order rules
 from xrapture._src import lora as _lora  # registers LoraWeight handlers
-from xrapture._src.implicit.implicit_array import ArrayValue
 from xrapture._src.implicit.implicit_array import aux_field
 from xrapture._src.implicit.implicit_array import EmptyNode
 from xrapture._src.implicit.implicit_array import ImplicitArray
@@ -20,7 +23,7 @@ from xrapture._src.io.adapter import load_adapter
 from xrapture._src.io.adapter import save_adapter
 from xrapture._src.io.peft import export_peft
 from xrapture._src.io.peft import import_peft
-from xrapture._src.lora.dot_general import lora_matmul
+from xrapture._src.lora import dot_general as _dot_general
 from xrapture._src.lora.lora_weight import LORA_FREEZE
 from xrapture._src.lora.lora_weight import LORA_FULL
 from xrapture._src.lora.lora_weight import LoraWeight
@@ -40,7 +43,6 @@ from xrapture._src.transform.transform import transform_with_state
 from xrapture._src.version import __version__
 
 __all__ = (
-    "ArrayValue",
     "aux_field",
     "count_trainable",
     "CustomRuleDroppedWarning",
@@ -51,12 +53,12 @@ __all__ = (
     "freeze_keys",
     "freeze_subtrees",
     "ImplicitArray",
+    "implicit",
     "import_peft",
     "is_implicit",
     "load_adapter",
     "LORA_FREEZE",
     "LORA_FULL",
-    "lora_matmul",
     "LoraTransformed",
     "LoraWeight",
     "MaterializationError",
@@ -76,6 +78,16 @@ __all__ = (
     "XRapTureConfig",
     "XRapTureModule",
 )
+
+# Deprecated names: they work and warn. One line each:
+#   "old_name": ("what to use instead", the_object),
+_DEPRECATED = {
+    "ArrayValue": ("jax.Array", _jax.Array),
+    "lora_matmul": ("a LoraWeight under xrapture.transform or "
+                    "xrapture.implicit.use_implicit_args (its dot_general "
+                    "handler runs this kernel)", _dot_general.lora_matmul),
+}
+__getattr__ = _deprecations.module_getattr(__name__, _DEPRECATED)
 
 #  _________________________________________
 # / Please don't use symbols in `_src` they \

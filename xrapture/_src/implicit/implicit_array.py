@@ -12,8 +12,6 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-ArrayValue = jax.Array
-
 _AUX = "xrapture_aux"
 
 
