@@ -23,18 +23,15 @@ def _deprecation_messages(fn):
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     result = fn()
-  return result, [str(w.message) for w in caught
-                  if issubclass(w.category, DeprecationWarning)]
+  return result, [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)]
 
 
 class ModuleGetattrTest(absltest.TestCase):
-
   def _module(self):
     module = types.ModuleType("fake")
     module.kept = 1
     sentinel = object()
-    module.__getattr__ = deprecations.module_getattr(
-        "fake", {"old": ("fake.kept", sentinel)})
+    module.__getattr__ = deprecations.module_getattr("fake", {"old": ("fake.kept", sentinel)})
     return module, sentinel
 
   def test_alias_warns_with_its_replacement_and_returns_the_object(self):
@@ -48,7 +45,7 @@ class ModuleGetattrTest(absltest.TestCase):
     module, _ = self._module()
     with warnings.catch_warnings(record=True) as caught:
       warnings.simplefilter("always")
-      getattr(module, "old")
+      _ = module.old
     self.assertLen(caught, 1)
     self.assertEqual(caught[0].filename, __file__)
 
@@ -61,12 +58,11 @@ class ModuleGetattrTest(absltest.TestCase):
   def test_unknown_name_raises_attribute_error(self):
     module, _ = self._module()
     with self.assertRaisesRegex(AttributeError, "'fake' has no attribute 'nope'"):
-      getattr(module, "nope")
+      _ = module.nope
     self.assertFalse(hasattr(module, "nope"))
 
 
 class XraptureAliasesTest(parameterized.TestCase):
-
   @parameterized.parameters("ArrayValue", "lora_matmul")
   def test_deprecated_names_are_not_public(self, name):
     self.assertNotIn(name, xrapture.__all__)
@@ -81,7 +77,9 @@ class XraptureAliasesTest(parameterized.TestCase):
   def test_from_import_still_works(self):
     def from_import():
       from xrapture import ArrayValue  # pylint: disable=g-import-not-at-top
+
       return ArrayValue
+
     value, messages = _deprecation_messages(from_import)
     self.assertIs(value, jax.Array)
     self.assertNotEmpty(messages)
@@ -94,13 +92,13 @@ class XraptureAliasesTest(parameterized.TestCase):
     rng = np.random.default_rng(0)
     x, w = rng.normal(size=(3, 4)), rng.normal(size=(4, 5))
     a, b = rng.normal(size=(2, 5)), rng.normal(size=(4, 2))
-    out = lora_matmul(jnp.asarray(x), jnp.asarray(w), jnp.asarray(a), jnp.asarray(b),
-                      0, 0.5, None, None)
+    out = lora_matmul(
+      jnp.asarray(x), jnp.asarray(w), jnp.asarray(a), jnp.asarray(b), 0, 0.5, None, None
+    )
     np.testing.assert_allclose(out, x @ (w + 0.5 * b @ a), rtol=1e-5, atol=1e-5)
 
 
 class ImplicitNamespaceTest(parameterized.TestCase):
-
   @parameterized.parameters(*xrapture.implicit.__all__)
   def test_same_object_at_top_level_without_warning(self, name):
     with warnings.catch_warnings():

@@ -35,7 +35,7 @@ class VersionTest(absltest.TestCase):
 
   def test_setup_py_reads_this_version(self):
     try:
-      import setuptools  # pylint: disable=g-import-not-at-top,unused-import
+      import setuptools  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
     except ImportError:
       self.skipTest('setup.py needs setuptools')
     result = subprocess.run(

@@ -25,12 +25,13 @@ Alias = tuple[str, Any]
 
 def message(module: str, name: str, instead: str) -> str:
   """The warning text for ``module.name``."""
-  return (f"{module}.{name} is deprecated and will be removed in a future "
-          f"release; instead, use {instead}.")
+  return (
+    f"{module}.{name} is deprecated and will be removed in a future "
+    f"release; instead, use {instead}."
+  )
 
 
-def module_getattr(module: str,
-                   aliases: Mapping[str, Alias]) -> Callable[[str], Any]:
+def module_getattr(module: str, aliases: Mapping[str, Alias]) -> Callable[[str], Any]:
   """A module ``__getattr__`` that serves ``aliases`` with a warning.
 
   Args:
@@ -42,11 +43,12 @@ def module_getattr(module: str,
     ``DeprecationWarning`` that names the replacement, and raises
     ``AttributeError`` for any other name.
   """
+
   def getattr_(name: str) -> Any:
     if name in aliases:
       instead, value = aliases[name]
-      warnings.warn(message(module, name, instead), DeprecationWarning,
-                    stacklevel=2)
+      warnings.warn(message(module, name, instead), DeprecationWarning, stacklevel=2)
       return value
     raise AttributeError(f"module {module!r} has no attribute {name!r}")
+
   return getattr_
