@@ -94,6 +94,6 @@ __getattr__ = _deprecations.module_getattr(__name__, _DEPRECATED)
 # \ are not part of the xrapture public API. /
 #  -----------------------------------------
 try:
-  del _src  # pylint: disable=undefined-variable
+  del _src  # type: ignore[name-defined]  # pylint: disable=undefined-variable
 except NameError:
   pass

@@ -111,5 +111,5 @@ def materialize(value: Any, reason: str) -> Any:
 def default_handler(primitive: Any, *args: Any, **params: Any) -> Any:
   """Materializes implicit operands (with a warning) and binds ``primitive``."""
   reason = f"no handler for primitive '{primitive.name}'"
-  args = [materialize(a, reason) for a in args]
-  return primitive.bind(*args, **params)
+  dense = [materialize(a, reason) for a in args]
+  return primitive.bind(*dense, **params)
