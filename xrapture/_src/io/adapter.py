@@ -15,6 +15,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from xrapture._src import pytypes
 from xrapture._src.io import atomic
 from xrapture._src.lora import lora_weight
 from xrapture._src.transform import paths
@@ -40,7 +41,7 @@ def _from_numpy(arr: np.ndarray, name: str) -> jax.Array:
   return jnp.asarray(arr)
 
 
-def save_adapter(path: str, params: Any, lora_spec: Any) -> None:
+def save_adapter(path: str, params: pytypes.Params, lora_spec: pytypes.LoraSpec) -> None:
   """Writes the trainable part of ``params`` to ``path`` atomically.
 
   Args:
@@ -103,7 +104,7 @@ def read_adapter(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   return header, tensors
 
 
-def load_adapter(path: str, base_params: Any) -> Any:
+def load_adapter(path: str, base_params: pytypes.Params) -> pytypes.Params:
   """Applies the adapter file at ``path`` to ``base_params``.
 
   Returns:

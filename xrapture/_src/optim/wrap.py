@@ -5,6 +5,7 @@ from typing import Any
 import jax
 import optax
 
+from xrapture._src import pytypes
 from xrapture._src.implicit import implicit_array
 from xrapture._src.lora import lora_weight
 from xrapture._src.optim import freeze
@@ -21,7 +22,7 @@ def frozen_flags(lora_spec: Any, params: Any) -> Any:
   return jax.tree.map(one, lora_spec, params, is_leaf=lora_weight.is_spec_leaf)
 
 
-def wrap_optimizer(tx: optax.GradientTransformation, lora_spec: Any,
+def wrap_optimizer(tx: optax.GradientTransformation, lora_spec: pytypes.LoraSpec,
                    use_scalar_zeros: bool = False) -> optax.GradientTransformation:
   """Wraps ``tx`` to update only adapters (``a``, ``b``) and ``LORA_FULL`` leaves.
 
