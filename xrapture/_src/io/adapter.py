@@ -49,6 +49,25 @@ def save_adapter(path: str, params: pytypes.Params, lora_spec: pytypes.LoraSpec)
     params: adapted params (with LoraWeights).
     lora_spec: ``model.spec(base_params)``: ``LORA_FULL`` leaves are saved
       too, frozen ones are not.
+
+  Examples:
+    >>> import os, tempfile
+    >>> import haiku as hk, jax, jax.numpy as jnp, xrapture
+    >>> spec = xrapture.default_spec()
+    >>> spec.rank = 2
+    >>> model = xrapture.transform(lambda x: hk.Linear(4)(x), spec)
+    >>> x = jnp.ones([1, 8])
+    >>> base = model.init(jax.random.PRNGKey(0), x)
+    >>> params = model.adapt(jax.random.PRNGKey(1), base)
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> path = os.path.join(tmp.name, "adapter.safetensors")
+    >>> xrapture.save_adapter(path, params, model.spec(base))
+    >>> loaded = xrapture.load_adapter(path, base)
+    >>> loaded["linear"]["w"].rank, loaded["linear"]["w"].alpha
+    (2, 16.0)
+    >>> bool((loaded["linear"]["w"].a == params["linear"]["w"].a).all())
+    True
+    >>> tmp.cleanup()
   """
   from xrapture._src.version import __version__  # pylint: disable=g-import-not-at-top
   flat_params, _ = paths.flatten_with_paths(params)
@@ -115,6 +134,9 @@ def load_adapter(path: str, base_params: pytypes.Params) -> pytypes.Params:
     ValueError: the file is unreadable, or does not fit ``base_params``: the
       message names every path that is missing or whose shape or dtype
       differs, with both shapes. Nothing is partially applied.
+
+  Examples:
+    See :func:`save_adapter`.
   """
   header, tensors = read_adapter(path)
   entries = header["entries"]

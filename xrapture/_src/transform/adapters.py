@@ -132,6 +132,14 @@ def merge_params(params: pytypes.Params, destructive: bool = False) -> pytypes.P
   Returns:
     Plain arrays that ``hk.transform(f).apply`` accepts; other leaves are
     returned as the same objects.
+
+  Examples:
+    >>> import jax.numpy as jnp, xrapture
+    >>> lora = xrapture.LoraWeight(jnp.eye(2), jnp.ones((1, 2)), jnp.ones((2, 1)))
+    >>> merged = xrapture.merge_params({"linear": {"w": lora, "b": jnp.zeros(2)}})
+    >>> print(merged["linear"]["w"])  # eye(2) + (1 / 1) · b @ a
+    [[2. 1.]
+     [1. 2.]]
   """
   merge = _merge_donating if destructive else _merge
   with warnings.catch_warnings():
