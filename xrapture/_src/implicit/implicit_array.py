@@ -109,6 +109,7 @@ def _register(cls):
 
 
 def is_implicit(x: Any) -> bool:
+  """True if ``x`` is an ImplicitArray (of any subclass)."""
   return isinstance(x, ImplicitArray)
 
 

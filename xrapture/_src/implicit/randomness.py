@@ -13,7 +13,8 @@ from typing import Iterator
 import jax
 
 _STATE: contextvars.ContextVar["_State | None"] = contextvars.ContextVar(
-    "xrapture_handler_rng", default=None)
+  "xrapture_handler_rng", default=None
+)
 
 
 class _State:
