@@ -34,6 +34,7 @@ setup(
     name='xrapture',
     version=_get_version(),
     description='LoRA for JAX + Haiku as a functional transform.',
+    license='Apache-2.0',
     long_description=_get_long_description(),
     long_description_content_type='text/markdown',
     packages=find_packages(include=['xrapture', 'xrapture.*'],
