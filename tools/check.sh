@@ -40,6 +40,7 @@ FORMATTED=(
   xrapture/_src/transform/spec.py
   xrapture/_src/version.py
   xrapture/implicit.py
+  xrapture_test/contributing_test.py
   xrapture_test/conftest.py
   xrapture_test/deprecations_test.py
 )
