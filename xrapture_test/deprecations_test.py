@@ -62,6 +62,49 @@ class ModuleGetattrTest(absltest.TestCase):
     self.assertFalse(hasattr(module, "nope"))
 
 
+class _Model:
+  def lora_spec(self, x):
+    return ("lora_spec", x)
+
+  spec = deprecations.method_alias(lora_spec, "_Model.spec")
+
+
+@deprecations.renamed_kwargs(spec="config")
+def _build(f, config=None):
+  return (f, config)
+
+
+class MethodAliasTest(absltest.TestCase):
+  def test_old_name_warns_and_calls_the_new_method(self):
+    value, messages = _deprecation_messages(lambda: _Model().spec(3))
+    self.assertEqual(value, ("lora_spec", 3))
+    self.assertLen(messages, 1)
+    self.assertRegex(messages[0], r"^_Model\.spec is deprecated .*use _Model\.lora_spec\.$")
+
+  def test_new_name_does_not_warn(self):
+    value, messages = _deprecation_messages(lambda: _Model().lora_spec(3))
+    self.assertEqual(value, ("lora_spec", 3))
+    self.assertEmpty(messages)
+
+
+class RenamedKwargsTest(absltest.TestCase):
+  def test_old_keyword_warns_and_is_passed_under_the_new_one(self):
+    value, messages = _deprecation_messages(lambda: _build("f", spec=1))
+    self.assertEqual(value, ("f", 1))
+    self.assertLen(messages, 1)
+    self.assertRegex(messages[0], r"_build\(spec=\.\.\.\) is deprecated .*use config=\.$")
+
+  def test_new_keyword_and_positional_do_not_warn(self):
+    for call in (lambda: _build("f", config=1), lambda: _build("f", 1)):
+      value, messages = _deprecation_messages(call)
+      self.assertEqual(value, ("f", 1))
+      self.assertEmpty(messages)
+
+  def test_both_keywords_is_an_error_naming_them(self):
+    with self.assertRaisesRegex(TypeError, r"both spec= \(deprecated\) and config="):
+      _build("f", spec=1, config=2)
+
+
 class XraptureAliasesTest(parameterized.TestCase):
   @parameterized.parameters("ArrayValue", "lora_matmul")
   def test_deprecated_names_are_not_public(self, name):

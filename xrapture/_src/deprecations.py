@@ -12,12 +12,24 @@ not define::
 
 Adding a deprecated alias is one line in that dict. Deprecated names stay out
 of ``__all__``, so ``from xrapture import *`` and the docs skip them.
+
+Renamed methods and keyword arguments are one line each too::
+
+  class LoraTransformed:
+    def new_name(self, ...): ...
+    old_name = deprecations.method_alias(new_name, "LoraTransformed.old_name")
+
+  @deprecations.renamed_kwargs(old="new")
+  def function(new): ...
 """
 
 from collections.abc import Callable
 from collections.abc import Mapping
-from typing import Any
+import functools
+from typing import Any, TypeVar
 import warnings
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 # An entry: (what to use instead, as the warning names it; the object).
 Alias = tuple[str, Any]
@@ -52,3 +64,65 @@ def module_getattr(module: str, aliases: Mapping[str, Alias]) -> Callable[[str],
     raise AttributeError(f"module {module!r} has no attribute {name!r}")
 
   return getattr_
+
+
+def method_alias(method: _F, old: str) -> _F:
+  """A deprecated method name ``old`` (e.g. ``"Model.spec"``) for ``method``.
+
+  Args:
+    method: the method under its new name, as defined in the class body.
+    old: ``"Class.old_name"``, for the message.
+
+  Returns:
+    A function that warns (``DeprecationWarning`` naming the new method) and
+    calls ``method``.
+  """
+  owner = old.rsplit(".", 1)[0]
+
+  @functools.wraps(method)
+  def alias(*args: Any, **kwargs: Any) -> Any:
+    warnings.warn(
+      f"{old} is deprecated and will be removed in a future release; "
+      f"instead, use {owner}.{method.__name__}.",
+      DeprecationWarning,
+      stacklevel=2,
+    )
+    return method(*args, **kwargs)
+
+  return alias  # type: ignore[return-value]
+
+
+def renamed_kwargs(**renames: str) -> Callable[[_F], _F]:
+  """Decorator: keyword arguments ``old=new`` still accepted under ``old``.
+
+  Args:
+    **renames: old keyword name -> new keyword name.
+
+  Returns:
+    A decorator whose function takes each old keyword with a
+    ``DeprecationWarning`` and passes it on under the new one; both at once
+    is a ``TypeError``.
+  """
+
+  def decorate(fn: _F) -> _F:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+      for old, new in renames.items():
+        if old not in kwargs:
+          continue
+        if new in kwargs:
+          raise TypeError(
+            f"{fn.__qualname__}() got both {old}= (deprecated) and {new}=; pass {new}= only."
+          )
+        warnings.warn(
+          f"{fn.__qualname__}({old}=...) is deprecated and will be removed in a "
+          f"future release; instead, use {new}=.",
+          DeprecationWarning,
+          stacklevel=2,
+        )
+        kwargs[new] = kwargs.pop(old)
+      return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+  return decorate
