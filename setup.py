@@ -9,13 +9,16 @@ from setuptools import setup
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+_VERSION_FILE = os.path.join('xrapture', '_src', 'version.py')
+
+
 def _get_version():
-  """Returns `__version__` from xrapture/__init__.py, without importing it."""
-  with open(os.path.join(_HERE, 'xrapture', '__init__.py')) as f:
+  """Returns `__version__` from xrapture/_src/version.py, without importing it."""
+  with open(os.path.join(_HERE, _VERSION_FILE)) as f:
     match = re.search(r'^__version__\s*=\s*[\'"]([^\'"]+)[\'"]', f.read(),
                       re.MULTILINE)
   if match is None:
-    raise ValueError('`__version__` not defined in xrapture/__init__.py')
+    raise ValueError(f'`__version__` not defined in {_VERSION_FILE}')
   return match.group(1)
 
 
@@ -31,6 +34,7 @@ setup(
     name='xrapture',
     version=_get_version(),
     description='LoRA for JAX + Haiku as a functional transform.',
+    license='Apache-2.0',
     long_description=_get_long_description(),
     long_description_content_type='text/markdown',
     packages=find_packages(include=['xrapture', 'xrapture.*'],

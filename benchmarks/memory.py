@@ -88,7 +88,7 @@ def run_child(name: str) -> dict:
   batch = lm.batch(cfg)
   out = {"variant": name}
   if name == "peft":
-    import peft  # pylint: disable=g-import-not-at-top,unused-import
+    import peft  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
     import torch  # pylint: disable=g-import-not-at-top
   jax.block_until_ready(jax.jit(lambda x: x + 1)(np.ones(4, np.float32)))
   out["baseline_rss"] = _rss_bytes()
@@ -213,7 +213,7 @@ def main(argv):
     for name in _VARIANTS.value:
       if name == "peft":
         try:
-          import peft  # pylint: disable=g-import-not-at-top,unused-import
+          import peft  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
         except ImportError:
           continue
       key = f"{name} B={b}"

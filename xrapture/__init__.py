@@ -1,9 +1,12 @@
 """xrapture: LoRA for JAX + Haiku as a functional transform."""
 
+import jax as _jax
+
+from xrapture import implicit
+from xrapture._src import deprecations as _deprecations
 from xrapture._src import implicit as _implicit  # registers higher-order rules
 from xrapture._src import lora as _lora  # registers LoraWeight handlers
 from xrapture._src import quant as _quant  # registers QuantizedArray handlers
-from xrapture._src.implicit.implicit_array import ArrayValue
 from xrapture._src.implicit.implicit_array import aux_field
 from xrapture._src.implicit.implicit_array import EmptyNode
 from xrapture._src.implicit.implicit_array import ImplicitArray
@@ -21,7 +24,7 @@ from xrapture._src.io.adapter import load_adapter
 from xrapture._src.io.adapter import save_adapter
 from xrapture._src.io.peft import export_peft
 from xrapture._src.io.peft import import_peft
-from xrapture._src.lora.dot_general import lora_matmul
+from xrapture._src.lora import dot_general as _dot_general
 from xrapture._src.lora.lora_weight import LORA_FREEZE
 from xrapture._src.lora.lora_weight import LORA_FULL
 from xrapture._src.lora.lora_weight import LoraWeight
@@ -41,11 +44,9 @@ from xrapture._src.transform.spec import default_spec
 from xrapture._src.transform.transform import LoraTransformed
 from xrapture._src.transform.transform import transform
 from xrapture._src.transform.transform import transform_with_state
-
-__version__ = "0.1.0"
+from xrapture._src.version import __version__
 
 __all__ = (
-    "ArrayValue",
     "aux_field",
     "count_trainable",
     "CustomRuleDroppedWarning",
@@ -57,12 +58,12 @@ __all__ = (
     "freeze_keys",
     "freeze_subtrees",
     "ImplicitArray",
+    "implicit",
     "import_peft",
     "is_implicit",
     "load_adapter",
     "LORA_FREEZE",
     "LORA_FULL",
-    "lora_matmul",
     "LoraTransformed",
     "LoraWeight",
     "MaterializationError",
@@ -85,11 +86,21 @@ __all__ = (
     "XRapTureModule",
 )
 
+# Deprecated names: they work and warn. One line each:
+#   "old_name": ("what to use instead", the_object),
+_DEPRECATED = {
+    "ArrayValue": ("jax.Array", _jax.Array),
+    "lora_matmul": ("a LoraWeight under xrapture.transform or "
+                    "xrapture.implicit.use_implicit_args (its dot_general "
+                    "handler runs this kernel)", _dot_general.lora_matmul),
+}
+__getattr__ = _deprecations.module_getattr(__name__, _DEPRECATED)
+
 #  _________________________________________
 # / Please don't use symbols in `_src` they \
 # \ are not part of the xrapture public API. /
 #  -----------------------------------------
 try:
-  del _src  # pylint: disable=undefined-variable
+  del _src  # type: ignore[name-defined]  # pylint: disable=undefined-variable
 except NameError:
   pass

@@ -25,8 +25,8 @@ _TOY = dict(d_model=32, head_dim=16, n_layers=1, vocab=32, seq_len=8, batch=2,
 
 def _has_peft():
   try:
-    import peft  # pylint: disable=g-import-not-at-top,unused-import
-    import torch  # pylint: disable=g-import-not-at-top,unused-import
+    import peft  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
+    import torch  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
   except ImportError:
     return False
   return True

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 import xrapture
+from xrapture._src.lora import dot_general
 from xrapture._src.testing import dense_check
 from xrapture._src.testing import reference
 
@@ -184,11 +185,11 @@ class DotGeneralTest(parameterized.TestCase):
     lora, x = _lora(), _rand(1, 6, k)
     s = lora.get_scale()
     dense = _dense_np(lora) if w_axis == 0 else _dense_np(lora).T
-    out = xrapture.lora_matmul(x, lora.w, lora.a, lora.b, w_axis, s, None, None)
+    out = dot_general.lora_matmul(x, lora.w, lora.a, lora.b, w_axis, s, None, None)
     np.testing.assert_allclose(out, np.asarray(x) @ dense, rtol=1e-4, atol=1e-4)
     g = _rand(2, *out.shape)
     loss = lambda x, w, a, b: jnp.sum(
-        xrapture.lora_matmul(x, w, a, b, w_axis, s, None, None) * g)
+        dot_general.lora_matmul(x, w, a, b, w_axis, s, None, None) * g)
     dx, dw, da, db = jax.grad(loss, (0, 1, 2, 3))(x, lora.w, lora.a, lora.b)
     np.testing.assert_array_equal(dw, np.zeros((M, N)))
     x_, g_ = np.asarray(x), np.asarray(g)

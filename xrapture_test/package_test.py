@@ -14,6 +14,10 @@ import xrapture
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TEST_DIR = os.path.join(_ROOT, 'xrapture_test')
 
+# `import xrapture` / `from xrapture import ...`, at any indentation.
+_PUBLIC_IMPORT = re.compile(r'^\s*(from xrapture import |import xrapture\s*$)',
+                            re.MULTILINE)
+
 # Set by test.sh for its pytest run, which must test the installed package.
 _EXPECT_INSTALLED = os.environ.get('XRAPTURE_EXPECT_INSTALLED') == '1'
 
@@ -31,7 +35,7 @@ class VersionTest(absltest.TestCase):
 
   def test_setup_py_reads_this_version(self):
     try:
-      import setuptools  # pylint: disable=g-import-not-at-top,unused-import
+      import setuptools  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
     except ImportError:
       self.skipTest('setup.py needs setuptools')
     result = subprocess.run(
@@ -40,6 +44,38 @@ class VersionTest(absltest.TestCase):
     # A stale install (source changed, not reinstalled) fails here.
     self.assertEqual(result.stdout.strip().splitlines()[-1],
                      xrapture.__version__)
+
+
+  def test_version_is_written_once(self):
+    # setup.py, xrapture.__version__ and the adapter files' header all read
+    # xrapture/_src/version.py.
+    from xrapture._src import version  # pylint: disable=g-import-not-at-top
+    self.assertIs(xrapture.__version__, version.__version__)
+    assignment = re.compile(r'^\s*__version__\s*=', re.MULTILINE)
+    written = []
+    for path in _package_modules(os.path.dirname(os.path.abspath(xrapture.__file__))):
+      with open(os.path.join(os.path.dirname(xrapture.__file__), path)) as f:
+        if assignment.search(f.read()):
+          written.append(path)
+    self.assertEqual(written, [os.path.join('_src', 'version.py')])
+
+
+class PublicSurfaceTest(absltest.TestCase):
+
+  def test_private_modules_do_not_import_the_public_face(self):
+    # `import xrapture` inside _src would run the public __init__ from the
+    # middle of its own import (a cycle) and tie private code to the facade.
+    src_dir = os.path.join(os.path.dirname(os.path.abspath(xrapture.__file__)), '_src')
+    offenders = []
+    for path in _package_modules(src_dir):
+      with open(os.path.join(src_dir, path)) as f:
+        offenders += [f'_src/{path}: {m.group(0).strip()}'
+                      for m in _PUBLIC_IMPORT.finditer(f.read())]
+    self.assertEmpty(offenders)
+
+  def test_positive_control_the_pattern_finds_a_public_import(self):
+    self.assertTrue(_PUBLIC_IMPORT.search('def f():\n  from xrapture import __version__\n'))
+    self.assertIsNone(_PUBLIC_IMPORT.search('from xrapture._src import version\n'))
 
 
 class InstalledPackageTest(absltest.TestCase):

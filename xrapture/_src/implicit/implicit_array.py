@@ -7,12 +7,16 @@ automatically, so ``jax.jit``, ``jax.grad`` and optax see their children.
 """
 
 import dataclasses
+import sys
 from typing import Any, Callable
 
 import jax
 import numpy as np
 
-ArrayValue = jax.Array
+if sys.version_info >= (3, 11):
+  from typing import dataclass_transform
+else:  # Only tells type checkers that subclasses are dataclasses.
+  dataclass_transform = lambda **_: lambda cls: cls
 
 _AUX = "xrapture_aux"
 
@@ -24,6 +28,7 @@ def aux_field(**kwargs) -> Any:
   return dataclasses.field(metadata=metadata, **kwargs)
 
 
+@dataclass_transform(field_specifiers=(dataclasses.field, aux_field))
 class ImplicitArray:
   """Base class of arrays represented implicitly.
 
@@ -104,6 +109,7 @@ def _register(cls):
 
 
 def is_implicit(x: Any) -> bool:
+  """True if ``x`` is an ImplicitArray (of any subclass)."""
   return isinstance(x, ImplicitArray)
 
 
@@ -122,7 +128,7 @@ class _EmptyNodeType:
 
 
 jax.tree_util.register_pytree_node(
-    _EmptyNodeType, lambda _: ((), None), lambda *_: EmptyNode)
+    _EmptyNodeType, lambda _: ((), None), lambda *_: _EmptyNodeType())
 
 EmptyNode = _EmptyNodeType()
 
@@ -132,7 +138,7 @@ def tree_map_with_implicit(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any
   return jax.tree_util.tree_map(fn, tree, *rest, is_leaf=is_implicit)
 
 
-def map_fields(fn: Callable[[str, Any], Any], obj: ImplicitArray) -> Any:
+def map_fields(fn: Callable[[str | None, Any], Any], obj: ImplicitArray) -> Any:
   """Rebuilds ``obj`` with each leaf replaced by ``fn(field_name, leaf)``.
 
   The result is unvalidated: leaves may become labels, ``None`` or

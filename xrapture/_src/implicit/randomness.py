@@ -12,7 +12,9 @@ from typing import Iterator
 
 import jax
 
-_STATE = contextvars.ContextVar("xrapture_handler_rng", default=None)
+_STATE: contextvars.ContextVar["_State | None"] = contextvars.ContextVar(
+  "xrapture_handler_rng", default=None
+)
 
 
 class _State:
@@ -36,13 +38,15 @@ def active() -> bool:
   return _STATE.get() is not None
 
 
+def _fresh(state: _State) -> jax.Array:
+  state.count += 1
+  return jax.random.fold_in(state.key, state.count)
+
+
 def next_key() -> jax.Array | None:
   """A fresh key, or None outside :func:`handler_rng`."""
   state = _STATE.get()
-  if state is None:
-    return None
-  state.count += 1
-  return jax.random.fold_in(state.key, state.count)
+  return None if state is None else _fresh(state)
 
 
 @contextlib.contextmanager
@@ -52,5 +56,5 @@ def loop_step(step: jax.Array) -> Iterator[None]:
   if state is None:
     yield
     return
-  with handler_rng(jax.random.fold_in(next_key(), step)):
+  with handler_rng(jax.random.fold_in(_fresh(state), step)):
     yield

@@ -75,13 +75,27 @@ def higher_order_rule_for(name: str) -> Handler | None:
 def strict_mode(enabled: bool = True) -> Iterator[None]:
   """Within this context, any materialization raises MaterializationError.
 
-  Use it to prove that a model runs without ever forming a dense weight::
-
-    with xrapture.strict_mode():
-      model.apply(params, rng, batch)
-
+  Use it to prove that a model runs without ever forming a dense weight:
+  ``with xrapture.strict_mode(): model.apply(params, rng, batch)``.
   Materialization happens while tracing, so under ``jax.jit`` the error is
   raised the first time the function is traced inside the context.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from xrapture import implicit
+    >>> class Doubled(implicit.ImplicitArray):  # stands for 2 * value
+    ...   value: jax.Array
+    ...   shape = property(lambda self: self.value.shape)
+    ...   dtype = property(lambda self: self.value.dtype)
+    ...   def materialize(self):
+    ...     return 2 * self.value
+    >>> sin = implicit.use_implicit_args(jnp.sin)  # no handler for sin
+    >>> try:
+    ...   with implicit.strict_mode():
+    ...     sin(Doubled(jnp.zeros(3)))
+    ... except implicit.MaterializationError as e:
+    ...   print(e)
+    Doubled of shape (3,) materialized: no handler for primitive 'sin'...
   """
   token = _STRICT.set(enabled)
   try:
@@ -111,5 +125,5 @@ def materialize(value: Any, reason: str) -> Any:
 def default_handler(primitive: Any, *args: Any, **params: Any) -> Any:
   """Materializes implicit operands (with a warning) and binds ``primitive``."""
   reason = f"no handler for primitive '{primitive.name}'"
-  args = [materialize(a, reason) for a in args]
-  return primitive.bind(*args, **params)
+  dense = [materialize(a, reason) for a in args]
+  return primitive.bind(*dense, **params)

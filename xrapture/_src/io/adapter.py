@@ -19,6 +19,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from xrapture._src import pytypes
 from xrapture._src.io import atomic
 from xrapture._src.io import integrity
 from xrapture._src.lora import lora_weight
@@ -116,7 +117,7 @@ def _lora_from_entry(entry: dict[str, Any], w: Any, a: Any, b: Any) -> LoraWeigh
   return LoraWeight(w, a, b, alpha=entry["alpha"], rslora=entry["rslora"])
 
 
-def save_adapter(path: str, params: Any, lora_spec: Any) -> None:
+def save_adapter(path: str, params: pytypes.Params, lora_spec: pytypes.LoraSpec) -> None:
   """Writes the trainable part of ``params`` to ``path`` atomically.
 
   Args:
@@ -131,8 +132,27 @@ def save_adapter(path: str, params: Any, lora_spec: Any) -> None:
       saved.
     OSError: the file could not be written (the message names it); an
       existing file at ``path`` is left as it was.
+
+  Examples:
+    >>> import os, tempfile
+    >>> import haiku as hk, jax, jax.numpy as jnp, xrapture
+    >>> spec = xrapture.default_spec()
+    >>> spec.rank = 2
+    >>> model = xrapture.transform(lambda x: hk.Linear(4)(x), spec)
+    >>> x = jnp.ones([1, 8])
+    >>> base = model.init(jax.random.PRNGKey(0), x)
+    >>> params = model.adapt(jax.random.PRNGKey(1), base)
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> path = os.path.join(tmp.name, "adapter.safetensors")
+    >>> xrapture.save_adapter(path, params, model.spec(base))
+    >>> loaded = xrapture.load_adapter(path, base)
+    >>> loaded["linear"]["w"].rank, loaded["linear"]["w"].alpha
+    (2, 16.0)
+    >>> bool((loaded["linear"]["w"].a == params["linear"]["w"].a).all())
+    True
+    >>> tmp.cleanup()
   """
-  from xrapture import __version__  # pylint: disable=g-import-not-at-top
+  from xrapture._src.version import __version__  # pylint: disable=g-import-not-at-top
   flat_params, _ = paths.flatten_with_paths(params)
   ranks = jax.tree_util.tree_leaves(lora_spec)
   if len(ranks) != len(flat_params):
@@ -298,7 +318,7 @@ def read_adapter(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   return header, tensors
 
 
-def load_adapter(path: str, base_params: Any) -> Any:
+def load_adapter(path: str, base_params: pytypes.Params) -> pytypes.Params:
   """Applies the adapter file at ``path`` to ``base_params``.
 
   Returns:
@@ -313,6 +333,9 @@ def load_adapter(path: str, base_params: Any) -> Any:
       shapes. Nothing is partially applied.
 
   A file without a checksum (from xrapture 0.1.0) loads with a warning.
+
+  Examples:
+    See :func:`save_adapter`.
   """
   header, tensors = read_adapter(path)
   entries = header["entries"]

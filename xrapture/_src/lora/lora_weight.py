@@ -39,6 +39,20 @@ class LoraWeight(implicit_array.ImplicitArray):
     b: the ``[..., M, r]`` factor.
     alpha: static LoRA alpha.
     rslora: static; scale by ``alpha / sqrt(r)`` (rank-stabilized LoRA).
+
+  Examples:
+    >>> import jax.numpy as jnp, xrapture
+    >>> lora = xrapture.LoraWeight(
+    ...     jnp.zeros((3, 2)), a=jnp.ones((1, 2)), b=jnp.ones((3, 1)), alpha=2.0)
+    >>> lora.shape, lora.rank, lora.get_scale()
+    ((3, 2), 1, 2.0)
+    >>> print(lora.materialize())
+    [[2. 2.]
+     [2. 2.]
+     [2. 2.]]
+    >>> matmul = xrapture.implicit.use_implicit_args(lambda x, w: x @ w)
+    >>> print(matmul(jnp.ones((1, 3)), lora))  # x @ w + 2 · (x @ b) @ a
+    [[6. 6.]]
   """
 
   w: jax.Array

@@ -82,7 +82,7 @@ def freeze_subtrees(
 
 def freeze_keys(
     tx: optax.GradientTransformation,
-    cls: type,
+    cls: type[implicit_array.ImplicitArray],
     keys: str | Iterable[str],
     use_scalar_zeros: bool = False,
 ) -> optax.GradientTransformation:

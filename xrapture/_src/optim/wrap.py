@@ -5,6 +5,7 @@ from typing import Any
 import jax
 import optax
 
+from xrapture._src import pytypes
 from xrapture._src.implicit import implicit_array
 from xrapture._src.lora import lora_weight
 from xrapture._src.optim import freeze
@@ -22,15 +23,28 @@ def frozen_flags(lora_spec: Any, params: Any) -> Any:
   return jax.tree.map(one, lora_spec, params, is_leaf=lora_weight.is_spec_leaf)
 
 
-def wrap_optimizer(tx: optax.GradientTransformation, lora_spec: Any,
+def wrap_optimizer(tx: optax.GradientTransformation, lora_spec: pytypes.LoraSpec,
                    use_scalar_zeros: bool = False) -> optax.GradientTransformation:
   """Wraps ``tx`` to update only adapters (``a``, ``b``) and ``LORA_FULL`` leaves.
 
   Examples:
-    >>> import optax, xrapture
-    >>> # lora_spec = model.spec(base_params); params = model.adapt(rng, base_params)
-    >>> # tx = xrapture.wrap_optimizer(optax.adamw(1e-3), lora_spec)
-    >>> # opt_state = tx.init(params)  # Adam moments for a, b (and full) only
+    >>> import haiku as hk, jax, jax.numpy as jnp, optax, xrapture
+    >>> spec = xrapture.default_spec()
+    >>> spec.rank = 2
+    >>> model = xrapture.transform(lambda x: hk.Linear(4)(x), spec)
+    >>> x = jnp.ones([1, 8])
+    >>> base = model.init(jax.random.PRNGKey(0), x)
+    >>> params = model.adapt(jax.random.PRNGKey(1), base)
+    >>> tx = xrapture.wrap_optimizer(optax.adam(1e-2), model.spec(base))
+    >>> opt_state = tx.init(params)  # Adam moments for a and b only
+    >>> grads = jax.grad(lambda p: jnp.sum(model.apply(p, None, x) ** 2))(params)
+    >>> updates, opt_state = tx.update(grads, opt_state, params)
+    >>> new = optax.apply_updates(params, updates)
+    >>> changed = jax.tree.map(lambda n, o: bool((n != o).any()), new, params)
+    >>> changed["linear"]["b"], changed["linear"]["w"].w  # frozen
+    (False, False)
+    >>> changed["linear"]["w"].b  # trained (a gets no gradient while b is 0)
+    True
 
   Args:
     tx: the optimizer for the trainable leaves.

@@ -162,6 +162,10 @@ def find_dense_products_in_hlo(
   """
   targets = _targets(shapes, (args, kwargs))
   text = jax.jit(lambda a, k: fn(*a, **k)).lower(args, kwargs).compile().as_text()
+  if text is None:  # Compiled.as_text() is None where the backend has no text form.
+    raise RuntimeError(
+        "This backend gives no text for the compiled HLO, so it cannot be searched; "
+        "use find_dense_products_in_jaxpr instead.")
   return find_dense_products_in_hlo_text(text, targets, flattened)
 
 

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from xrapture._src import pytypes
 from xrapture._src.implicit import implicit_array
 from xrapture._src.lora import lora_weight
 from xrapture._src.transform import layout as layout_lib
@@ -121,7 +122,7 @@ _merge_donating = jax.jit(lambda x: implicit_array.materialize_nested(x),
                           donate_argnums=0)
 
 
-def merge_params(params: Any, destructive: bool = False) -> Any:
+def merge_params(params: pytypes.Params, destructive: bool = False) -> pytypes.Params:
   """Replaces every LoraWeight by its dense ``w + scale · b @ a``.
 
   Args:
@@ -133,6 +134,14 @@ def merge_params(params: Any, destructive: bool = False) -> Any:
   Returns:
     Plain arrays that ``hk.transform(f).apply`` accepts; other leaves are
     returned as the same objects.
+
+  Examples:
+    >>> import jax.numpy as jnp, xrapture
+    >>> lora = xrapture.LoraWeight(jnp.eye(2), jnp.ones((1, 2)), jnp.ones((2, 1)))
+    >>> merged = xrapture.merge_params({"linear": {"w": lora, "b": jnp.zeros(2)}})
+    >>> print(merged["linear"]["w"])  # eye(2) + (1 / 1) · b @ a
+    [[2. 1.]
+     [1. 2.]]
   """
   merge = _merge_donating if destructive else _merge
   with warnings.catch_warnings():
@@ -142,7 +151,7 @@ def merge_params(params: Any, destructive: bool = False) -> Any:
         lambda x: merge(x) if implicit_array.is_implicit(x) else x, params)
 
 
-def split_lora_params(params: Any, lora_spec: Any) -> Any:
+def split_lora_params(params: pytypes.Params, lora_spec: pytypes.LoraSpec) -> pytypes.Params:
   """The trainable part of ``params``, with ``EmptyNode`` elsewhere.
 
   Every LoraWeight keeps ``a`` and ``b`` (its ``w`` becomes EmptyNode),
@@ -157,6 +166,6 @@ def split_lora_params(params: Any, lora_spec: Any) -> Any:
   return jax.tree.map(one, lora_spec, params, is_leaf=lora_weight.is_spec_leaf)
 
 
-def count_trainable(params: Any, lora_spec: Any) -> int:
+def count_trainable(params: pytypes.Params, lora_spec: pytypes.LoraSpec) -> int:
   """Number of trainable numbers: adapter entries plus LORA_FULL leaves."""
   return sum(int(np.size(x)) for x in jax.tree.leaves(split_lora_params(params, lora_spec)))

@@ -38,6 +38,17 @@ def default_spec() -> ml_collections.ConfigDict:
     alpha_pattern: ``(regex, alpha)`` pairs, likewise (``()``).
     dropout: dropout on the LoRA path's input, drawn from the ``rng`` given
       to ``apply``; off when that rng is None (0.0).
+
+  Examples:
+    >>> import xrapture
+    >>> spec = xrapture.default_spec()
+    >>> spec.rank, spec.alpha, spec.targets
+    (8, 16.0, ('.*/w',))
+    >>> spec.rank = 4
+    >>> spec.rnak = 4
+    Traceback (most recent call last):
+      ...
+    AttributeError: ...Key "rnak" does not exist and cannot be added since the config is locked...
   """
   spec = ml_collections.ConfigDict()
   spec.rank = 8

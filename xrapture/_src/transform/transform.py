@@ -50,7 +50,7 @@ class LoraTransformed:
     Args:
       params: base params.
       *example_args: optional inputs as for ``apply`` (arrays or
-        ``jax.ShapeDtypeStruct``s); default: those of the last :meth:`init`.
+        ``jax.ShapeDtypeStruct`` values); default: those of the last :meth:`init`.
       **example_kwargs: likewise.
 
     Returns:
@@ -110,7 +110,7 @@ class LoraTransformed:
       rng: key for the adapters' initialization.
       params: base params (e.g. pretrained).
       *example_args: inputs as for ``apply`` (arrays or
-        ``jax.ShapeDtypeStruct``s), needed only for kernels with more than
+        ``jax.ShapeDtypeStruct`` values), needed only for kernels with more than
         two dimensions when :meth:`init` was not called.
       **example_kwargs: likewise.
 
