@@ -20,7 +20,7 @@ import haiku as hk
 import jax
 import ml_collections
 
-from experiments import checkpointing
+from experiments import atomic
 from experiments import lm_data
 from experiments import lm_model
 from experiments import pretraining
@@ -92,11 +92,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
 
   if jax.process_index() == 0:
     text = report.table(results, config.domain, {'lora': lora_label(config.lora)})
-    with open(os.path.join(workdir, RESULTS_MD) + '.tmp', 'w') as f:
-      f.write(text)
-    os.replace(os.path.join(workdir, RESULTS_MD) + '.tmp',
-               os.path.join(workdir, RESULTS_MD))
-    checkpointing.write_json(os.path.join(workdir, RESULTS_JSON), results)
+    atomic.write_text(os.path.join(workdir, RESULTS_MD), text)
+    atomic.write_json(os.path.join(workdir, RESULTS_JSON), results)
     panels = [(f'fine-tuning on {config.domain!r} (val at step 0: the base)',
                {m: os.path.join(workdir, m, trainer.METRICS) for m in config.methods})]
     if not config.base_checkpoint:

@@ -9,7 +9,7 @@ from absl import logging
 import jax
 import ml_collections
 
-from experiments import checkpointing
+from experiments import atomic
 from experiments import sharding
 
 
@@ -68,6 +68,5 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> jax.sharding.Mesh:
   logging.info('Devices: %d (%s); mesh %s; workdir %s', jax.device_count(),
                jax.devices()[0].platform, dict(mesh.shape), workdir)
   if jax.process_index() == 0:
-    checkpointing.write_json(os.path.join(workdir, 'config.json'),
-                             config.to_dict())
+    atomic.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
   return mesh

@@ -20,9 +20,10 @@ import jax.numpy as jnp
 import ml_collections
 import xrapture
 
-from experiments import checkpointing
+from experiments import atomic
 from experiments import lm_data
 from experiments import lm_model
+from experiments import sharding
 from experiments import trainer
 
 BASE = 'base.safetensors'
@@ -68,9 +69,10 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   logging.info('Base model: val %.3f, test %.3f bits/byte on %r.',
                result['val_bpb'], result['test_bpb'], config.domain)
   if jax.process_index() == 0:
-    checkpointing.write_json(os.path.join(workdir, MODEL),
-                             dict(lm_model.architecture(config.model),
-                                  domain=config.domain, result=result))
+    atomic.write_json(os.path.join(workdir, MODEL),
+                      dict(lm_model.architecture(config.model),
+                           domain=config.domain, result=result))
+  sharding.sync('pretraining: base written')
   return load(workdir, config.model)
 
 

@@ -1,13 +1,14 @@
 """The comparison table (markdown) and the training curves (PNG)."""
 
-import json
-import os
 from typing import Any, Sequence
 
 import matplotlib
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from experiments import atomic  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import metrics  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _LABELS = {'pretrain': 'pretraining', 'base': 'base (no fine-tune)', 'lora': 'LoRA',
            'full': 'full fine-tune', 'head': 'head-only'}
@@ -63,13 +64,6 @@ def table(results: Sequence[dict[str, Any]], domain: str,
   return '\n'.join(lines) + '\n'
 
 
-def read_metrics(path: str) -> list[dict[str, Any]]:
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
 def plot(panels: Sequence[tuple[str, dict[str, str]]], path: str) -> None:
   """Train and val bits/byte against step: one panel per stage, one colour per run.
 
@@ -81,7 +75,7 @@ def plot(panels: Sequence[tuple[str, dict[str, str]]], path: str) -> None:
                            squeeze=False)
   for ax, (title, runs) in zip(axes[0], panels):
     for i, (name, metrics_path) in enumerate(runs.items()):
-      records = read_metrics(metrics_path)
+      records = metrics.read_jsonl(metrics_path)
       for split, style in (('train', dict(alpha=0.4, lw=1)),
                            ('val', dict(marker='o', ms=3, lw=1.5))):
         points = [(r['step'], r['bpb']) for r in records if r['split'] == split]
@@ -95,7 +89,6 @@ def plot(panels: Sequence[tuple[str, dict[str, str]]], path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   fig.tight_layout()
-  tmp = path + '.tmp.png'
-  fig.savefig(tmp, dpi=100)
+  with atomic.atomic_path(path) as tmp:
+    fig.savefig(tmp, dpi=100, format='png')
   plt.close(fig)
-  os.replace(tmp, path)

@@ -105,3 +105,17 @@ def to_host(tree: Any) -> Any:
   if jax.process_count() > 1:
     return multihost_utils.process_allgather(tree, tiled=True)
   return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def all_processes(flag: bool) -> bool:
+  """Whether ``flag`` holds on every process (a collective: all must call it)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  flags = multihost_utils.process_allgather(np.asarray(bool(flag), np.int32))
+  return bool(np.all(flags))
+
+
+def sync(name: str) -> None:
+  """Waits until every process reaches this point (e.g. after process 0 wrote a file)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
