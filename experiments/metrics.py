@@ -13,6 +13,8 @@ from absl import logging
 
 from experiments import atomic
 
+FILE = 'metrics.jsonl'
+
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
   """The records of a JSON-lines file; lines that do not parse are dropped with a warning.

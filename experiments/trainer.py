@@ -31,7 +31,7 @@ from experiments import lm_model
 from experiments import metrics as metrics_lib
 from experiments import sharding
 
-METRICS = 'metrics.jsonl'
+METRICS = metrics_lib.FILE
 RESULT = 'result.json'
 
 

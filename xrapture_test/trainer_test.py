@@ -1,7 +1,6 @@
 """Tests for experiments/trainer.py: resume, refusal of other settings, results."""
 
 import glob
-import importlib.util
 import json
 import os
 import sys
@@ -18,9 +17,9 @@ import safetensors.numpy
 # that the installed xrapture is the one imported.
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.append(_ROOT)
+from configs import finetune as finetune_configs  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import lm_data  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import lm_model  # pylint: disable=g-import-not-at-top,wrong-import-position
-from experiments import pretraining  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import trainer  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import variants  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -28,11 +27,7 @@ from experiments import variants  # pylint: disable=g-import-not-at-top,wrong-im
 
 def smoke_config(**overrides):
   """configs/finetune.py:smoke (a tiny model, a few steps), with ``overrides``."""
-  path = os.path.join(_ROOT, 'configs', 'finetune.py')
-  spec = importlib.util.spec_from_file_location('_finetune_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config('smoke')
+  config = finetune_configs.get_config('smoke')
   config.update_from_flattened_dict({'progress_bar': False, **overrides})
   return config
 
@@ -51,7 +46,7 @@ class TrainerTest(absltest.TestCase):
     self.tmp = tmp.name
     # Checkpoints at 3 and 6, logs at 4 and 8: resuming at 6 starts mid-window.
     self.config = smoke_config(num_steps=8, eval_every=4, log_every=4)
-    self.base = pretraining.init_params(self.config.pretrain.model, 0)
+    self.base = lm_model.init_params(self.config.pretrain.model, 0)
     self.forward = lm_model.make_forward(self.config.pretrain.model)
     self.data = lm_data.load('docs')
     self.mesh = sharding.make_mesh((1, 1))
