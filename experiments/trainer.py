@@ -160,10 +160,15 @@ def _check_fingerprint(workdir: str, fingerprint: dict[str, Any],
   if os.path.exists(path):
     with open(path) as f:
       saved = json.load(f)
-    if saved.get('base') != fingerprint['base']:
+    if 'base' not in saved:
+      raise app.UsageError(
+          f'{workdir} holds a run started by an older version of the experiments '
+          '(no hash of its base in fingerprint.json, checkpoints in another '
+          'format). Use another --workdir, or delete that directory to start over.')
+    if saved['base'] != fingerprint['base']:
       raise app.UsageError(
           f'{workdir} holds a run trained from another base: its params hash '
-          f"to {saved.get('base')} there, {fingerprint['base']} now (was "
+          f"to {saved['base']} there, {fingerprint['base']} now (was "
           '--config.base_checkpoint changed, or the base retrained?). Resuming '
           'would put its adapters on a base they were not trained for. Use '
           'another --workdir, or delete that directory to start over.')
@@ -188,7 +193,7 @@ def train(run: Run, data: lm_data.Corpus, config: ml_collections.ConfigDict,
     config: ``seed``, ``num_steps``, ``batch_size``, ``seq_len``,
       ``eval_every``, ``eval_batches``, ``final_eval_batches``,
       ``checkpoint_every``, ``keep_checkpoints``, ``log_every``,
-      ``progress_bar`` (see configs/pretrain.py).
+      ``progress_bar`` (see configs/common.py).
     workdir: this run's directory (checkpoints, metrics, result).
     mesh: devices to run on.
 
