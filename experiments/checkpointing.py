@@ -13,7 +13,7 @@ A step is written under a temporary name, its files and directories are
 fsynced, and it is renamed into place, so a run killed mid-write leaves the
 previous checkpoints and no half-written step. After a power loss a renamed
 step can still come back truncated: :meth:`Checkpoints.restore_latest` then
-warns, deletes it and takes the newest step that reads back whole.
+warns, takes the newest step that reads back whole and deletes the newer ones.
 
 Restoring places every leaf with the sharding the caller asks for, so a run
 resumes on another mesh than it was saved from.
