@@ -58,6 +58,7 @@ setup(
         ],
         'experiments': [
             'matplotlib',
+            'orbax-checkpoint>=0.12.8',
             'tqdm',
         ],
         # Comparison against HuggingFace PEFT. torch is pinned to the CPU build

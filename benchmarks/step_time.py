@@ -17,8 +17,9 @@ import re
 import sys
 import time
 
-if __package__ in (None, ""):  # run as a script: import benchmarks/ and xrapture from this checkout
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __package__ in (None, ""):  # run as a script: the repository root, appended
+  # (benchmarks/ comes from this checkout; an installed xrapture wins over it).
+  sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app
 from absl import flags

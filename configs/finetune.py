@@ -18,22 +18,12 @@ One method only: ``--config=configs/finetune.py:lora`` (or ``:full``,
 whole pipeline runs in seconds (the smoke tests use it).
 """
 
-import importlib.util
-import os
-
 import ml_collections
 import xrapture
 
+from configs import common
+
 METHODS = ('lora', 'full', 'head')
-
-
-def _pretrain_configs():
-  """configs/pretrain.py, which lies next to this file, as a module."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'pretrain.py')
-  spec = importlib.util.spec_from_file_location('_xrapture_pretrain_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -52,7 +42,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         f'Bad config argument {arg!r}: use configs/finetune.py[:<method>][,smoke] '
         f'with <method> one of {METHODS}.')
   method = methods[0] if methods else None
-  pretrain_configs = _pretrain_configs()
   config = ml_collections.ConfigDict()
 
   # Seeds adapter initialization and the order of training batches.
@@ -64,12 +53,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.methods = METHODS if not method else (method,)
 
   # The base: its architecture (config.pretrain.model), and how it is
-  # pretrained on domain A when there is no base checkpoint yet (see
-  # configs/pretrain.py for every field; mesh and distributed are the ones
-  # below).
-  config.pretrain = pretrain_configs.get_config()
-  del config.pretrain['mesh']
-  del config.pretrain['distributed']
+  # pretrained on domain A when there is no base checkpoint yet (the fields
+  # of configs/pretrain.py but the launch ones, which are below).
+  config.pretrain = common.pretraining()
   # A workdir of experiments/pretrain.py to take the base from; '' uses
   # <workdir>/base, pretraining it there first if it is missing.
   config.base_checkpoint = ''
@@ -101,46 +87,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.learning_rate.full = 1e-2
   # For the head, in the head-only method.
   config.learning_rate.head = 1e-2
-  # Linear warmup steps.
-  config.warmup_steps = 20
-  # AdamW decoupled weight decay.
-  config.weight_decay = 0.0
-  # Gradients are clipped to this global norm.
-  config.grad_clip_norm = 1.0
-
-  # Training steps per method.
-  config.num_steps = 300
-  # Sequences per step (must divide evenly over the mesh's 'data' axis).
-  config.batch_size = 32
-  # Bytes per sequence (at most pretrain.model.max_len).
-  config.seq_len = 128
-
-  # Validate every this many steps ...
-  config.eval_every = 50
-  # ... on this many batches of the val split.
-  config.eval_batches = 4
-  # Batches per split in the final evaluation, spread evenly over it (0: every
-  # non-overlapping window of the val and test splits).
-  config.final_eval_batches = 0
-  # Write a checkpoint (atomically) every this many steps, and at the end.
-  config.checkpoint_every = 100
-  # Newest checkpoints kept per method; older ones are deleted.
-  config.keep_checkpoints = 2
-  # Log the training loss (metrics.jsonl, progress bar) every this many steps.
-  config.log_every = 10
-  # Show a tqdm progress bar with the loss and tokens/s.
-  config.progress_bar = True
-
-  # Device mesh (data, model): batches split over 'data', kernels' (and
-  # adapters') last axis over 'model'; -1 takes all remaining devices.
-  config.mesh = (-1, 1)
-  # Call jax.distributed.initialize() first (multi-host; see the launcher).
-  config.distributed = False
+  # num_steps, batch_size, seq_len, warmup, weight decay, clipping, eval,
+  # checkpoint and log cadence (configs/common.py), per method.
+  common.add_schedule_fields(config, num_steps=300, warmup_steps=20,
+                             weight_decay=0.0, eval_every=50,
+                             final_eval_batches=0, checkpoint_every=100)
+  # job ('finetune'), mesh, distributed, cluster.
+  common.add_launch_fields(config, 'finetune')
 
   if 'smoke' in words:
-    pretrain_configs.shrink(config.pretrain)
-    config.update(num_steps=6, batch_size=8, seq_len=32, warmup_steps=2,
-                  eval_every=3, eval_batches=1, final_eval_batches=2,
-                  checkpoint_every=3, log_every=1)
+    common.shrink(config.pretrain)
+    common.shrink_schedule(config)
     config.lora.rank = 4
   return config

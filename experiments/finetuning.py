@@ -6,21 +6,18 @@
   another), with its own checkpoints and metrics;
 * ``lora/``, ``full/``, ``head/``: per method, ``checkpoints/``,
   ``metrics.jsonl``, ``result.json`` and the final ``adapter.safetensors``;
-* ``results.md``, ``results.json``: the comparison table;
-* ``curves.png``: train and val bits/byte of every method.
+* ``results.md``, ``results.json``, ``curves.png``: the comparison
+  (:func:`report.write`).
 """
 
-import json
 import os
 from typing import Any
 
-from absl import app
 from absl import logging
 import haiku as hk
 import jax
 import ml_collections
 
-from experiments import checkpointing
 from experiments import lm_data
 from experiments import lm_model
 from experiments import pretraining
@@ -29,24 +26,13 @@ from experiments import sharding
 from experiments import trainer
 from experiments import variants
 
-RESULTS_MD = 'results.md'
-RESULTS_JSON = 'results.json'
-CURVES = 'curves.png'
-
-
-def lora_label(spec: ml_collections.ConfigDict) -> str:
-  """``'LoRA r=16 (+ head/.*, 1-D params)'``: the LoRA row's name in the table."""
-  extra = list(spec.full) + (['1-D params'] if spec.tune_vectors else [])
-  return f'LoRA r={spec.rank}' + (f" (+ {', '.join(extra)})" if extra else '')
-
-
 def base_params(config: ml_collections.ConfigDict, workdir: str,
                 mesh: jax.sharding.Mesh) -> Any:
   """The base from ``config.base_checkpoint``, or ``<workdir>/base`` (pretrained there if missing)."""
   if config.base_checkpoint:
-    return pretraining.load(config.base_checkpoint, config.pretrain.model)
+    return lm_model.load_base(config.base_checkpoint, config.pretrain.model)
   base_dir = os.path.join(workdir, 'base')
-  if not os.path.exists(os.path.join(base_dir, pretraining.MODEL)):
+  if not lm_model.has_base(base_dir):
     logging.info('No base model in %s yet: pretraining it on %r.', base_dir,
                  config.pretrain.domain)
   return pretraining.run(config.pretrain, base_dir, mesh)
@@ -66,17 +52,18 @@ def evaluate_base(config: ml_collections.ConfigDict, params: Any,
 
 def run(config: ml_collections.ConfigDict, workdir: str,
         mesh: jax.sharding.Mesh) -> list[dict[str, Any]]:
-  """Everything the fine-tuning launcher does; returns the table's rows.
+  """Fine-tunes the base with every method in ``config.methods``; returns the table's rows.
+
+  Args:
+    config: a configs/finetune.py config, checked by ``launch.check_config``.
+    workdir: where the base (unless ``config.base_checkpoint``), each method's
+      run and the table go.
+    mesh: devices to run on.
 
   Raises:
-    app.UsageError: an unknown method, a sequence longer than the model
-      accepts, a base of another architecture.
+    app.UsageError: a base of another architecture, a workdir holding a run
+      with other settings or another base.
   """
-  unknown = [m for m in config.methods if m not in variants.METHODS]
-  if unknown:
-    raise app.UsageError(f'Unknown methods {unknown} in config.methods; '
-                         f'known: {tuple(variants.METHODS)}.')
-  pretraining.check_seq_len(config, config.pretrain.model)
   params = base_params(config, workdir, mesh)
   data = lm_data.load(config.domain)
   logging.info('Fine-tuning on %r: %s', config.domain, data.describe())
@@ -91,17 +78,5 @@ def run(config: ml_collections.ConfigDict, workdir: str,
                                  os.path.join(workdir, method), mesh))
 
   if jax.process_index() == 0:
-    text = report.table(results, config.domain, {'lora': lora_label(config.lora)})
-    with open(os.path.join(workdir, RESULTS_MD) + '.tmp', 'w') as f:
-      f.write(text)
-    os.replace(os.path.join(workdir, RESULTS_MD) + '.tmp',
-               os.path.join(workdir, RESULTS_MD))
-    checkpointing.write_json(os.path.join(workdir, RESULTS_JSON), results)
-    panels = [(f'fine-tuning on {config.domain!r} (val at step 0: the base)',
-               {m: os.path.join(workdir, m, trainer.METRICS) for m in config.methods})]
-    if not config.base_checkpoint:
-      panels.insert(0, (f'pretraining the base on {config.pretrain.domain!r}',
-                        {'pretrain': os.path.join(workdir, 'base', trainer.METRICS)}))
-    report.plot(panels, os.path.join(workdir, CURVES))
-    print('\n' + text, flush=True)
+    print('\n' + report.write(config, workdir, results), flush=True)
   return results

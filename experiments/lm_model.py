@@ -1,22 +1,38 @@
-"""A small byte-level Transformer language model in Haiku.
+"""The base model: a small byte-level Transformer LM in Haiku, built, initialized, loaded.
 
 Pre-LayerNorm decoder blocks (causal ``hk.MultiHeadAttention`` + GELU MLP),
 stacked with ``hk.layer_stack`` so every block's parameters share one
 ``[num_layers, ...]`` array. Parameter paths read, for instance,
-``"blocks/attn/query/w"`` (``[num_layers, d_model, d_model]``) and
-``"head/w"`` (the unembedding, ``[d_model, vocab_size]``).
+``"blocks/__layer_stack_no_per_layer/block/attn/query/w"``
+(``[num_layers, d_model, d_model]``) and ``"head/w"`` (the unembedding,
+``[d_model, vocab_size]``).
+
+A trained base lives in a directory (a pretraining workdir) as
+
+* ``base.safetensors``: every parameter (written with ``xrapture.save_adapter``
+  and a spec that marks all of them ``LORA_FULL``);
+* ``model.json``: the architecture it was trained with, written last: its
+  presence marks a finished base.
 """
 
+import json
+import os
 from typing import Any
 
+from absl import app
 import haiku as hk
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+import xrapture
+
+from experiments import atomic
 
 # Bytes: every corpus is read as UTF-8 bytes, one token per byte.
 VOCAB_SIZE = 256
+BASE = 'base.safetensors'
+MODEL = 'model.json'
 
 
 class Block(hk.Module):
@@ -81,3 +97,48 @@ def architecture(model: ml_collections.ConfigDict) -> dict[str, Any]:
   """The fields of ``model`` that fix the parameter shapes, as a plain dict."""
   return {k: model[k] for k in
           ('d_model', 'num_layers', 'num_heads', 'mlp_dim', 'max_len')}
+
+
+def init_params(model: ml_collections.ConfigDict, seed: int) -> Any:
+  """Freshly initialized parameters of the architecture ``model``."""
+  forward = hk.transform(make_forward(model))
+  return forward.init(jax.random.PRNGKey(seed), jnp.zeros((1, model.max_len), jnp.int32))
+
+
+def has_base(directory: str) -> bool:
+  """Whether ``directory`` holds a finished base (its ``model.json``)."""
+  return os.path.exists(os.path.join(directory, MODEL))
+
+
+def mark_base_finished(directory: str, model: ml_collections.ConfigDict,
+                       **record: Any) -> None:
+  """Writes ``model.json`` (the architecture and ``record``) next to ``base.safetensors``."""
+  atomic.write_json(os.path.join(directory, MODEL), dict(architecture(model), **record))
+
+
+def load_base(directory: str, model: ml_collections.ConfigDict) -> Any:
+  """The base parameters saved in ``directory``, checked against ``model``.
+
+  Raises:
+    app.UsageError: there is no base there, or it has another architecture.
+  """
+  path, model_path = os.path.join(directory, BASE), os.path.join(directory, MODEL)
+  if not (os.path.exists(path) and os.path.exists(model_path)):
+    raise app.UsageError(
+        f'No base model in {directory} (expected {BASE} and {MODEL}, which '
+        'experiments/pretrain.py writes when it finishes).')
+  with open(model_path) as f:
+    saved = json.load(f)
+  wanted = architecture(model)
+  diff = [f'{k}={saved.get(k)} there, {v} in the config' for k, v in wanted.items()
+          if saved.get(k) != v]
+  if diff:
+    raise app.UsageError(
+        f'The base model in {directory} has another architecture: '
+        + '; '.join(diff) + '. Set --config.pretrain.model.* to match it, or use '
+        'another base (--config.base_checkpoint) or workdir.')
+  try:
+    return xrapture.load_adapter(path, init_params(model, 0))
+  except ValueError as e:
+    raise app.UsageError(f'The base model in {directory} does not fit the '
+                         f'config\'s architecture: {e}') from e

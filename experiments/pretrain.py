@@ -9,12 +9,9 @@ also pretrains on its own when its workdir has no base.) Rerun with the same
 workdir to resume.
 
 Several devices: ``--config.mesh='(4, 2)'`` splits batches 4 ways and kernels
-2 ways. Several hosts: run the same command on every host with
-``--config.distributed=True``, which calls ``jax.distributed.initialize()``
-(coordinator address, process count and id from the cluster environment,
-e.g. SLURM or Cloud TPU, or from ``JAX_COORDINATOR_ADDRESS`` /
-``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``); the mesh then spans every
-host's devices and process 0 writes the files.
+2 ways. Several processes: the same command on each with
+``--config.distributed=True`` and ``--config.cluster.*``; see
+experiments/launch.py and the README's "Several processes".
 """
 
 import pathlib
@@ -24,10 +21,10 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-# The repository root, for `experiments.*`; appended so an installed xrapture wins.
+# The repository root, appended (experiments/ and configs/ come from this
+# checkout; an installed xrapture wins over the checkout's).
 sys.path.append(str(pathlib.Path(__file__).resolve().parents[1]))
 from experiments import launch  # pylint: disable=g-import-not-at-top,wrong-import-position
-from experiments import pretraining  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Pretraining config, e.g. configs/pretrain.py.', lock_config=True)
@@ -40,8 +37,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}.')
-  mesh = launch.setup(_CONFIG.value, _WORKDIR.value)
-  pretraining.run(_CONFIG.value, _WORKDIR.value, mesh)
+  launch.main(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == '__main__':

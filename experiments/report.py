@@ -1,13 +1,17 @@
-"""The comparison table (markdown) and the training curves (PNG)."""
+"""The fine-tuning report: the comparison table (markdown, JSON) and the curves (PNG)."""
 
-import json
 import os
 from typing import Any, Sequence
 
-import matplotlib
+from matplotlib import figure
+import ml_collections
 
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import atomic
+from experiments import metrics
+
+RESULTS_MD = 'results.md'
+RESULTS_JSON = 'results.json'
+CURVES = 'curves.png'
 
 _LABELS = {'pretrain': 'pretraining', 'base': 'base (no fine-tune)', 'lora': 'LoRA',
            'full': 'full fine-tune', 'head': 'head-only'}
@@ -63,13 +67,6 @@ def table(results: Sequence[dict[str, Any]], domain: str,
   return '\n'.join(lines) + '\n'
 
 
-def read_metrics(path: str) -> list[dict[str, Any]]:
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
 def plot(panels: Sequence[tuple[str, dict[str, str]]], path: str) -> None:
   """Train and val bits/byte against step: one panel per stage, one colour per run.
 
@@ -77,11 +74,11 @@ def plot(panels: Sequence[tuple[str, dict[str, str]]], path: str) -> None:
     panels: ``(title, {run name: its metrics.jsonl})`` per panel.
     path: the PNG to write (atomically).
   """
-  fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5),
-                           squeeze=False)
+  fig = figure.Figure(figsize=(6 * len(panels), 4.5))  # no pyplot: no global state
+  axes = fig.subplots(1, len(panels), squeeze=False)
   for ax, (title, runs) in zip(axes[0], panels):
     for i, (name, metrics_path) in enumerate(runs.items()):
-      records = read_metrics(metrics_path)
+      records = metrics.read_jsonl(metrics_path)
       for split, style in (('train', dict(alpha=0.4, lw=1)),
                            ('val', dict(marker='o', ms=3, lw=1.5))):
         points = [(r['step'], r['bpb']) for r in records if r['split'] == split]
@@ -95,7 +92,36 @@ def plot(panels: Sequence[tuple[str, dict[str, str]]], path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   fig.tight_layout()
-  tmp = path + '.tmp.png'
-  fig.savefig(tmp, dpi=100)
-  plt.close(fig)
-  os.replace(tmp, path)
+  with atomic.atomic_path(path) as tmp:
+    fig.savefig(tmp, dpi=100, format='png')
+
+
+def lora_label(spec: ml_collections.ConfigDict) -> str:
+  """``'LoRA r=16 (+ head/.*, 1-D params)'``: the LoRA row's name in the table."""
+  extra = list(spec.full) + (['1-D params'] if spec.tune_vectors else [])
+  return f'LoRA r={spec.rank}' + (f" (+ {', '.join(extra)})" if extra else '')
+
+
+def write(config: ml_collections.ConfigDict, workdir: str,
+          results: Sequence[dict[str, Any]]) -> str:
+  """Writes ``results.md``, ``results.json`` and ``curves.png`` to ``workdir``.
+
+  Args:
+    config: the fine-tuning config.
+    workdir: the fine-tuning workdir (each method's metrics in ``<method>/``,
+      pretraining's in ``base/``).
+    results: the base's record, then one per method.
+
+  Returns:
+    The table (markdown).
+  """
+  text = table(results, config.domain, {'lora': lora_label(config.lora)})
+  atomic.write_text(os.path.join(workdir, RESULTS_MD), text)
+  atomic.write_json(os.path.join(workdir, RESULTS_JSON), list(results))
+  panels = [(f'fine-tuning on {config.domain!r} (val at step 0: the base)',
+             {m: os.path.join(workdir, m, metrics.FILE) for m in config.methods})]
+  if not config.base_checkpoint:
+    panels.insert(0, (f'pretraining the base on {config.pretrain.domain!r}',
+                      {'pretrain': os.path.join(workdir, 'base', metrics.FILE)}))
+  plot(panels, os.path.join(workdir, CURVES))
+  return text

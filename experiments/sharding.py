@@ -38,11 +38,8 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
   Raises:
     ValueError: a malformed shape, or more devices asked for than exist.
   """
+  shape = check_mesh_shape(shape)
   devices = list(jax.devices() if devices is None else devices)
-  shape = tuple(int(s) for s in shape)
-  if len(shape) != 2 or shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-    raise ValueError(f'mesh must be (data, model) with positive sizes or one -1; '
-                     f'got {shape}.')
   if -1 in shape:
     known = -np.prod(shape)
     if len(devices) % known:
@@ -54,6 +51,23 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
     raise ValueError(f'mesh {shape} needs {size} devices; there are '
                      f'{len(devices)} ({devices[0].platform}).')
   return Mesh(np.asarray(devices[:size]).reshape(shape), AXES)
+
+
+def check_mesh_shape(shape: Sequence[int]) -> tuple[int, int]:
+  """``shape`` as a ``(data, model)`` pair of ints, checked without devices.
+
+  Raises:
+    ValueError: not two sizes, each positive or -1, at most one -1.
+  """
+  try:
+    sizes = tuple(int(s) for s in shape)
+  except (TypeError, ValueError):
+    sizes = None
+  if (sizes is None or len(sizes) != 2 or sizes.count(-1) > 1
+      or any(s == 0 or s < -1 for s in sizes)):
+    raise ValueError(f'mesh must be (data, model) with positive sizes or one -1; '
+                     f'got {shape!r}.')
+  return sizes
 
 
 def leaf_sharding(mesh: Mesh, x: Any) -> NamedSharding:
@@ -105,3 +119,17 @@ def to_host(tree: Any) -> Any:
   if jax.process_count() > 1:
     return multihost_utils.process_allgather(tree, tiled=True)
   return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def all_processes(flag: bool) -> bool:
+  """Whether ``flag`` holds on every process (a collective: all must call it)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  flags = multihost_utils.process_allgather(np.asarray(bool(flag), np.int32))
+  return bool(np.all(flags))
+
+
+def sync(name: str) -> None:
+  """Waits until every process reaches this point (e.g. after process 0 wrote a file)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)

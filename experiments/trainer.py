@@ -8,10 +8,10 @@ as one that was never interrupted.
 """
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
-import shutil
 import time
 from typing import Any, Callable
 
@@ -24,12 +24,14 @@ import optax
 import tqdm
 import xrapture
 
+from experiments import atomic
 from experiments import checkpointing
 from experiments import lm_data
 from experiments import lm_model
+from experiments import metrics as metrics_lib
 from experiments import sharding
 
-METRICS = 'metrics.jsonl'
+METRICS = metrics_lib.FILE
 RESULT = 'result.json'
 
 
@@ -46,7 +48,8 @@ class Run:
       ``LORA_FREEZE`` (as ``model.spec(base_params)``).
     tx: the optimizer (frozen leaves get no state).
     fingerprint: JSON-able settings that determine the trajectory; a
-      checkpoint written under other settings is refused.
+      checkpoint written under other settings is refused. :func:`train` adds
+      the content hash of ``base_params``.
     export: file name, in the run's workdir, of the final trainable part.
   """
   name: str
@@ -77,34 +80,6 @@ def bits_per_byte(loss_nats: float) -> float:
 def tree_bytes(tree: Any) -> int:
   """Total bytes of the arrays in ``tree``."""
   return int(sum(np.dtype(x.dtype).itemsize * np.size(x) for x in jax.tree.leaves(tree)))
-
-
-class MetricsWriter:
-  """Appends JSON records to ``<workdir>/metrics.jsonl``.
-
-  On resume, records of steps after the restored one (written by the
-  interrupted run after its last checkpoint) are dropped, so the file reads
-  as if the run had not been interrupted.
-  """
-
-  def __init__(self, path: str, resume_step: int, enabled: bool = True):
-    self.path = path
-    self.enabled = enabled
-    if not enabled:
-      return
-    kept = []
-    if os.path.exists(path):
-      with open(path) as f:
-        kept = [line for line in f
-                if line.strip() and json.loads(line).get('step', 0) <= resume_step]
-    with open(path + '.tmp', 'w') as f:
-      f.writelines(kept)
-    os.replace(path + '.tmp', path)
-
-  def write(self, **record) -> None:
-    if self.enabled:
-      with open(self.path, 'a') as f:
-        f.write(json.dumps(record, sort_keys=True) + '\n')
 
 
 def make_evaluator(apply: Callable[..., jax.Array], mesh: jax.sharding.Mesh,
@@ -167,13 +142,36 @@ def make_train_step(run: Run, mesh: jax.sharding.Mesh, state_sharding: Any,
       out_shardings=(state_sharding, replicated))
 
 
-def _check_fingerprint(workdir: str, fingerprint: dict[str, Any]) -> None:
-  """Refuses to resume a run that was started with other settings."""
+def content_digest(tree: Any) -> str:
+  """SHA-256 of every leaf's path, dtype, shape and bytes: names a base by its content."""
+  digest = hashlib.sha256()
+  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    x = np.asarray(x)
+    digest.update(f'{jax.tree_util.keystr(path)}|{x.dtype.str}|{x.shape}|'.encode())
+    digest.update(np.ascontiguousarray(x).tobytes())
+  return 'sha256:' + digest.hexdigest()
+
+
+def _check_fingerprint(workdir: str, fingerprint: dict[str, Any],
+                       is_writer: bool) -> None:
+  """Refuses to resume a run that was started with other settings or another base."""
   path = os.path.join(workdir, 'fingerprint.json')
   fingerprint = json.loads(json.dumps(fingerprint))
   if os.path.exists(path):
     with open(path) as f:
       saved = json.load(f)
+    if 'base' not in saved:
+      raise app.UsageError(
+          f'{workdir} holds a run started by an older version of the experiments '
+          '(no hash of its base in fingerprint.json, checkpoints in another '
+          'format). Use another --workdir, or delete that directory to start over.')
+    if saved['base'] != fingerprint['base']:
+      raise app.UsageError(
+          f'{workdir} holds a run trained from another base: its params hash '
+          f"to {saved['base']} there, {fingerprint['base']} now (was "
+          '--config.base_checkpoint changed, or the base retrained?). Resuming '
+          'would put its adapters on a base they were not trained for. Use '
+          'another --workdir, or delete that directory to start over.')
     if saved != fingerprint:
       diff = sorted(k for k in set(saved) | set(fingerprint)
                     if saved.get(k) != fingerprint.get(k))
@@ -181,8 +179,8 @@ def _check_fingerprint(workdir: str, fingerprint: dict[str, Any]) -> None:
       raise app.UsageError(
           f'{workdir} holds a run started with other settings:\n' + '\n'.join(lines)
           + '\nUse another --workdir, or delete that directory to start over.')
-  else:
-    checkpointing.write_json(path, fingerprint)
+  elif is_writer:
+    atomic.write_json(path, fingerprint)
 
 
 def train(run: Run, data: lm_data.Corpus, config: ml_collections.ConfigDict,
@@ -195,7 +193,7 @@ def train(run: Run, data: lm_data.Corpus, config: ml_collections.ConfigDict,
     config: ``seed``, ``num_steps``, ``batch_size``, ``seq_len``,
       ``eval_every``, ``eval_batches``, ``final_eval_batches``,
       ``checkpoint_every``, ``keep_checkpoints``, ``log_every``,
-      ``progress_bar`` (see configs/pretrain.py).
+      ``progress_bar`` (see configs/common.py).
     workdir: this run's directory (checkpoints, metrics, result).
     mesh: devices to run on.
 
@@ -205,48 +203,60 @@ def train(run: Run, data: lm_data.Corpus, config: ml_collections.ConfigDict,
     step time, adapter file size. A run already complete is not trained
     again; its saved result is returned.
   """
-  os.makedirs(workdir, exist_ok=True)
-  _check_fingerprint(workdir, run.fingerprint)
-  result_path = os.path.join(workdir, RESULT)
   is_writer = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  fingerprint = dict(run.fingerprint, base=content_digest(run.base_params))
+  _check_fingerprint(workdir, fingerprint, is_writer)
+  result_path = os.path.join(workdir, RESULT)
   if os.path.exists(result_path):  # finished (num_steps is in the fingerprint)
     with open(result_path) as f:
       return json.load(f)
-
   ckpt_dir = os.path.join(workdir, 'checkpoints')
-  params, opt_state = run.params, run.tx.init(run.params)
-  start, resumed = checkpointing.latest_step(ckpt_dir) or 0, {}
-  if start > config.num_steps:
-    raise app.UsageError(f'{ckpt_dir} has a checkpoint at step {start}, past '
-                         f'num_steps={config.num_steps}; use a fresh workdir.')
-  if start:
-    params, opt_state, resumed = checkpointing.restore(
-        ckpt_dir, start, run.base_params, opt_state)
-    logging.info('%s: resuming from step %d (%s)', run.name, start, ckpt_dir)
+  if is_writer:
+    for name in (atomic.remove_leftovers(workdir)
+                 + atomic.remove_leftovers(ckpt_dir)):
+      logging.info('%s: removed %s, left by a killed writer.', workdir, name)
+  sharding.sync(f'{run.name}: fingerprint checked')
+
+  with checkpointing.Checkpoints(ckpt_dir, config.keep_checkpoints) as checkpoints:
+    return _train(run, data, config, workdir, mesh, fingerprint, checkpoints)
+
+
+def _train(run: Run, data: lm_data.Corpus, config: ml_collections.ConfigDict,
+           workdir: str, mesh: jax.sharding.Mesh, fingerprint: dict[str, Any],
+           checkpoints: checkpointing.Checkpoints) -> dict[str, Any]:
+  """:func:`train` from the newest checkpoint on."""
+  is_writer = jax.process_index() == 0
+  params, opt_state = sharding.put_tree(mesh, (run.params, run.tx.init(run.params)))
+  start, resumed = 0, {}
+  latest = checkpoints.latest_step()
+  if latest is not None and latest > config.num_steps:
+    raise app.UsageError(f'{checkpoints.directory} has a checkpoint at step '
+                         f'{latest}, past num_steps={config.num_steps}; use a '
+                         'fresh workdir.')
+  restored = checkpoints.restore_latest(params, run.lora_spec, opt_state, mesh)
+  if restored is not None:
+    start, params, opt_state, resumed = restored
+    if resumed.get('fingerprint') != json.loads(json.dumps(fingerprint)):
+      raise app.UsageError(
+          f'{checkpoints.directory} holds checkpoints of another run (their '
+          'fingerprint differs from this run\'s fingerprint.json); use a fresh '
+          'workdir.')
+    logging.info('%s: resuming from step %d (%s)', run.name, start,
+                 checkpoints.directory)
 
   state_sharding = sharding.tree_shardings(mesh, (params, opt_state))
-  params, opt_state = sharding.put_tree(mesh, (params, opt_state))
   train_step = make_train_step(run, mesh, state_sharding, config.seed)
   evaluate = make_evaluator(run.apply, mesh, state_sharding[0])
   val_batches = lm_data.eval_batches(data.splits['val'], config.batch_size,
                                      config.seq_len, config.eval_batches)
-  metrics = MetricsWriter(os.path.join(workdir, METRICS), start, is_writer)
+  metrics = metrics_lib.Writer(os.path.join(workdir, METRICS), start, is_writer)
   train_data = data.splits['train']
   tokens_per_step = config.batch_size * config.seq_len
 
   def batch(step):
     return sharding.put_batch(mesh, lm_data.train_batch(
         train_data, config.seed, step, config.batch_size, config.seq_len))
-
-  def save(step, params, opt_state, clock, window_losses):
-    host_params, host_opt = sharding.to_host((params, opt_state))
-    if is_writer:
-      checkpointing.save(
-          ckpt_dir, step, host_params, run.lora_spec, host_opt,
-          extra=dict(run=run.name, seed=config.seed, next_batch=step,
-                     clock=dict(seconds=clock.seconds, steps=clock.steps),
-                     window_losses=[float(x) for x in window_losses]),
-          keep=config.keep_checkpoints)
 
   bar = tqdm.tqdm(total=config.num_steps, initial=start, desc=run.name,
                   disable=not (config.progress_bar and is_writer),
@@ -275,7 +285,8 @@ def train(run: Run, data: lm_data.Corpus, config: ml_collections.ConfigDict,
       continue
     # Waits for the step. The logged loss is the mean over the steps since
     # the last log, so it does not depend on where a run was resumed.
-    loss = float(np.mean(np.asarray(jax.device_get(window_losses), np.float64)))
+    window_losses = [float(x) for x in jax.device_get(window_losses)]
+    loss = float(np.mean(np.asarray(window_losses, np.float64)))
     seconds = clock.stop(pending)
     if not math.isfinite(loss):
       raise FloatingPointError(f'{run.name}: loss is {loss} at step {done}.')
@@ -296,16 +307,18 @@ def train(run: Run, data: lm_data.Corpus, config: ml_collections.ConfigDict,
     bar.set_postfix(postfix)
     pending = 0
     if save_now:
-      save(done, params, opt_state, clock, window_losses)
+      checkpoints.save(done, params, run.lora_spec, opt_state, extra=dict(
+          run=run.name, seed=config.seed, next_batch=done, fingerprint=fingerprint,
+          clock=dict(seconds=clock.seconds, steps=clock.steps),
+          window_losses=window_losses))
     clock.start()
   bar.close()
 
   val_bpb, test_bpb = final_eval(evaluate, params, data, config)
   adapter = os.path.join(workdir, run.export)
+  host_params = sharding.to_host(params)  # a collective: every process gathers
   if is_writer:
-    shutil.copyfile(os.path.join(checkpointing.step_dir(ckpt_dir, config.num_steps),
-                                 checkpointing.TRAINABLE), adapter + '.tmp')
-    os.replace(adapter + '.tmp', adapter)
+    xrapture.save_adapter(adapter, host_params, run.lora_spec)
   result = dict(
       run=run.name, num_steps=config.num_steps, val_bpb=val_bpb, test_bpb=test_bpb,
       trainable_params=xrapture.count_trainable(run.params, run.lora_spec),
@@ -314,7 +327,8 @@ def train(run: Run, data: lm_data.Corpus, config: ml_collections.ConfigDict,
       tokens_per_s=tokens_per_step * clock.steps / clock.seconds if clock.steps else None,
       adapter_bytes=os.path.getsize(adapter) if is_writer else None)
   if is_writer:
-    checkpointing.write_json(result_path, result)
+    atomic.write_json(os.path.join(workdir, RESULT), result)
+  sharding.sync(f'{run.name}: result written')
   return result
 
 

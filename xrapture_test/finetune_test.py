@@ -13,14 +13,19 @@ from absl import app
 from absl import flags
 from absl.testing import absltest
 from absl.testing import flagsaver
+import ml_collections
 import xrapture
 
 # The repository root (in the source tree or in Bazel's runfiles), appended so
 # that the installed xrapture is the one imported.
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.append(_ROOT)
+from configs import pretrain as pretrain_configs  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import launch  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import lm_data  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import lm_model  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import pretraining  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = os.path.join(_ROOT, 'configs', 'finetune.py')
 
@@ -90,15 +95,15 @@ class FinetuneTest(absltest.TestCase):
     self.assertLess(results['lora']['adapter_bytes'], results['full']['adapter_bytes'])
     # The adapter is an ordinary xrapture adapter file for the base.
     model_config = json.load(open(os.path.join(workdir, 'config.json')))['pretrain']['model']
-    base = pretraining.load(os.path.join(workdir, 'base'),
-                            pretraining.ml_collections.ConfigDict(model_config))
+    base = lm_model.load_base(os.path.join(workdir, 'base'),
+                              ml_collections.ConfigDict(model_config))
     params = xrapture.load_adapter(os.path.join(workdir, 'lora', 'adapter.safetensors'), base)
     self.assertIsInstance(
         params['blocks/__layer_stack_no_per_layer/block/attn/value']['w'],
         xrapture.LoraWeight)
 
     # Rerunning with the same workdir finds every run finished.
-    with mock.patch.object(pretraining.trainer.lm_data, 'train_batch',
+    with mock.patch.object(lm_data, 'train_batch',
                            side_effect=AssertionError('trained again')):
       self.run_main(f'--config={_CONFIG}:smoke', f'--workdir={workdir}')
     with open(os.path.join(workdir, 'results.json')) as f:
@@ -153,11 +158,10 @@ class FinetuneTest(absltest.TestCase):
 
   def test_base_of_another_architecture(self):
     base_dir = os.path.join(self.tmp, 'base')
-    config = pretraining.ml_collections.ConfigDict(
-        json.loads(json.dumps(self._pretrain_smoke().to_dict())))
+    config = pretrain_configs.get_config('smoke')
     config.num_steps = 1
     config.progress_bar = False
-    pretraining.run(config, base_dir, launch.sharding.make_mesh((1, 1)))
+    pretraining.run(config, base_dir, sharding.make_mesh((1, 1)))
     with self.assertRaisesRegex(app.UsageError,
                                 'another architecture: d_model=32 there, 48 in the config'):
       self.run_main(f'--config={_CONFIG}:smoke', f'--workdir={self.tmp}/wd',
@@ -168,13 +172,6 @@ class FinetuneTest(absltest.TestCase):
     with self.assertRaisesRegex(app.UsageError, 'seq_len=64 exceeds'):
       self.run_main(f'--config={_CONFIG}:smoke', f'--workdir={self.tmp}',
                     '--config.seq_len=64')
-
-  def _pretrain_smoke(self):
-    spec = importlib.util.spec_from_file_location(
-        '_pretrain_config', os.path.join(_ROOT, 'configs', 'pretrain.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config('smoke')
 
 
 if __name__ == '__main__':

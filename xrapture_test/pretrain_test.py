@@ -12,6 +12,7 @@ from absl import flags
 from absl.testing import absltest
 from absl.testing import flagsaver
 import jax
+import ml_collections
 import numpy as np
 
 # The repository root (in the source tree or in Bazel's runfiles), appended so
@@ -19,6 +20,7 @@ import numpy as np
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.append(_ROOT)
 from experiments import launch  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import lm_model  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import pretraining  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = os.path.join(_ROOT, 'configs', 'pretrain.py')
@@ -58,7 +60,7 @@ class PretrainTest(absltest.TestCase):
     args = (f'--config={_CONFIG}:smoke', f'--workdir={workdir}',
             '--config.progress_bar=False', '--config.mesh=(1, 1)')
     self.run_main(*args)
-    with open(os.path.join(workdir, pretraining.MODEL)) as f:
+    with open(os.path.join(workdir, lm_model.MODEL)) as f:
       model = json.load(f)
     self.assertEqual(model['d_model'], 32)
     self.assertEqual(model['domain'], 'code')
@@ -68,13 +70,13 @@ class PretrainTest(absltest.TestCase):
     val = [r['loss'] for r in records if r['split'] == 'val']
     self.assertLess(val[-1], val[0])  # it learns
 
-    config = pretraining.ml_collections.ConfigDict(model)
-    params = pretraining.load(workdir, config)
+    config = ml_collections.ConfigDict(model)
+    params = lm_model.load_base(workdir, config)
     # A finished base is loaded, not trained again.
     with mock.patch.object(pretraining.trainer, 'train', side_effect=AssertionError):
       self.run_main(*args)
     for a, b in zip(jax.tree.leaves(params),
-                    jax.tree.leaves(pretraining.load(workdir, config))):
+                    jax.tree.leaves(lm_model.load_base(workdir, config))):
       np.testing.assert_array_equal(a, b)
 
   def test_unknown_config_field(self):

@@ -6,7 +6,6 @@ import os
 # same for pytest, Bazel runs this file directly).
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 
-import importlib.util  # pylint: disable=g-import-not-at-top,wrong-import-position
 import sys  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tempfile  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -22,9 +21,9 @@ import xrapture  # pylint: disable=g-import-not-at-top,wrong-import-position
 # that the installed xrapture is the one imported.
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.append(_ROOT)
+from configs import finetune as finetune_configs  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import lm_data  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import lm_model  # pylint: disable=g-import-not-at-top,wrong-import-position
-from experiments import pretraining  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import trainer  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import variants  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -34,11 +33,7 @@ _QUERY = 'blocks/__layer_stack_no_per_layer/block/attn/query'
 
 def smoke_config(**overrides):
   """configs/finetune.py:lora,smoke (a tiny model, a few steps), with ``overrides``."""
-  path = os.path.join(_ROOT, 'configs', 'finetune.py')
-  spec = importlib.util.spec_from_file_location('_finetune_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config('lora,smoke')
+  config = finetune_configs.get_config('lora,smoke')
   config.update_from_flattened_dict({'progress_bar': False, **overrides})
   return config
 
@@ -66,7 +61,7 @@ class ShardingTest(parameterized.TestCase):
 
   def test_lora_weight_leaves_are_sharded_over_model(self):
     config = smoke_config()
-    base = pretraining.init_params(config.pretrain.model, 0)
+    base = lm_model.init_params(config.pretrain.model, 0)
     run = variants.lora(config, lm_model.make_forward(config.pretrain.model), base)
     params = sharding.put_tree(sharding.make_mesh((4, 2)), run.params)
     query = params[_QUERY]['w']
@@ -87,7 +82,7 @@ class ShardingTest(parameterized.TestCase):
 
   def test_sharded_training_equals_single_device(self):
     config = smoke_config(num_steps=6, checkpoint_every=6)
-    base = pretraining.init_params(config.pretrain.model, 0)
+    base = lm_model.init_params(config.pretrain.model, 0)
     forward = lm_model.make_forward(config.pretrain.model)
     data = lm_data.load('docs')
     results, adapters = [], []

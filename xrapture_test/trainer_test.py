@@ -1,6 +1,6 @@
 """Tests for experiments/trainer.py: resume, refusal of other settings, results."""
 
-import importlib.util
+import glob
 import json
 import os
 import sys
@@ -9,6 +9,7 @@ from unittest import mock
 
 from absl import app
 from absl.testing import absltest
+import jax
 import numpy as np
 import safetensors.numpy
 
@@ -16,9 +17,9 @@ import safetensors.numpy
 # that the installed xrapture is the one imported.
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.append(_ROOT)
+from configs import finetune as finetune_configs  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import lm_data  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import lm_model  # pylint: disable=g-import-not-at-top,wrong-import-position
-from experiments import pretraining  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import trainer  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import variants  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -26,11 +27,7 @@ from experiments import variants  # pylint: disable=g-import-not-at-top,wrong-im
 
 def smoke_config(**overrides):
   """configs/finetune.py:smoke (a tiny model, a few steps), with ``overrides``."""
-  path = os.path.join(_ROOT, 'configs', 'finetune.py')
-  spec = importlib.util.spec_from_file_location('_finetune_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config('smoke')
+  config = finetune_configs.get_config('smoke')
   config.update_from_flattened_dict({'progress_bar': False, **overrides})
   return config
 
@@ -49,7 +46,7 @@ class TrainerTest(absltest.TestCase):
     self.tmp = tmp.name
     # Checkpoints at 3 and 6, logs at 4 and 8: resuming at 6 starts mid-window.
     self.config = smoke_config(num_steps=8, eval_every=4, log_every=4)
-    self.base = pretraining.init_params(self.config.pretrain.model, 0)
+    self.base = lm_model.init_params(self.config.pretrain.model, 0)
     self.forward = lm_model.make_forward(self.config.pretrain.model)
     self.data = lm_data.load('docs')
     self.mesh = sharding.make_mesh((1, 1))
@@ -74,12 +71,21 @@ class TrainerTest(absltest.TestCase):
       with self.assertRaises(KeyboardInterrupt):
         self.train(crashed)
     ckpts = os.path.join(crashed, 'checkpoints')
-    self.assertEqual(sorted(os.listdir(ckpts)), ['step_00000003', 'step_00000006'])
+    self.assertEqual(sorted(os.listdir(ckpts)), ['3', '6'])
     self.assertFalse(os.path.exists(os.path.join(crashed, trainer.RESULT)))
-    # A checkpoint write that was killed halfway leaves a temporary directory.
-    os.makedirs(os.path.join(ckpts, '.tmp-step_00000009-dead'))
+    # What a power loss and kills can leave: a newest checkpoint with
+    # truncated files, a partial last line in the metrics, a temporary file.
+    for path in glob.glob(os.path.join(ckpts, '6', '**'), recursive=True):
+      if os.path.isfile(path):
+        os.truncate(path, os.path.getsize(path) // 2)
+    with open(os.path.join(crashed, trainer.METRICS), 'a') as f:
+      f.write('{"run": "lora", "step": 7, "spl')
+    open(os.path.join(crashed, '.tmp-result.json-x1'), 'w').close()
 
-    got = self.train(crashed)  # resumes from step 6
+    with self.assertLogs(level='WARNING') as logs:
+      got = self.train(crashed)  # resumes from step 3: 6 does not read back
+    self.assertRegex('\n'.join(logs.output), 'checkpoints/6 does not read back')
+    self.assertNotIn('.tmp-result.json-x1', os.listdir(crashed))
     for key in ('val_bpb', 'test_bpb', 'trainable_params', 'opt_state_bytes'):
       self.assertEqual(got[key], want[key], key)
     with open(os.path.join(straight, 'adapter.safetensors'), 'rb') as f:
@@ -96,18 +102,35 @@ class TrainerTest(absltest.TestCase):
     # Records the crashed run wrote after step 6 were dropped and rewritten.
     self.assertEqual(losses(crashed), losses(straight))
 
-  def test_a_finished_run_is_not_trained_again(self):
+  def test_killed_before_the_first_checkpoint_then_finished(self):
     workdir = os.path.join(self.tmp, 'run')
+    with mock.patch.object(lm_data, 'train_batch', side_effect=KeyboardInterrupt):
+      with self.assertRaises(KeyboardInterrupt):
+        self.train(workdir, 'head')
+    self.assertEqual([(r['step'], r['split']) for r in
+                      read_jsonl(os.path.join(workdir, trainer.METRICS))], [(0, 'val')])
     first = self.train(workdir, 'head')
+    # Starting again from step 0 did not repeat the step-0 record.
+    self.assertEqual([(r['step'], r['split']) for r in
+                      read_jsonl(os.path.join(workdir, trainer.METRICS))],
+                     [(0, 'val'), (4, 'train'), (4, 'val'), (8, 'train'), (8, 'val')])
+    # A finished run is not trained again.
     with mock.patch.object(lm_data, 'train_batch', side_effect=AssertionError):
       self.assertEqual(self.train(workdir, 'head'), first)
 
-  def test_other_settings_are_refused(self):
+  def test_other_settings_or_another_base_are_refused(self):
     workdir = os.path.join(self.tmp, 'run')
     self.train(workdir, 'head')
     with self.assertRaisesRegex(app.UsageError, r'learning_rate: 0\.01 there, 0\.1 now'):
       self.train(workdir, 'head', smoke_config(num_steps=8, eval_every=4,
                                             **{'learning_rate.head': 0.1}))
+    # The same architecture, one number of the base changed.
+    other = jax.tree.map(np.array, self.base)
+    other['ln_f']['scale'][0] += 1e-3
+    run = variants.METHODS['head'](self.config, self.forward, other)
+    with self.assertRaisesRegex(app.UsageError, 'trained from another base: its params '
+                                'hash to sha256:[0-9a-f]{64} there, sha256:[0-9a-f]{64} now'):
+      trainer.train(run, self.data, self.config, workdir, self.mesh)
 
   def test_result_counts_what_trains(self):
     result = self.train(os.path.join(self.tmp, 'run'))

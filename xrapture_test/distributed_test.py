@@ -1,0 +1,196 @@
+"""experiments/finetune.py as two processes (jax.distributed over loopback).
+
+Each process gets two host CPU devices; together they form one 4-device
+mesh. The launcher runs in subprocesses, as a user starts it. A subprocess
+that outlives its limit fails the test as a hang.
+"""
+
+import glob
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import numpy as np
+import safetensors.numpy
+
+# The repository root (in the source tree or in Bazel's runfiles), appended so
+# that the installed xrapture is the one imported.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.append(_ROOT)
+from experiments import distributed  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_LAUNCHER = os.path.join(_ROOT, 'experiments', 'finetune.py')
+_CONFIG = os.path.join(_ROOT, 'configs', 'finetune.py')
+# Seconds a process may take before the test calls it hung: far above what a
+# bounded error needs (its timeout_s plus start-up), far below a hang.
+_ERROR_LIMIT_S = 240
+_TRAIN_LIMIT_S = 1500
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+class TwoProcessTest(parameterized.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    tmp = tempfile.TemporaryDirectory()
+    self.addCleanup(tmp.cleanup)
+    self.tmp = tmp.name
+    self.workdir = os.path.join(self.tmp, 'wd')
+
+  def launch(self, process_ids, num_processes, *args, limit=_ERROR_LIMIT_S,
+             config=f'{_CONFIG}:smoke', only=None):
+    """Runs one launcher process per id at once; returns ``[(returncode, output)]``.
+
+    Args:
+      process_ids: ``--config.cluster.process_id`` of each process.
+      num_processes: ``--config.cluster.num_processes`` of each process.
+      *args: more flags, for every process.
+      limit: seconds after which a process counts as hung.
+      config: ``--config``.
+      only: ``{process id: flags}`` for one process alone.
+    """
+    port = free_port()
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+               PYTHONUNBUFFERED='1')
+    procs = []
+    for process_id, count in zip(process_ids, num_processes):
+      argv = [sys.executable, _LAUNCHER, f'--config={config}', f'--workdir={self.workdir}',
+              '--config.progress_bar=False', '--config.distributed=True',
+              f'--config.cluster.coordinator_address=127.0.0.1:{port}',
+              f'--config.cluster.num_processes={count}',
+              f'--config.cluster.process_id={process_id}', *args,
+              *(only or {}).get(process_id, ())]
+      log = open(os.path.join(self.tmp, f'process_{process_id}.log'), 'w+')  # pylint: disable=consider-using-with
+      self.addCleanup(log.close)
+      procs.append((subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                     cwd=self.tmp), log))
+    results = []
+    for proc, log in procs:
+      try:
+        proc.wait(timeout=limit)
+      except subprocess.TimeoutExpired:
+        for other, _ in procs:
+          other.kill()
+        log.seek(0)
+        self.fail(f'process hung for {limit} s:\n{log.read()[-3000:]}')
+      log.seek(0)
+      results.append((proc.returncode, log.read()))
+    return results
+
+  def test_two_processes_train_write_and_resume(self):
+    results = self.launch((0, 1), (2, 2), '--config.cluster.timeout_s=300',
+                          limit=_TRAIN_LIMIT_S, config=f'{_CONFIG}:lora,smoke')
+    for returncode, output in results:
+      self.assertEqual(returncode, 0, output[-3000:])
+    with open(os.path.join(self.workdir, 'results.json')) as f:
+      self.assertEqual([r['run'] for r in json.load(f)], ['base', 'lora'])
+    # Each process wrote its own shards of every checkpoint; process 0 the rest.
+    for run in ('base', 'lora'):
+      for step in ('3', '6'):
+        shards = glob.glob(os.path.join(self.workdir, run, 'checkpoints', step, 'state',
+                                        'ocdbt.process_*'))
+        self.assertCountEqual([os.path.basename(s) for s in shards],
+                              ['ocdbt.process_0', 'ocdbt.process_1'], (run, step))
+    lora = os.path.join(self.workdir, 'lora')
+    with open(os.path.join(lora, 'metrics.jsonl')) as f:
+      records = [json.loads(line) for line in f]
+    steps = [(r['step'], r['split']) for r in records]
+    self.assertLen(set(steps), len(steps))  # one writer: no record twice
+    self.assertIn((6, 'val'), steps)
+    adapter = _read(os.path.join(lora, 'adapter.safetensors'))
+    with open(os.path.join(lora, 'result.json')) as f:
+      result = json.load(f)
+
+    # The adapter is an ordinary xrapture file: it loads in one process.
+    from experiments import lm_model  # pylint: disable=g-import-not-at-top
+    import ml_collections  # pylint: disable=g-import-not-at-top
+    import xrapture  # pylint: disable=g-import-not-at-top
+    with open(os.path.join(self.workdir, 'base', 'model.json')) as f:
+      model = ml_collections.ConfigDict(
+          {k: v for k, v in json.load(f).items() if k not in ('domain', 'result')})
+    base = lm_model.load_base(os.path.join(self.workdir, 'base'), model)
+    params = xrapture.load_adapter(os.path.join(lora, 'adapter.safetensors'), base)
+    self.assertIsInstance(
+        params['blocks/__layer_stack_no_per_layer/block/attn/value']['w'],
+        xrapture.LoraWeight)
+
+    # Undo the LoRA run back to its step-3 checkpoint (as a kill after it
+    # would leave it) and run both processes again: they resume there and
+    # end with the same adapter.
+    shutil.rmtree(os.path.join(lora, 'checkpoints', '6'))
+    for name in ('result.json', 'adapter.safetensors'):
+      os.remove(os.path.join(lora, name))
+    os.remove(os.path.join(self.workdir, 'results.json'))
+    results = self.launch((0, 1), (2, 2), '--config.cluster.timeout_s=300',
+                          limit=_TRAIN_LIMIT_S, config=f'{_CONFIG}:lora,smoke')
+    for returncode, output in results:
+      self.assertEqual(returncode, 0, output[-3000:])
+      self.assertIn('lora: resuming from step 3', output)
+    again = _read(os.path.join(lora, 'adapter.safetensors'))
+    self.assertCountEqual(again, adapter)
+    for name in adapter:
+      np.testing.assert_array_equal(again[name], adapter[name], name)
+    with open(os.path.join(lora, 'result.json')) as f:
+      resumed = json.load(f)
+    for key in ('val_bpb', 'test_bpb', 'trainable_params', 'opt_state_bytes'):
+      self.assertEqual(resumed[key], result[key], key)
+    with open(os.path.join(lora, 'metrics.jsonl')) as f:
+      self.assertEqual([(r['step'], r['split'], r['loss']) for r in map(json.loads, f)],
+                       [(r['step'], r['split'], r['loss']) for r in records])
+
+  def test_a_coordinator_that_never_answers(self):
+    [(returncode, output)] = self.launch((1,), (2,), '--config.cluster.timeout_s=5')
+    self.assertEqual(returncode, distributed.WATCHDOG_EXIT, output[-3000:])
+    self.assertRegex(output, r'process 1 of 2 .* waited 5 s \(--config.cluster.timeout_s\): '
+                     r'nothing answers at the coordinator address 127\.0\.0\.1:\d+')
+
+  @parameterized.named_parameters(('alone', (0,), (2,)),
+                                  ('told_more_than_started', (0, 1), (3, 3)),
+                                  ('process_0_told_more', (0, 1), (3, 2)))
+  def test_processes_that_never_all_join(self, process_ids, num_processes):
+    for returncode, output in self.launch(process_ids, num_processes,
+                                          '--config.cluster.timeout_s=5'):
+      self.assertEqual(returncode, distributed.WATCHDOG_EXIT, output[-3000:])
+      self.assertRegex(output, r'waited 5 s \(--config.cluster.timeout_s\): not every '
+                       r'process joined\. Start one process per id 0\.\.N-1')
+
+  def test_processes_told_different_counts(self):
+    # The coordinator (process 0) expects 2, so both join; then they compare.
+    for returncode, output in self.launch((0, 1), (2, 3), '--config.cluster.timeout_s=60'):
+      self.assertEqual(returncode, 1, output[-3000:])
+      self.assertRegex(output, r'2 processes joined, but they were told different '
+                       r'numbers .*: \{0: 2, 1: 3\}')
+
+  def test_processes_given_different_configs(self):
+    for returncode, output in self.launch((0, 1), (2, 2), '--config.cluster.timeout_s=60',
+                                          only={1: ['--config.num_steps=7']}):
+      self.assertEqual(returncode, 1, output[-3000:])
+      self.assertIn('processes [1] were started with another config or --workdir '
+                    'than process 0', output)
+
+  def test_a_mesh_that_does_not_divide_the_batch(self):
+    for returncode, output in self.launch((0, 1), (2, 2), '--config.cluster.timeout_s=60',
+                                          '--config.batch_size=6', "--config.mesh=(4, 1)"):
+      self.assertEqual(returncode, 1, output[-3000:])
+      self.assertIn("--config.batch_size=6 does not split over the mesh's 'data' axis "
+                    'of 4 devices', output)
+
+
+def _read(path):
+  with open(path, 'rb') as f:
+    return safetensors.numpy.load(f.read())
+
+
+if __name__ == '__main__':
+  absltest.main()
