@@ -76,6 +76,8 @@ class PassThroughTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
       ("jit", lambda x, w: jax.jit(lambda x, w: jnp.tanh(x @ w))(x, w)),
+      # `inline` is a bool up to JAX 0.11.1 and an enum (`Inline`) since 0.11.2.
+      ("jit_inline", lambda x, w: jax.jit(lambda x, w: jnp.tanh(x @ w), inline=True)(x, w)),
       ("nested_jit", lambda x, w: jax.jit(
           lambda x, w: jax.jit(lambda x, w: jnp.tanh(x @ w))(x, w) * 2.0)(x, w)),
       ("jit_closing_over_activation", lambda x, w: jax.jit(
