@@ -16,6 +16,7 @@ import safetensors
 import safetensors.numpy
 
 from xrapture._src.io import atomic
+from xrapture._src.io import multihost
 from xrapture._src.lora import lora_weight
 from xrapture._src.transform import paths
 
@@ -27,7 +28,7 @@ _META_KEY = "xrapture"
 
 def _to_numpy(x: Any) -> tuple[np.ndarray, str]:
   """Array -> (array safetensors can store, dtype name to restore)."""
-  arr = np.asarray(jax.device_get(x))
+  arr = multihost.to_numpy(x)
   name = jnp.dtype(arr.dtype).name
   if name == "bfloat16":
     return arr.view(np.uint16), name
@@ -42,6 +43,9 @@ def _from_numpy(arr: np.ndarray, name: str) -> jax.Array:
 
 def save_adapter(path: str, params: Any, lora_spec: Any) -> None:
   """Writes the trainable part of ``params`` to ``path`` atomically.
+
+  In a multi-process run every process calls it; process 0 writes, and each
+  process returns once the file is written.
 
   Args:
     path: the file to write (``.safetensors`` by convention).
@@ -75,7 +79,7 @@ def save_adapter(path: str, params: Any, lora_spec: Any) -> None:
                 xrapture_version=__version__, jax_version=jax.__version__,
                 entries=entries)
   data = safetensors.numpy.save(tensors, metadata={_META_KEY: json.dumps(header)})
-  atomic.atomic_write_bytes(path, data)
+  multihost.write_once(lambda: atomic.atomic_write_bytes(path, data), path)
 
 
 def read_adapter(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
