@@ -219,8 +219,10 @@ class MultiHostTest(absltest.TestCase):
                      ["adapter_config.json", "adapter_model.safetensors"])
 
 
+# Run as a worker (see the module docstring), or as the test.
+if __name__ == "__main__" and os.environ.get("XRAPTURE_TEST_WORKER"):
+  _worker_main()
+  sys.exit(0)
+
 if __name__ == "__main__":
-  if os.environ.get("XRAPTURE_TEST_WORKER"):
-    _worker_main()
-  else:
-    absltest.main()
+  absltest.main()

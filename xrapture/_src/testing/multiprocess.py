@@ -22,6 +22,8 @@ import tempfile
 import time
 from typing import Mapping, Sequence
 
+from xrapture._src import distributed
+
 _COORDINATOR = "XRAPTURE_TEST_COORDINATOR"
 _NUM_PROCESSES = "XRAPTURE_TEST_NUM_PROCESSES"
 _PROCESS_ID = "XRAPTURE_TEST_PROCESS_ID"
@@ -86,15 +88,11 @@ def initialize_from_env() -> tuple[int, int]:
   Returns:
     ``(process_id, num_processes)``.
   """
-  import jax  # pylint: disable=g-import-not-at-top
   num_processes = int(os.environ.get(_NUM_PROCESSES, "1"))
   process_id = int(os.environ.get(_PROCESS_ID, "0"))
   if num_processes > 1:
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=os.environ[_COORDINATOR], num_processes=num_processes,
-        process_id=process_id,
-        initialization_timeout=int(os.environ.get(_INIT_TIMEOUT, "60")))
+    distributed.initialize(os.environ[_COORDINATOR], num_processes, process_id,
+                           timeout_s=float(os.environ.get(_INIT_TIMEOUT, "60")))
   return process_id, num_processes
 
 
