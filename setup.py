@@ -39,16 +39,20 @@ setup(
     long_description_content_type='text/markdown',
     packages=find_packages(include=['xrapture', 'xrapture.*'],
                            exclude=['xrapture_test', 'xrapture_test.*']),
-    python_requires='>=3.10',
+    # The lowest versions the test command's floor leg installs and tests
+    # (tools/floors.py turns these into pins): jax.extend.core.DropVar needs
+    # jax 0.10; dm-haiku < 0.0.15 fails to import with it; jax 0.10 needs
+    # numpy 2 and Python 3.11.
+    python_requires='>=3.11',
     install_requires=[
-        'absl-py>=1.0',
-        'dm-haiku>=0.0.12',
-        'jax>=0.4.30',
-        'jaxlib>=0.4.30',
+        'absl-py>=1.0.0',
+        'dm-haiku>=0.0.15',
+        'jax>=0.10.0',
+        'jaxlib>=0.10.0',
         'ml_collections>=0.1.1',
-        'numpy>=1.24',
+        'numpy>=2.0.0',
         'optax>=0.2.2',
-        'safetensors>=0.4',
+        'safetensors>=0.4.0',
     ],
     extras_require={
         'tests': [

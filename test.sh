@@ -3,47 +3,271 @@
 #
 #   bash test.sh
 #
-# 1. installs Bazel from Debian (bazel-bootstrap, bazel-rules-java) if absent;
-# 2. creates a virtualenv ($XRAPTURE_VENV, default .venv-test; reused on rerun);
-# 3. installs xrapture into it, non-editable, with its test extras;
-# 4. runs pytest from a temporary directory against the installed package, so
-#    that a file missing from the package fails the tests instead of being
-#    picked up from the source tree;
-# 5. runs `bazel test //xrapture_test/...` with the virtualenv's python.
+# Three legs, each in its own virtualenv (created on the first run, reused
+# after), each installing xrapture's wheel (non-editable) and running pytest
+# from a temporary directory, so that the tests import the installed package
+# and a file missing from it fails them:
+#
+#   py311  Python 3.11 ($XRAPTURE_PYTHON311, default python3) with the newest
+#          jax pip serves there (0.10.x) and every extra, torch, PEFT and
+#          bitsandbytes included: the whole suite. A missing torch is a
+#          failure here (XRAPTURE_REQUIRE_TORCH=1). Bazel runs its part of the
+#          suite in this leg (below). Venv $XRAPTURE_VENV (.venv-test).
+#   py312  Python >= 3.12 ($XRAPTURE_PYTHON312; default: pyenv's 3.12.1, else
+#          python3.12 or python3.13 on PATH) with the newest jax there
+#          (0.12.x): every test that does not need torch. torch for 3.12 is a
+#          multi-GB download, so the tests that need it are skipped, each
+#          listed with the reason. Venv $XRAPTURE_VENV_PY312 (.venv-test-py312).
+#   floor  Python 3.11 with exactly the lowest versions setup.py admits
+#          (tools/floors.py pins install_requires' lower bounds, so the two
+#          cannot drift): the library's tests, i.e. all but those importing
+#          experiments/ or benchmarks/. Venv $XRAPTURE_VENV_FLOOR
+#          (.venv-test-floor).
+#
+# No test runs twice within a leg: `bazel test //xrapture_test/...` runs the
+# fast core files listed in xrapture_test/BUILD (_BAZEL_SUITE; the others are
+# tagged "manual"), and the py311 leg's pytest skips exactly those files (it
+# asks `bazel query`). Bazel is installed from Debian if absent.
+#
+# XRAPTURE_LEGS picks legs (default "py311 py312 floor"). A leg whose Python
+# is missing is skipped with a notice, or fails when CI=true. Every leg runs;
+# the exit status is non-zero if any failed (pytest's 5, "no tests ran",
+# included).
 set -euo pipefail
 
 readonly REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "${REPO}"
 source "${REPO}/tools/install.sh"
 
-step "Bazel"
-if ! command -v bazel >/dev/null 2>&1 || [[ ! -d /usr/share/bazel/rules/java ]]; then
+readonly LEGS="${XRAPTURE_LEGS:-py311 py312 floor}"
+readonly TMP_DIR="$(mktemp -d)"
+trap 'rm -rf "${TMP_DIR}"' EXIT
+# Each leg ends as one line here: "<leg> <passed|FAILED|skipped> <seconds> <note>".
+SUMMARY=()
+FAILED=0
+START=${SECONDS}
+
+wants() { [[ " ${LEGS} " == *" $1 "* ]]; }
+
+# missing_python LEG WHAT: a skip with a notice, or a failure under CI=true.
+missing_python() {
+  if [[ "${CI:-}" == "true" ]]; then
+    echo "ERROR: leg $1: no $2 (CI=true: every leg must run)." >&2
+    SUMMARY+=("$1 FAILED 0 no $2")
+    FAILED=1
+  else
+    echo "NOTICE: leg $1 skipped: no $2 on this machine." >&2
+    SUMMARY+=("$1 skipped 0 no $2")
+  fi
+}
+
+find_python311() {
+  local candidate
+  for candidate in "${XRAPTURE_PYTHON311:-}" python3 python3.11; do
+    if [[ -n "${candidate}" ]] && command -v "${candidate}" >/dev/null 2>&1 &&
+       [[ "$(python_minor "${candidate}")" == "3.11" ]]; then
+      command -v "${candidate}"
+      return 0
+    fi
+  done
+  if [[ -n "${XRAPTURE_PYTHON311:-}" ]]; then
+    echo "XRAPTURE_PYTHON311=${XRAPTURE_PYTHON311} is not a Python 3.11" >&2
+  fi
+  return 1
+}
+
+find_python312() {
+  local candidates=()
+  if [[ -n "${XRAPTURE_PYTHON312:-}" ]]; then
+    candidates=("${XRAPTURE_PYTHON312}")
+  else
+    if command -v pyenv >/dev/null 2>&1 && pyenv prefix 3.12.1 >/dev/null 2>&1; then
+      candidates+=("$(pyenv prefix 3.12.1)/bin/python3")
+    fi
+    candidates+=(python3.12 python3.13)
+  fi
+  local candidate
+  for candidate in "${candidates[@]}"; do
+    if command -v "${candidate}" >/dev/null 2>&1 &&
+       "${candidate}" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then
+      command -v "${candidate}"
+      return 0
+    fi
+  done
+  if [[ -n "${XRAPTURE_PYTHON312:-}" ]]; then
+    echo "XRAPTURE_PYTHON312=${XRAPTURE_PYTHON312} is not a Python >= 3.12" >&2
+  fi
+  return 1
+}
+
+# ---------------------------------------------------------------------------
+step "Interpreters"
+PY311="" PY312=""
+if wants py311 || wants floor; then
+  PY311="$(find_python311)" || PY311=""
+  echo "Python 3.11: ${PY311:-none}"
+fi
+if wants py312; then
+  PY312="$(find_python312)" || PY312=""
+  echo "Python >= 3.12: ${PY312:-none}"
+fi
+BUILD_PYTHON="${PY311:-${PY312:-python3}}"
+
+# ---------------------------------------------------------------------------
+if wants py311 && { ! command -v bazel >/dev/null 2>&1 || [[ ! -d /usr/share/bazel/rules/java ]]; }; then
+  step "Bazel (apt-get install bazel-bootstrap bazel-rules-java)"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q
   apt-get install -y -q bazel-bootstrap bazel-rules-java
 fi
 
-install_xrapture "${XRAPTURE_VENV:-${REPO}/.venv-test}" ".[tests,experiments,peft]"
+step "xrapture wheel"
+BUILD_VENV="${TMP_DIR}/build-venv"
+"${BUILD_PYTHON}" -m venv "${BUILD_VENV}"
+"${BUILD_VENV}/bin/python" -m pip install -q setuptools wheel
+build_wheel "${BUILD_VENV}/bin/python" "${TMP_DIR}/wheel"
+echo "${WHEEL}"
 
-step "pytest (installed package, from outside the source tree)"
-TMP_DIR="$(mktemp -d)"
-trap 'rm -rf "${TMP_DIR}"' EXIT
-cd "${TMP_DIR}"
-# The repository must not be importable: only the installed copy of xrapture.
-"${VENV}/bin/python" -c 'import xrapture; print("xrapture", xrapture.__version__, "from", xrapture.__file__)'
-set +e
-XRAPTURE_EXPECT_INSTALLED=1 "${VENV}/bin/python" -m pytest \
-  -p no:cacheprovider -n auto -q "${REPO}/xrapture_test"
-pytest_status=$?
-set -e
-cd "${REPO}"
-# 5 means no tests were collected: that is a failure too.
-if [[ "${pytest_status}" -ne 0 ]]; then
-  echo "pytest failed (exit status ${pytest_status})" >&2
-  exit "${pytest_status}"
+# The legs' installs run side by side (mostly download and unpack time); each
+# logs to its own file, shown if it fails.
+declare -A LEG_VENV LEG_PYTHON INSTALL_PID
+if wants py311; then
+  if [[ -n "${PY311}" ]]; then
+    LEG_VENV[py311]="${XRAPTURE_VENV:-${REPO}/.venv-test}"; LEG_PYTHON[py311]="${PY311}"
+  else
+    missing_python py311 "Python 3.11"
+  fi
+fi
+if wants py312; then
+  if [[ -n "${PY312}" ]]; then
+    LEG_VENV[py312]="${XRAPTURE_VENV_PY312:-${REPO}/.venv-test-py312}"; LEG_PYTHON[py312]="${PY312}"
+  else
+    missing_python py312 "Python >= 3.12 (set XRAPTURE_PYTHON312)"
+  fi
+fi
+if wants floor; then
+  FLOOR_PYTHON="$("${BUILD_PYTHON}" tools/floors.py --python)"
+  if [[ -n "${PY311}" && "${FLOOR_PYTHON}" == "3.11" ]]; then
+    LEG_VENV[floor]="${XRAPTURE_VENV_FLOOR:-${REPO}/.venv-test-floor}"; LEG_PYTHON[floor]="${PY311}"
+  else
+    missing_python floor "Python ${FLOOR_PYTHON} (setup.py's python_requires)"
+  fi
+fi
+"${BUILD_PYTHON}" tools/floors.py > "${TMP_DIR}/floors.txt"
+
+install_leg() {
+  local leg="$1"
+  make_venv "${LEG_VENV[${leg}]}" "${LEG_PYTHON[${leg}]}"
+  case "${leg}" in
+    py311) install_wheel "${VENV}" "${WHEEL}" "tests,experiments,peft" ;;
+    py312) install_wheel "${VENV}" "${WHEEL}" "tests,experiments" ;;
+    floor) install_wheel "${VENV}" "${WHEEL}" "tests" -c "${TMP_DIR}/floors.txt" ;;
+  esac
+}
+
+step "virtualenvs: ${!LEG_VENV[*]} (pip install, side by side)"
+INSTALL_START=${SECONDS}
+for leg in "${!LEG_VENV[@]}"; do
+  install_leg "${leg}" > "${TMP_DIR}/install-${leg}.log" 2>&1 &
+  INSTALL_PID[${leg}]=$!
+done
+for leg in "${!INSTALL_PID[@]}"; do
+  if wait "${INSTALL_PID[${leg}]}"; then
+    echo "${leg}: ${LEG_VENV[${leg}]} ready"
+  else
+    echo "ERROR: leg ${leg}: pip install failed:" >&2
+    tail -n 30 "${TMP_DIR}/install-${leg}.log" >&2
+    SUMMARY+=("${leg} FAILED 0 pip install failed")
+    FAILED=1
+    unset "LEG_VENV[${leg}]"
+  fi
+done
+echo "installs: $((SECONDS - INSTALL_START)) s"
+
+# ---------------------------------------------------------------------------
+# run_pytest LEG VENV ARGS...: pytest against the installed package, from
+# outside the source tree.
+run_pytest() {
+  local leg="$1" venv="$2"
+  shift 2
+  local work="${TMP_DIR}/run-${leg}"
+  mkdir -p "${work}"
+  (
+    cd "${work}"
+    # The repository must not be importable: only the installed copy.
+    "${venv}/bin/python" -c 'import sys, jax, xrapture; print("xrapture", xrapture.__version__, "from", xrapture.__file__, "| jax", jax.__version__, "| Python", sys.version.split()[0])'
+    XRAPTURE_EXPECT_INSTALLED=1 "${venv}/bin/python" -m pytest \
+      -p no:cacheprovider -n auto -q -rs --durations=15 "$@"
+  )
+}
+
+# end_leg LEG STATUS START NOTE
+end_leg() {
+  local seconds=$((SECONDS - $3))
+  if [[ "$2" -eq 0 ]]; then
+    SUMMARY+=("$1 passed ${seconds} $4")
+  else
+    SUMMARY+=("$1 FAILED ${seconds} $4 (exit status $2)")
+    FAILED=1
+  fi
+}
+
+ALL_TESTS=("${REPO}"/xrapture_test/*_test.py)
+
+if [[ -n "${LEG_VENV[py311]:-}" ]]; then
+  step "leg py311: pytest (the files Bazel does not run), then bazel test //xrapture_test/..."
+  leg_start=${SECONDS}
+  venv="${LEG_VENV[py311]}"
+  status=0
+  bazel_files="$(bazel query --noshow_progress \
+      'tests(//xrapture_test/...) except attr(tags, "manual", //xrapture_test/...)' \
+      2>/dev/null | sed -n 's|^//xrapture_test:\(.*\)$|\1.py|p')" || status=$?
+  if [[ "${status}" -ne 0 || -z "${bazel_files}" ]]; then
+    echo "ERROR: bazel query found no tests to run" >&2
+    status=1
+  else
+    pytest_files=()
+    for f in "${ALL_TESTS[@]}"; do
+      grep -qx "$(basename "${f}")" <<< "${bazel_files}" || pytest_files+=("${f}")
+    done
+    echo "Bazel runs: $(tr '\n' ' ' <<< "${bazel_files}")"
+    XRAPTURE_REQUIRE_TORCH=1 run_pytest py311 "${venv}" "${pytest_files[@]}" || status=$?
+    bazel test --test_env=PATH="${venv}/bin:/usr/bin:/bin" \
+      --test_env=XRAPTURE_REQUIRE_TORCH=1 //xrapture_test/... || status=$?
+  fi
+  end_leg py311 "${status}" "${leg_start}" "Python 3.11, $("${venv}/bin/python" -c 'import jax; print("jax", jax.__version__)')"
 fi
 
-step "bazel test //xrapture_test/..."
-bazel test --test_env=PATH="${VENV}/bin:/usr/bin:/bin" //xrapture_test/...
+if [[ -n "${LEG_VENV[py312]:-}" ]]; then
+  step "leg py312: pytest, every test that does not need torch"
+  leg_start=${SECONDS}
+  venv="${LEG_VENV[py312]}"
+  echo "NOTICE: no torch/PEFT/bitsandbytes in this leg (a multi-GB download for" \
+       "Python >= 3.12): the tests that need them are skipped and listed below."
+  status=0
+  run_pytest py312 "${venv}" "${ALL_TESTS[@]}" || status=$?
+  end_leg py312 "${status}" "${leg_start}" "Python $(python_minor "${venv}/bin/python"), $("${venv}/bin/python" -c 'import jax; print("jax", jax.__version__)')"
+fi
 
+if [[ -n "${LEG_VENV[floor]:-}" ]]; then
+  step "leg floor: the library's tests at setup.py's lowest versions"
+  leg_start=${SECONDS}
+  venv="${LEG_VENV[floor]}"
+  echo "Pins: $(tr '\n' ' ' < "${TMP_DIR}/floors.txt")"
+  library_tests=()
+  for f in "${ALL_TESTS[@]}"; do
+    grep -qE '^\s*(from|import) (experiments|benchmarks)\b' "${f}" || library_tests+=("${f}")
+  done
+  status=0
+  run_pytest floor "${venv}" "${library_tests[@]}" || status=$?
+  end_leg floor "${status}" "${leg_start}" "$(tr '\n' ' ' < "${TMP_DIR}/floors.txt")"
+fi
+
+# ---------------------------------------------------------------------------
+step "Summary ($((SECONDS - START)) s in all)"
+printf '  %s\n' "${SUMMARY[@]}"
+if [[ "${FAILED}" -ne 0 ]]; then
+  echo "FAILED" >&2
+  exit 1
+fi
 step "All tests passed"

@@ -9,6 +9,7 @@ import tempfile
 from absl import flags
 from absl.testing import absltest
 from absl.testing import flagsaver
+from xrapture._src.testing import optional
 
 # benchmarks/ is not part of the package: import it from the repository root,
 # appended so that the installed xrapture still wins over the source tree.
@@ -24,12 +25,7 @@ _TOY = dict(d_model=32, head_dim=16, n_layers=1, vocab=32, seq_len=8, batch=2,
 
 
 def _has_peft():
-  try:
-    import peft  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
-    import torch  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
-  except ImportError:
-    return False
-  return True
+  return optional.modules("peft", "torch")[0] is not None
 
 
 def setUpModule():

@@ -27,14 +27,13 @@ import xrapture
 from xrapture._src.io import peft as peft_io
 from xrapture._src.transform import spec as spec_lib
 
-try:
-  import peft  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
-  from torch import nn  # pylint: disable=g-import-not-at-top
-except ImportError:  # the `peft` extra is not installed
-  peft = torch = nn = None
+from xrapture._src.testing import optional
 
-_NEEDS_PEFT = "torch and peft are not importable (pip install xrapture[peft])"
+# None where the `peft` extra is not installed (an error in the test command's
+# full leg, which sets XRAPTURE_REQUIRE_TORCH=1).
+peft, torch, nn = optional.modules("peft", "torch", "torch.nn")
+
+_NEEDS_PEFT = optional.MISSING
 
 VOCAB, DIM, HIDDEN, OUT, LAYERS, SEQ = 13, 8, 12, 5, 2, 6
 ATTN = ("q", "k", "v", "o")

@@ -11,6 +11,7 @@ from absl.testing import parameterized
 import haiku as hk
 import jax
 import jax.numpy as jnp
+from jax import lax
 import jmp
 import numpy as np
 import xrapture
@@ -252,6 +253,39 @@ class CopyTest(absltest.TestCase):
       check(fn, x, lora)
     self.assertEqual(dense_check.find_dense_products(
         xrapture.use_implicit_args(fn), x, lora), [])
+
+
+class OptimizationBarrierTest(absltest.TestCase):
+
+  def test_barrier_between_weight_and_matmul_matches_dense(self):
+    def fn(x, w):
+      x, w = lax.optimization_barrier((x, w))
+      return jnp.tanh(x @ w)
+
+    lora, x = _lora(), _rand(7, 3, M)
+    with warnings.catch_warnings():
+      warnings.simplefilter("error", xrapture.MaterializationWarning)
+      check(fn, x, lora)
+    self.assertEqual(dense_check.find_dense_products(
+        xrapture.use_implicit_args(fn), x, lora), [])
+
+  def test_barrier_returns_lora_weights_and_holds_their_factors(self):
+    lora, other, x = _lora(), _lora(seed=10, lead=(L,)), _rand(7, 3, M)
+    fn = xrapture.use_implicit_args(lambda *ops: lax.optimization_barrier(ops))
+    out = fn(x, lora, other)
+    self.assertLen(out, 3)
+    np.testing.assert_array_equal(out[0], x)
+    for got, want in zip(out[1:], (lora, other)):
+      self.assertIsInstance(got, xrapture.LoraWeight)
+      self.assertEqual((got.alpha, got.rslora), (want.alpha, want.rslora))
+      for name in ("w", "a", "b"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
+    (eqn,) = [e for e in jax.make_jaxpr(fn)(x, lora, other).jaxpr.eqns
+              if e.primitive.name == "optimization_barrier"]
+    # x, then w, a, b of each LoraWeight: the factors pass the barrier.
+    self.assertEqual([tuple(v.aval.shape) for v in eqn.invars],
+                     [x.shape, lora.w.shape, lora.a.shape, lora.b.shape,
+                      other.w.shape, other.a.shape, other.b.shape])
 
 
 if __name__ == "__main__":

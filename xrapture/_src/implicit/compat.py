@@ -2,23 +2,29 @@
 
 The interpreter walks jaxprs, so it depends on equation names and parameter
 layouts that JAX has renamed over time. Each such detail is read here and
-nowhere else:
+nowhere else (``jax.extend`` is imported by this module only):
 
-* ``pjit`` became ``jit`` (0.7); ``jit``'s ``inline`` became an enum (0.11).
+* ``pjit`` became ``jit`` (0.7); ``jit``'s ``inline`` became an enum (0.11.2):
+  the interpreter inlines a nested jit itself and binds ``inline`` unread.
 * ``custom_vjp_call_jaxpr(fun_jaxpr=...)`` became ``custom_vjp_call(call_jaxpr=...)``.
+* ``closed_call`` became the primitive ``eval_jaxpr`` (0.11.1): both are in
+  :data:`CALL_NAMES`.
 * ``Primitive.get_bind_params`` returns ``(subfuns, params)`` before 0.5 and a
   params dict (with ``subfuns`` inside) after.
-* ``scan``'s ``num_consts``/``num_carry`` are read through :func:`scan_counts`.
-* ``ClosedJaxpr`` merges into ``Jaxpr`` (0.12): :func:`jaxpr_and_consts`.
+* ``scan``'s ``num_consts``/``num_carry`` became the flat trees ``ft_in`` /
+  ``ft_out`` (0.11.0): read through :func:`scan_counts`.
+* ``ClosedJaxpr`` merged into ``Jaxpr`` (0.11.0; ``ClosedJaxpr`` is an alias,
+  and a ``Jaxpr`` holds its consts): :func:`jaxpr_and_consts`.
+* Which operands a primitive's sub-jaxprs read: :func:`sub_jaxprs`.
 """
 
-from typing import Any, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.extend.core as jex_core
 
 JIT_NAMES = frozenset({"jit", "pjit"})
-CALL_NAMES = frozenset({"closed_call", "core_call", "call"})
+CALL_NAMES = frozenset({"closed_call", "core_call", "call", "eval_jaxpr"})
 REMAT_NAMES = frozenset({"remat2", "checkpoint", "remat"})
 CUSTOM_JVP_NAMES = frozenset({"custom_jvp_call"})
 CUSTOM_VJP_NAMES = frozenset({"custom_vjp_call", "custom_vjp_call_jaxpr"})
@@ -32,6 +38,57 @@ def jaxpr_and_consts(jaxpr: Any) -> tuple[Any, Sequence[Any]]:
   if hasattr(jaxpr, "jaxpr") and hasattr(jaxpr, "consts"):
     return jaxpr.jaxpr, jaxpr.consts
   return jaxpr, getattr(jaxpr, "consts", ())
+
+
+def is_jaxpr(value: Any) -> bool:
+  """Whether ``value`` is a Jaxpr or a ClosedJaxpr (one class since 0.11)."""
+  return isinstance(value, (jex_core.Jaxpr, jex_core.ClosedJaxpr))
+
+
+class SubJaxpr(NamedTuple):
+  """A jaxpr held in an equation's params.
+
+  Attributes:
+    param: the params key that holds it (``"jaxpr"``, ``"branches"``, ...).
+    jaxpr: as stored, a Jaxpr or ClosedJaxpr (open it with
+      :func:`jaxpr_and_consts`).
+    operands: for each of its invars, the index into ``eqn.invars`` of the
+      operand it receives; None where JAX does not say (a primitive this
+      module does not know whose sub-jaxpr's arity differs from the
+      equation's).
+  """
+  param: str
+  jaxpr: Any
+  operands: tuple[int, ...] | None
+
+
+def sub_jaxprs(eqn: Any) -> Iterator[SubJaxpr]:
+  """Every jaxpr in ``eqn``'s params, with the operands its invars receive.
+
+  ``cond`` branches receive the operands after the index; ``while``'s
+  ``cond_jaxpr`` its consts and the carry, ``body_jaxpr`` its consts and the
+  carry; call-like primitives (jit, remat, ``closed_call``/``eval_jaxpr``,
+  custom_jvp/vjp calls, scan) receive all operands in order (scan's ``xs``
+  sliced: see :func:`scan_counts`).
+  """
+  n = len(eqn.invars)
+  name, params = eqn.primitive.name, eqn.params
+  if name == "while":
+    nc, nb = params["cond_nconsts"], params["body_nconsts"]
+    yield SubJaxpr("cond_jaxpr", params["cond_jaxpr"],
+                   tuple(range(nc)) + tuple(range(nc + nb, n)))
+    yield SubJaxpr("body_jaxpr", params["body_jaxpr"], tuple(range(nc, n)))
+    return
+  for key, value in params.items():
+    for sub in (value if isinstance(value, (tuple, list)) else (value,)):
+      if not is_jaxpr(sub):
+        continue
+      arity = len(jaxpr_and_consts(sub)[0].invars)
+      if name == "cond" and key == "branches":
+        operands = tuple(range(1, n))
+      else:
+        operands = tuple(range(n))
+      yield SubJaxpr(key, sub, operands if len(operands) == arity else None)
 
 
 def custom_call_jaxpr(params: dict[str, Any]) -> Any:
@@ -54,15 +111,41 @@ def custom_call_name(eqn: Any) -> str:
 def scan_counts(eqn: Any) -> tuple[int, int]:
   """``(num_consts, num_carry)`` of a scan equation.
 
-  Read from the equation's params where JAX names them (``num_consts`` /
-  ``num_carry`` up to 0.10); otherwise derived from types alone: the carry
-  is what the body returns unstacked and takes back, ``xs`` and ``ys`` are
-  stacked along ``length``. Raises if the types leave the split ambiguous.
+  Read from the equation's params: ``num_consts`` / ``num_carry`` up to 0.10,
+  the flat trees ``ft_in`` = (consts, carry, xs) and ``ft_out`` = (carry, ys)
+  since 0.11. Otherwise derived from types alone: the carry is what the body
+  returns unstacked and takes back, ``xs`` and ``ys`` are stacked along
+  ``length``. Raises if the types leave the split ambiguous.
   """
   params = eqn.params
   if "num_consts" in params and "num_carry" in params:
     return params["num_consts"], params["num_carry"]
+  counts = _flat_tree_scan_counts(eqn)
+  if counts is not None:
+    return counts
   return _derive_scan_counts(eqn)
+
+
+def _flat_tree_scan_counts(eqn: Any) -> tuple[int, int] | None:
+  """Counts from ``ft_in``/``ft_out`` (JAX >= 0.11), or None if unreadable.
+
+  JAX itself splits the operands with ``ft_in.update(args).unpack()``; the
+  same split of operand positions gives the counts.
+  """
+  ft_in, ft_out = eqn.params.get("ft_in"), eqn.params.get("ft_out")
+  if ft_in is None or ft_out is None:
+    return None
+  try:
+    consts, carry, xs = (list(part) for part in
+                         ft_in.update(range(len(eqn.invars))).unpack())
+    carry_out, ys = (list(part) for part in
+                     ft_out.update(range(len(eqn.outvars))).unpack())
+  except (AttributeError, TypeError, ValueError, AssertionError):
+    return None
+  if (len(consts) + len(carry) + len(xs) != len(eqn.invars)
+      or len(carry_out) != len(carry) or len(carry_out) + len(ys) != len(eqn.outvars)):
+    return None
+  return len(consts), len(carry)
 
 
 def _derive_scan_counts(eqn: Any) -> tuple[int, int]:

@@ -22,6 +22,7 @@ import safetensors.numpy
 from xrapture._src import pytypes
 from xrapture._src.io import atomic
 from xrapture._src.io import integrity
+from xrapture._src.io import multihost
 from xrapture._src.lora import lora_weight
 from xrapture._src.transform import paths
 
@@ -37,7 +38,7 @@ _HEADER_FIELDS_0_1 = frozenset(
 
 def _to_numpy(x: Any) -> tuple[np.ndarray, str]:
   """Array -> (array safetensors can store, dtype name to restore)."""
-  arr = np.asarray(jax.device_get(x))
+  arr = multihost.to_numpy(x)
   name = jnp.dtype(arr.dtype).name
   if name == "bfloat16":
     return arr.view(np.uint16), name
@@ -120,6 +121,9 @@ def _lora_from_entry(entry: dict[str, Any], w: Any, a: Any, b: Any) -> LoraWeigh
 def save_adapter(path: str, params: pytypes.Params, lora_spec: pytypes.LoraSpec) -> None:
   """Writes the trainable part of ``params`` to ``path`` atomically.
 
+  In a multi-process run every process calls it; process 0 writes, and each
+  process returns once the file is written.
+
   Args:
     path: the file to write (``.safetensors`` by convention).
     params: adapted params (with LoraWeights).
@@ -191,13 +195,16 @@ def save_adapter(path: str, params: pytypes.Params, lora_spec: pytypes.LoraSpec)
                 entries=entries)
   header[integrity.KEY] = integrity.record(header, tensors)
   data = safetensors.numpy.save(tensors, metadata={_META_KEY: json.dumps(header)})
-  try:
-    atomic.atomic_write_bytes(path, data)
-  except OSError as e:
-    reason = e.strerror or str(e)
-    if e.errno is None:
-      raise OSError(f"{reason}: could not write adapter file {path}") from e
-    raise OSError(e.errno, f"{reason}: could not write adapter file {path}") from e
+
+  def write():
+    try:
+      atomic.atomic_write_bytes(path, data)
+    except OSError as e:
+      reason = e.strerror or str(e)
+      if e.errno is None:
+        raise OSError(f"{reason}: could not write adapter file {path}") from e
+      raise OSError(e.errno, f"{reason}: could not write adapter file {path}") from e
+  multihost.write_once(write, path)
 
 
 def _check_entries(path: str, header: dict[str, Any],

@@ -39,6 +39,7 @@ import numpy as np
 import safetensors.numpy
 
 from xrapture._src.io import atomic
+from xrapture._src.io import multihost
 from xrapture._src.lora import lora_weight
 from xrapture._src.transform import paths
 from xrapture._src.transform import spec as spec_lib
@@ -131,7 +132,7 @@ def _unreverse_axes(x: np.ndarray) -> np.ndarray:
 
 def _to_peft(haiku_path: str, w_shape, a, b) -> tuple[np.ndarray, np.ndarray]:
   """Haiku factors of one layer -> PEFT's (A, B)."""
-  a, b = np.asarray(jax.device_get(a)), np.asarray(jax.device_get(b))
+  a, b = np.asarray(a), np.asarray(b)
   if len(w_shape) == 2:
     return b.T, a.T
   if any(d != 1 for d in a.shape[:-2]):
@@ -312,7 +313,8 @@ def export_peft(path: str | os.PathLike,
   the Haiku model computes with ``params``. The directory gets
   ``adapter_model.safetensors`` (factors in their own dtype) and
   ``adapter_config.json``; a new directory appears whole, files in an
-  existing one are each replaced atomically.
+  existing one are each replaced atomically. In a multi-process run every
+  process calls it; process 0 writes, and each returns once it has.
 
   Examples:
     A Haiku transformer whose modules are named after a HuggingFace Llama
@@ -389,16 +391,17 @@ def export_peft(path: str | os.PathLike,
   for hpath, lora in loras:
     targets = _torch_paths(_lookup(name_map, hpath))
     shape = tuple(lora.shape)
+    a_all, b_all = multihost.to_numpy(lora.a), multihost.to_numpy(lora.b)
     if isinstance(_lookup(name_map, hpath), str):
-      layers = [(targets[0], lora.w.shape, lora.a, lora.b)]
+      layers = [(targets[0], lora.w.shape, a_all, b_all)]
     else:
       if len(shape) < 3 or shape[0] != len(targets):
         raise ValueError(
             f"name_map gives {len(targets)} torch modules for '{hpath}', a "
             f"kernel of shape {shape}: a list needs one module per index of the "
             "leading (layer) axis.")
-      layers = [(t, shape[1:], lora.a[i if lora.a.shape[0] > 1 else 0],
-                 lora.b[i if lora.b.shape[0] > 1 else 0])
+      layers = [(t, shape[1:], a_all[i if a_all.shape[0] > 1 else 0],
+                 b_all[i if b_all.shape[0] > 1 else 0])
                 for i, t in enumerate(targets)]
     names = _EMBEDDING if _kind(hpath, len(layers[0][1])) == "embedding" else _LINEAR
     for tpath, w_shape, a, b in layers:
@@ -441,7 +444,8 @@ def export_peft(path: str | os.PathLike,
       "layers_pattern": None,
       "layer_replication": None,
   }
-  _write_dir(os.fspath(path), tensors, config)
+  multihost.write_once(lambda: _write_dir(os.fspath(path), tensors, config),
+                       os.fspath(path))
 
 
 # ----------------------------------------------------------------------------

@@ -2,10 +2,11 @@
 
 Each returns a new LoraWeight: transposes, dtype casts (``hk.mixed_precision``),
 indexing a stack of kernels on its leading axes (``W[i]`` inside
-``hk.layer_stack``-style code), copies, and multiplication or division by a
-scalar. Anything else returns ``NotImplemented``.
+``hk.layer_stack``-style code), copies, optimization barriers, and
+multiplication or division by a scalar. Anything else returns ``NotImplemented``.
 """
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -148,3 +149,14 @@ def _neg(primitive, lora, **unused_params):
   if not isinstance(lora, LoraWeight):
     return NotImplemented
   return _new(lora, -lora.w, lora.a, -lora.b)
+
+
+@registry.primitive_handler("optimization_barrier")
+def _optimization_barrier(primitive, *operands, **unused_params):
+  """The barrier holds each LoraWeight's factors; LoraWeights come out."""
+  del primitive, unused_params
+  if any(implicit_array.is_implicit(x) and not isinstance(x, LoraWeight)
+         for x in operands):
+    return NotImplemented
+  leaves, treedef = jax.tree_util.tree_flatten(list(operands))
+  return jax.tree_util.tree_unflatten(treedef, lax.optimization_barrier(leaves))

@@ -30,10 +30,11 @@ Examples:
 
 import math
 import re
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 
+from xrapture._src.implicit import compat
 from xrapture._src.implicit import implicit_array
 
 Shape = tuple[int, int]
@@ -72,19 +73,6 @@ def _targets(shapes: Iterable[Sequence[int]] | None, args: Any) -> set[Shape]:
   return targets
 
 
-def _sub_jaxprs(value: Any) -> Iterator[Any]:
-  """Jaxprs and ClosedJaxprs held in an equation parameter (or a tuple of them)."""
-  if isinstance(value, (jax.extend.core.Jaxpr, jax.extend.core.ClosedJaxpr)):
-    yield value
-  elif isinstance(value, (tuple, list)):
-    for item in value:
-      yield from _sub_jaxprs(item)
-
-
-def _open(jaxpr: Any) -> Any:
-  return jaxpr.jaxpr if isinstance(jaxpr, jax.extend.core.ClosedJaxpr) else jaxpr
-
-
 def _aval_str(var: Any) -> str:
   aval = var.aval
   try:
@@ -98,7 +86,7 @@ def find_dense_products_in_jaxpr(
   """Like :func:`find_dense_products`, on a Jaxpr or ClosedJaxpr."""
   targets = _targets(shapes, None)
   found = []
-  for eqn in _open(jaxpr).eqns:
+  for eqn in compat.jaxpr_and_consts(jaxpr)[0].eqns:
     name = eqn.primitive.name
     where = f"{_path}{name}"
     if name in _PRODUCT_PRIMITIVES:
@@ -107,10 +95,9 @@ def find_dense_products_in_jaxpr(
         if len(shape) >= 2 and shape[-2:] in targets:
           ins = " x ".join(_aval_str(v) for v in eqn.invars)
           found.append(f"{where}: {ins} -> {_aval_str(out)}")
-    for key, value in eqn.params.items():
-      for sub in _sub_jaxprs(value):
-        found.extend(find_dense_products_in_jaxpr(
-            sub, targets, _path=f"{where}[{key}]/"))
+    for sub in compat.sub_jaxprs(eqn):
+      found.extend(find_dense_products_in_jaxpr(
+          sub.jaxpr, targets, _path=f"{where}[{sub.param}]/"))
   return found
 
 
