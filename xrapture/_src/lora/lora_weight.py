@@ -239,6 +239,10 @@ class LoraWeight(implicit_array.ImplicitArray):
     """``(prod(in), prod(out))``: the matrix each stacked element adapts."""
     return grouped_shape(self.shape, layout_of(self))
 
+  def scannable(self, length: int) -> bool:
+    """Whether a scan can slice it: its leading axis is stacked, of ``length``."""
+    return self.ndim >= 1 and self.shape[0] == length and layout_of(self)[0] == STACK
+
   def get_scale(self) -> float:
     """``alpha / r`` (``alpha / sqrt(r)`` with rslora), ``r = b.shape[-1]``."""
     r = self.b.shape[-1]
