@@ -2,8 +2,9 @@
 
 The file holds the adapters' ``a`` and ``b`` and every ``LORA_FULL`` leaf as
 tensors, and in its header (safetensors metadata) a JSON record of each
-entry's kind, rank, alpha, base shape and dtype, plus the versions that wrote
-it. Loading checks every entry against the base params it is applied to.
+entry's kind, rank, alpha, layout, base shape and dtype, plus the versions
+that wrote it; 0.1.0's files have no layout and are read in 0.1.0's. Loading
+checks every entry against the base params it is applied to.
 """
 
 import json
@@ -64,7 +65,8 @@ def save_adapter(path: str, params: Any, lora_spec: Any) -> None:
       tensors[path_ + "::a"], tensors[path_ + "::b"] = a, b
       entries[path_] = dict(
           kind="lora", rank=int(value.rank), alpha=float(value.alpha),
-          rslora=bool(value.rslora), base_shape=list(value.shape),
+          rslora=bool(value.rslora), layout=lora_weight.layout_of(value),
+          base_shape=list(value.shape),
           base_dtype=jnp.dtype(value.dtype).name, a_dtype=a_dtype, b_dtype=b_dtype)
     elif rank == lora_weight.LORA_FULL:
       arr, dtype = _to_numpy(value)
@@ -150,7 +152,9 @@ def load_adapter(path: str, base_params: Any) -> Any:
     elif entry["kind"] == "lora":
       a = _from_numpy(tensors[name + "::a"], entry["a_dtype"])
       b = _from_numpy(tensors[name + "::b"], entry["b_dtype"])
-      out.append(LoraWeight(base, a, b, alpha=entry["alpha"], rslora=entry["rslora"]))
+      # No layout: a 0.1.0 file, whose factors LoraWeight rearranges.
+      out.append(LoraWeight(base, a, b, alpha=entry["alpha"], rslora=entry["rslora"],
+                            layout=entry.get("layout")))
     else:
       out.append(_from_numpy(tensors[name], entry["base_dtype"]))
   return jax.tree_util.tree_unflatten(treedef, out)
