@@ -32,25 +32,28 @@ def _channel_matmul(x, feature_dim, mat, mat_axis, precision):
   return jnp.moveaxis(y, -1, feature_dim)
 
 
-def low_rank_form(layout: str, rhs_spec) -> str | None:
-  """``'conv_first'`` / ``'pointwise_first'``, or None if the conv cannot stay low-rank.
+def low_rank_layout(layout: str, shape, rhs_spec) -> tuple[str | None, str | None]:
+  """``(form, layout)`` for a conv with this kernel, or ``(None, None)``.
 
   The kernel's input- and output-feature axes must be in different groups
   and the window axes all in one of them: with the input features the
   factor holding them is a conv kernel with ``r`` output features
   (``'conv_first'``); with the output features the other factor is a
-  pointwise channel matmul first (``'pointwise_first'``). Stacked axes
-  have no low-rank form.
+  pointwise channel matmul first (``'pointwise_first'``). Window axes of
+  size 1 may be in any group: the returned layout moves them to the
+  window's. Other stacked axes have no low-rank form.
   """
   out_dim, in_dim, *window = rhs_spec
   if {layout[in_dim], layout[out_dim]} != {IN, OUT}:
-    return None
-  roles = {layout[d] for d in window}
+    return None, None
+  roles = {layout[d] for d in window if shape[d] != 1}
   if not roles or roles == {layout[in_dim]}:
-    return "conv_first"
-  if roles == {layout[out_dim]}:
-    return "pointwise_first"
-  return None
+    form, role = "conv_first", layout[in_dim]
+  elif roles == {layout[out_dim]}:
+    form, role = "pointwise_first", layout[out_dim]
+  else:
+    return None, None
+  return form, "".join(role if d in window else c for d, c in enumerate(layout))
 
 
 @registry.primitive_handler("conv_general_dilated")
@@ -65,9 +68,11 @@ def _conv(primitive, lhs, rhs, *, dimension_numbers, feature_group_count,
   lora = rhs
   layout = lora_weight.layout_of(lora)
   lhs_spec, rhs_spec, out_spec = dimension_numbers
-  form = low_rank_form(layout, rhs_spec)
+  form, new_layout = low_rank_layout(layout, lora.shape, rhs_spec)
   if form is None:
     return NotImplemented
+  if new_layout != layout:  # size-1 window axes join the window's group
+    lora, layout = lora.with_layout(new_layout), new_layout
   out_dim, in_dim = rhs_spec[0], rhs_spec[1]
   conv_kw = dict(params, dimension_numbers=dimension_numbers,
                  feature_group_count=1, batch_group_count=1, precision=precision)

@@ -265,6 +265,25 @@ class LoraWeight(implicit_array.ImplicitArray):
     """``w + scale · b @ a`` in ``w``'s dtype (``w``'s gradient stopped)."""
     return (lax.stop_gradient(self.w) + self.delta()).astype(self.w.dtype)
 
+  def with_layout(self, layout: str) -> "LoraWeight":
+    """The same value with size-1 axes of ``w`` moved to other groups.
+
+    An axis of size 1 adds nothing to any group, so only the factors' shapes
+    change (a 1x1 conv window given as stacked becomes part of the in group).
+
+    Raises:
+      ValueError: ``layout`` moves an axis of size greater than 1.
+    """
+    current = layout_of(self)
+    moved = [d for d, (c, n) in enumerate(zip(current, layout)) if c != n]
+    if len(layout) != len(current) or any(self.shape[d] != 1 for d in moved):
+      raise ValueError(f"with_layout can only move axes of size 1: {current!r} -> "
+                       f"{layout!r} for w {self.shape}")
+    a_shape, b_shape = factor_shapes(self.shape, layout, self.rank)
+    return dataclasses.replace(self, a=_apply(self.a, lambda x: x.reshape(a_shape)),
+                               b=_apply(self.b, lambda x: x.reshape(b_shape)),
+                               layout=layout)
+
   def replace(self, **changes) -> "LoraWeight":
     """A validated copy with the given fields replaced."""
     return dataclasses.replace(self, **changes)
