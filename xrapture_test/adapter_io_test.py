@@ -94,7 +94,8 @@ def _assert_restored(test, loaded, trained, base):
         # Bit-identical (compare the raw bits, also for bfloat16).
         np.testing.assert_array_equal(
             np.asarray(x).view(np.uint8), np.asarray(y).view(np.uint8), key + field)
-      test.assertEqual((restored.alpha, restored.rslora), (value.alpha, value.rslora))
+      test.assertEqual((restored.alpha, restored.rslora, restored.layout),
+                       (value.alpha, value.rslora, value.layout))
     else:
       test.assertEqual(got[key].dtype, value.dtype, key)
       np.testing.assert_array_equal(
@@ -182,6 +183,8 @@ class AdapterFileTest(parameterized.TestCase):
     self.assertEqual(entry["kind"], "lora")
     self.assertEqual(entry["rank"], 2)
     self.assertEqual(entry["alpha"], 4.0)
+    self.assertEqual(entry["layout"], "iio")
+    self.assertEqual(header["entries"]["__layer_stack_no_per_layer/mid/w"]["layout"], "sio")
     self.assertEqual(tuple(entry["base_shape"]), base["conv"]["w"].shape)
     self.assertEqual(header["entries"]["head/w"]["kind"], "full")
     # Size: adapters and the full head only, far smaller than the base.
@@ -189,6 +192,49 @@ class AdapterFileTest(parameterized.TestCase):
         xrapture.split_lora_params(trained, lora_spec)))
     self.assertEqual(stored, xrapture.count_trainable(trained, lora_spec))
     self.assertLess(os.path.getsize(path), 4 * stored + 4096)
+
+  def test_multi_axis_and_expert_layouts_round_trip(self):
+    def fn(x):
+      wq = hk.get_parameter("query_w", [4, 2, 3], init=jnp.ones)
+      wo = hk.get_parameter("output_w", [2, 3, 4], init=jnp.ones)
+      experts = hk.get_parameter("experts", [2, 4, 5], init=jnp.ones)
+      h = jnp.einsum("bthk,hkd->btd", jnp.einsum("btd,dhk->bthk", x, wq), wo)
+      return jnp.einsum("ebtd,edf->ebtf", jnp.stack([h, -h]), experts)
+    spec = _spec(full=(), tune_vectors=False, targets=("all-linear",))
+    model = xrapture.transform(fn, spec)
+    base = jax.tree.map(lambda p: p * 0.1, model.init(jax.random.PRNGKey(0), _X))
+    params = model.adapt(jax.random.PRNGKey(1), base)
+    rng = np.random.default_rng(4)
+    trained = xrapture.tree_map_with_implicit(
+        lambda p: p.replace(a=jnp.asarray(rng.normal(size=p.a.shape), jnp.float32),
+                            b=jnp.asarray(rng.normal(size=p.b.shape), jnp.float32)),
+        params)
+    self.assertEqual([trained["~"][k].layout for k in ("experts", "output_w", "query_w")],
+                     ["sio", "iio", "ioo"])
+    path = self._path()
+    xrapture.save_adapter(path, trained, model.spec(base))
+    loaded = xrapture.load_adapter(path, base)
+    self.assert_restored(loaded, trained, base)
+    np.testing.assert_array_equal(model.apply(loaded, None, _X),
+                                  model.apply(trained, None, _X))
+
+  def test_reads_a_v010_file(self):
+    # 0.1.0 wrote no layout; its conv adapters had a [1, r, N] (a pointwise).
+    w = jnp.asarray(np.random.default_rng(0).normal(size=(3, 4, 6)), jnp.float32)
+    a = np.random.default_rng(1).normal(size=(1, 2, 6)).astype(np.float32)
+    b = np.random.default_rng(2).normal(size=(3, 4, 2)).astype(np.float32)
+    entry = dict(kind="lora", rank=2, alpha=4.0, rslora=False, base_shape=[3, 4, 6],
+                 base_dtype="float32", a_dtype="float32", b_dtype="float32")
+    header = dict(format="xrapture-adapter", format_version=1, xrapture_version="0.1.0",
+                  jax_version="0.10.2", entries={"conv/w": entry})
+    path = self._path()
+    safetensors.numpy.save_file({"conv/w::a": a, "conv/w::b": b}, path,
+                                metadata={"xrapture": json.dumps(header)})
+    loaded = xrapture.load_adapter(path, {"conv": {"w": w}})["conv"]["w"]
+    self.assertEqual(loaded.layout, "iio")
+    # 0.1.0's value: w + alpha/r · b @ a, with a broadcast over the window.
+    np.testing.assert_allclose(loaded.materialize(), np.asarray(w) + 2.0 * (b @ a),
+                               rtol=1e-5, atol=1e-5)
 
   def test_load_into_adapted_params(self):
     _, base, trained, lora_spec = _trained()

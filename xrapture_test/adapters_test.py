@@ -99,10 +99,36 @@ class LoraSpecTest(parameterized.TestCase):
                        expected)
 
   def test_rank_limit_uses_the_last_two_axes(self):
-    # A conv kernel [k, in, out] and a stack [L, in, out]: min(in, out).
+    # Without a trace, a [k, in, out] kernel is taken as a stack: min(in, out).
     params = {"conv": {"w": jnp.ones((9, 3, 5))}}
     with self.assertRaisesRegex(ValueError, r"min\(M, N\) = 3"):
       adapters.lora_spec_from_config(params, _spec(rank=4))
+
+  def test_rank_limit_uses_the_layout(self):
+    # Traced as a conv, the same kernel is the [9·3, 5] matrix.
+    params = {"conv": {"w": jnp.ones((9, 3, 5))}}
+    layouts = {0: layout_lib.KernelLayout("iio", uses=("conv_general_dilated",))}
+    self.assertEqual(adapters.lora_spec_from_config(
+        params, _spec(rank=5), layouts)["conv"]["w"], 5)
+    with self.assertRaisesRegex(ValueError, r"rank 6 .*min\(M, N\) = 5.*\[27, 5\]"):
+      adapters.lora_spec_from_config(params, _spec(rank=6), layouts)
+
+  def test_all_linear(self):
+    params = {"a": {"w": jnp.ones((4, 6))}, "head": {"w": jnp.ones((6, 1))},
+              "table": {"embeddings": jnp.ones((9, 4))}, "b": {"k": jnp.ones((3, 4))}}
+    layouts = {
+        0: layout_lib.KernelLayout("io", uses=("dot_general",)),         # a/w
+        1: layout_lib.KernelLayout("io", uses=("dot_general",)),         # b/k
+        2: layout_lib.KernelLayout("io", uses=("dot_general",)),         # head/w
+        3: layout_lib.KernelLayout("io", uses=("gather",)),              # embeddings
+    }
+    spec = adapters.lora_spec_from_config(params, _spec(targets=("all-linear",)), layouts)
+    # Every contracted kernel, whatever its name; not the [6, 1] head nor the
+    # embedding lookup.
+    self.assertEqual(spec, {"a": {"w": 2}, "b": {"k": 2}, "head": {"w": FREEZE},
+                            "table": {"embeddings": FREEZE}})
+    with self.assertRaisesRegex(ValueError, "all-linear.*example inputs"):
+      adapters.lora_spec_from_config(params, _spec(targets=("all-linear",)))
 
   def test_rank_pattern_zero_freezes(self):
     spec = adapters.lora_spec_from_config(
@@ -161,12 +187,13 @@ class LoraSpecTest(parameterized.TestCase):
 class InitLoraWeightTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
-      ("matrix", (5, 7), layout_lib.KernelLayout(0, 0), (3, 7), (5, 3)),
-      ("stack", (4, 5, 7), layout_lib.KernelLayout(1, 0), (4, 3, 7), (4, 5, 3)),
-      ("conv1d", (4, 5, 7), layout_lib.KernelLayout(0, 1), (1, 3, 7), (4, 5, 3)),
-      ("conv2d", (3, 2, 5, 7), layout_lib.KernelLayout(0, 2), (1, 1, 3, 7), (3, 2, 5, 3)),
-      ("stack_of_conv", (4, 2, 5, 7), layout_lib.KernelLayout(1, 1), (4, 1, 3, 7),
-       (4, 2, 5, 3)))
+      ("matrix", (5, 7), "io", (3, 7), (5, 3)),
+      ("stack", (4, 5, 7), "sio", (4, 3, 7), (4, 5, 3)),
+      ("conv1d", (4, 5, 7), "iio", (3, 7), (4, 5, 3)),
+      ("conv2d", (3, 2, 5, 7), "iiio", (3, 7), (3, 2, 5, 3)),
+      ("stack_of_conv", (4, 2, 5, 7), "siio", (4, 3, 7), (4, 2, 5, 3)),
+      ("multi_axis_out", (5, 2, 7), "ioo", (3, 2, 7), (5, 3)),
+      ("kernel_layout", (5, 2, 7), layout_lib.KernelLayout("oio"), (3, 5, 7), (2, 3)))
   def test_shapes(self, shape, layout, a_shape, b_shape):
     w = jnp.ones(shape)
     lw = adapters.init_lora_weight(jax.random.PRNGKey(0), w, 3, 6.0, layout, 0.01)
@@ -179,7 +206,7 @@ class InitLoraWeightTest(parameterized.TestCase):
   def test_init_distribution_dtype_and_rslora(self):
     w = jnp.ones((256, 128), jnp.float32)
     lw = adapters.init_lora_weight(jax.random.PRNGKey(0), w, 64, 16.0,
-                                   layout_lib.stacked(2), 0.25, "bfloat16", rslora=True)
+                                   "io", 0.25, "bfloat16", rslora=True)
     self.assertEqual((lw.a.dtype, lw.b.dtype), (jnp.bfloat16, jnp.bfloat16))
     a = np.asarray(lw.a, np.float32)
     self.assertAlmostEqual(float(a.std()), 0.25, delta=0.01)
@@ -188,16 +215,16 @@ class InitLoraWeightTest(parameterized.TestCase):
 
   def test_stacked_layers_get_independent_adapters(self):
     lw = adapters.init_lora_weight(jax.random.PRNGKey(0), jnp.ones((3, 8, 8)), 2, 1.0,
-                                   layout_lib.stacked(3), 0.1)
+                                   "sio", 0.1)
     self.assertFalse(np.array_equal(lw.a[0], lw.a[1]))
 
 
 def _count_expected(shapes_layouts, rank):
+  """r·(prod(in) + prod(out)) per stacked element."""
   total = 0
-  for shape, (layers, window) in shapes_layouts:
-    n_layers = int(np.prod(shape[:layers]))
-    k = int(np.prod(shape[layers:layers + window]))
-    total += n_layers * rank * (k * shape[-2] + shape[-1])
+  for shape, layout in shapes_layouts:
+    size = lambda role: int(np.prod([n for n, c in zip(shape, layout) if c == role]))
+    total += size("s") * rank * (size("i") + size("o"))
   return total
 
 
@@ -215,9 +242,9 @@ class AdaptMergeSplitTest(parameterized.TestCase):
     conv_index = [i for i, x in enumerate(leaves) if x is params["conv"]["w"]][0]
 
     def layouts_fn(wanted):
-      # adapt asks only about the targeted kernels with more than two axes.
-      self.assertLen(wanted, 2)
-      return layouts or {conv_index: layout_lib.KernelLayout(0, 1)}
+      # adapt asks about every targeted kernel (two 2-D, two 3-D here).
+      self.assertLen(wanted, 4)
+      return layouts or {conv_index: layout_lib.KernelLayout("iio")}
     adapted = adapters.adapt_params(jax.random.PRNGKey(0), params, lora_spec, spec, layouts_fn)
     return params, adapted, lora_spec
 
@@ -227,7 +254,8 @@ class AdaptMergeSplitTest(parameterized.TestCase):
     self.assertIs(adapted["norm"]["scale"], params["norm"]["scale"])
     self.assertIs(adapted["mlp/~/linear_0"]["b"], params["mlp/~/linear_0"]["b"])
     self.assertEqual(adapted["stack"]["w"].a.shape, (3, 2, 5))  # no layout given: stacked
-    self.assertEqual(adapted["conv"]["w"].a.shape, (1, 2, 5))
+    self.assertEqual(adapted["conv"]["w"].a.shape, (2, 5))
+    self.assertEqual(adapted["conv"]["w"].b.shape, (3, 4, 2))
     self.assertEqual(adapted["mlp/~/linear_0"]["w"].alpha, 16.0)
     # Different keys per leaf.
     self.assertFalse(np.array_equal(adapted["mlp/~/linear_0"]["w"].a[:, :3],
@@ -254,17 +282,21 @@ class AdaptMergeSplitTest(parameterized.TestCase):
                             b=jnp.asarray(rng.normal(size=x.b.shape), jnp.float32))
         if isinstance(x, LoraWeight) else x, adapted)
     expected = {}
-    for module in ("mlp/~/linear_0", "stack", "conv"):
+    for module, spec in (("mlp/~/linear_0", "mr,rn->mn"), ("stack", "lmr,lrn->lmn"),
+                         ("conv", "kmr,rn->kmn")):
       lw = trained[module]["w"]
       w, a, b = (np.asarray(t, np.float64) for t in (lw.w, lw.a, lw.b))
-      expected[module] = w + (16.0 / 2) * np.matmul(b, a)
-    # Hand-written for the conv: one low-rank pair per window position.
+      expected[module] = w + (16.0 / 2) * np.einsum(spec, b, a)
+    # Hand-written for the conv: one low-rank pair spanning the window, so
+    # the [3·4, 5] matrix has rank 2.
     lw = trained["conv"]["w"]
     for k in range(3):
       np.testing.assert_allclose(
           expected["conv"][k],
           np.asarray(lw.w[k], np.float64) + 8.0 * np.asarray(lw.b[k], np.float64)
-          @ np.asarray(lw.a[0], np.float64), rtol=1e-12)
+          @ np.asarray(lw.a, np.float64), rtol=1e-12)
+    delta = (expected["conv"] - np.asarray(lw.w, np.float64)).reshape(12, 5)
+    self.assertEqual(np.linalg.matrix_rank(delta), 2)
     embeddings = trained["embed"]["embeddings"]
     with warnings.catch_warnings():
       warnings.simplefilter("error")
@@ -290,8 +322,9 @@ class AdaptMergeSplitTest(parameterized.TestCase):
     self.assertIs(split["norm"]["scale"], xrapture.EmptyNode)
     self.assertIs(split["stack"]["w"].w, xrapture.EmptyNode)
     self.assertIs(split["stack"]["w"].a, adapted["stack"]["w"].a)
-    expected = _count_expected([((4, 6), (0, 0)), ((6, 3), (0, 0)), ((3, 4, 5), (1, 0)),
-                                ((3, 4, 5), (0, 1))], 2) + 10 * 4
+    expected = _count_expected([((4, 6), "io"), ((6, 3), "io"), ((3, 4, 5), "sio"),
+                                ((3, 4, 5), "iio")], 2) + 10 * 4
+    self.assertEqual(expected, 2 * (10 + 9 + 3 * 9 + 17) + 40)
     self.assertEqual(xrapture.count_trainable(adapted, lora_spec), expected)
     self.assertEqual(sum(x.size for x in jax.tree.leaves(split)), expected)
     # No adapters: the count is the full leaves only (zero here).

@@ -136,5 +136,75 @@ class ConvTest(parameterized.TestCase):
     np.testing.assert_array_equal(grads.w, np.zeros(lora.shape))
 
 
+def _layout_lora(shape, layout, r=3, seed=0):
+  stack = [shape[d] for d, c in enumerate(layout) if c == "s"]
+  ins = [shape[d] for d, c in enumerate(layout) if c == "i"]
+  outs = [shape[d] for d, c in enumerate(layout) if c == "o"]
+  return xrapture.LoraWeight(
+      _rand(seed, *shape, scale=0.1), _rand(seed + 1, *stack, r, *outs, scale=0.5),
+      _rand(seed + 2, *stack, *ins, r, scale=0.5), alpha=ALPHA, layout=layout)
+
+
+# The layout adapt derives for a conv: window and input features 'i', output
+# features 'o'; so the grouped matrix is [prod(window)·in, out]. Channels 6
+# (in) and 5 (out), windows 3, 2, 4: all distinct.
+_GROUPED = (
+    # name, kernel shape, layout, x shape, fn
+    ("conv1d_wio", (3, 6, 5), "iio", (2, 9, 6),
+     _conv(("NWC", "WIO", "NWC"), window_strides=(2,), padding="SAME")),
+    ("conv2d_hwio", (3, 2, 6, 5), "iiio", (2, 7, 9, 6),
+     _conv(("NHWC", "HWIO", "NHWC"), window_strides=(1, 2), padding=((1, 0), (2, 2)),
+           rhs_dilation=(2, 1))),
+    ("conv2d_hwoi_transpose", (3, 2, 5, 6), "iioi", (2, 7, 9, 6),
+     _conv(("NHWC", "HWOI", "NHWC"), window_strides=(1, 1), padding=((2, 2), (1, 1)),
+           lhs_dilation=(2, 2))),
+    ("conv2d_oihw", (5, 6, 3, 2), "oiii", (2, 6, 7, 9),
+     _conv(("NCHW", "OIHW", "NCHW"), window_strides=(1, 1), padding="VALID")),
+    ("conv3d_dhwio", (3, 2, 4, 6, 5), "iiiio", (1, 5, 7, 9, 6),
+     _conv(("NDHWC", "DHWIO", "NDHWC"), window_strides=(1, 2, 1), padding="SAME")),
+    ("hk_conv3d", (3, 2, 4, 6, 5), "iiiio", (1, 5, 7, 9, 6),
+     _haiku(hk.Conv3D, output_channels=5, kernel_shape=(3, 2, 4))),
+    ("hk_conv2d_transpose", (3, 2, 5, 6), "iioi", (2, 4, 7, 6),
+     _haiku(hk.Conv2DTranspose, output_channels=5, kernel_shape=(3, 2), stride=2)),
+    # The window with the output features: pointwise first, then a conv.
+    ("window_with_out_features", (3, 2, 6, 5), "ooio", (2, 7, 9, 6),
+     _conv(("NHWC", "HWIO", "NHWC"), window_strides=(2, 1), padding="SAME")),
+)
+
+
+class GroupedConvLayoutTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(*_GROUPED)
+  def test_matches_dense(self, shape, layout, x_shape, fn):
+    lora = _layout_lora(shape, layout)
+    with warnings.catch_warnings():
+      warnings.simplefilter("error", xrapture.MaterializationWarning)
+      check(fn, _rand(7, *x_shape), lora, rtol=1e-4, atol=1e-4)
+
+  def test_rank_above_in_channels(self):
+    # ResNet's stem: 3 input channels, yet rank 8 is fine on [7·7·3, 64].
+    lora = _layout_lora((7, 7, 3, 16), "iiio", r=8)
+    self.assertEqual(lora.grouped_shape, (147, 16))
+    fn = _conv(("NHWC", "HWIO", "NHWC"), window_strides=(2, 2), padding="SAME")
+    with warnings.catch_warnings():
+      warnings.simplefilter("error", xrapture.MaterializationWarning)
+      check(fn, _rand(7, 2, 10, 10, 3), lora, rtol=1e-4, atol=1e-4)
+
+  def test_window_split_across_groups_materializes(self):
+    lora = _layout_lora((3, 2, 6, 5), "oiio")
+    fn = _conv(("NHWC", "HWIO", "NHWC"), window_strides=(1, 1), padding="SAME")
+    self._materializes_once(fn, _rand(3, 2, 7, 9, 6), lora)
+
+  def _materializes_once(self, fn, x, lora):
+    implicit = xrapture.use_implicit_args(fn)
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      out = implicit(x, lora)
+    self.assertLen([w for w in caught
+                    if issubclass(w.category, xrapture.MaterializationWarning)], 1)
+    np.testing.assert_allclose(out, fn(x, reference.dense_value(lora)),
+                               rtol=1e-4, atol=1e-4)
+
+
 if __name__ == "__main__":
   absltest.main()

@@ -192,6 +192,49 @@ class DenseCheckTest(parameterized.TestCase):
     found = dense_check.find_dense_products_in_hlo_text(line, [(M, N)])
     self.assertLen(found, expected)
 
+  def test_shapes_of_a_multi_axis_lora_weight(self):
+    lora = xrapture.LoraWeight(_rand(0, 6, 4, 5), _rand(1, 2, 4, 5), _rand(2, 6, 2),
+                               layout="ioo")
+    self.assertEqual(dense_check.weight_shapes(lora), [(6, 20)])
+    # ΔW in w's own axes, in another order, or as the grouped matrix: caught.
+    for naive in (lambda l: l.materialize(),
+                  lambda l: jnp.einsum("dr,rhk->khd", l.b, l.a),
+                  lambda l: l.b @ l.a.reshape(2, 20)):
+      self.assertNotEmpty(dense_check.find_dense_products(naive, lora))
+    self.assertEmpty(dense_check.find_dense_products(
+        xrapture.use_implicit_args(lambda x, w: jnp.einsum("td,dhk->thk", x, w)),
+        _rand(3, 3, 6), lora))
+
+  @parameterized.named_parameters(
+      # Conv3D with 3 input channels and k=3: activations hold 3s and 5s.
+      ("conv3d_three_channels", (3, 3, 3, 3, 5), "iiiio", (2, 3, 3, 3, 3),
+       ("NDHWC", "DHWIO", "NDHWC")),
+      # A ResNet block: batch 8 and 8 channels in and out.
+      ("resnet_batch_equals_channels", (3, 3, 8, 8), "iiio", (8, 6, 6, 8),
+       ("NHWC", "HWIO", "NHWC")),
+  )
+  def test_conv_activations_are_not_kernels(self, shape, layout, x_shape, dn):
+    r = 2
+    lora = xrapture.LoraWeight(_rand(0, *shape), _rand(1, r, shape[-1]),
+                               _rand(2, *shape[:-1], r), layout=layout)
+    conv = lambda x, w: jax.lax.conv_general_dilated(
+        x, w, (1,) * (len(shape) - 2), "SAME", dimension_numbers=dn)
+    fn = xrapture.use_implicit_args(conv)
+    x = _rand(3, *x_shape)
+    loss = lambda x, l: jnp.sum(jnp.sin(fn(x, l)))
+    # The kernel's own shapes: no report, forward or backward ...
+    dense_check.assert_no_dense_product(fn, x, lora)
+    dense_check.assert_no_dense_product(jax.grad(loss, (0, 1)), x, lora)
+    # ... while "M and N anywhere in a convolution" (a user-given (M, N))
+    # fires on the activations.
+    m, n = shape[-2:]
+    self.assertNotEmpty(dense_check.find_dense_products_in_hlo(
+        fn, x, lora, shapes=[(m, n)]))
+    # Positive control: the dense kernel's gradient is caught.
+    grad_w = jax.grad(lambda w, x: jnp.sum(jnp.sin(conv(x, w))))
+    with self.assertRaisesRegex(AssertionError, "dense product"):
+      dense_check.assert_no_dense_product(grad_w, lora.w, x, shapes=[shape])
+
   def test_doctest(self):
     result = doctest.testmod(dense_check, verbose=False)
     self.assertGreater(result.attempted, 0)

@@ -236,5 +236,76 @@ class DotGeneralTest(parameterized.TestCase):
                                rtol=1e-4, atol=1e-4)
 
 
+def _layout_lora(shape, layout, r=3, seed=0):
+  stack = [shape[d] for d, c in enumerate(layout) if c == "s"]
+  ins = [shape[d] for d, c in enumerate(layout) if c == "i"]
+  outs = [shape[d] for d, c in enumerate(layout) if c == "o"]
+  return xrapture.LoraWeight(
+      _rand(seed, *shape, scale=0.2), _rand(seed + 1, *stack, r, *outs, scale=0.5),
+      _rand(seed + 2, *stack, *ins, r, scale=0.5), alpha=ALPHA, layout=layout)
+
+
+# Axis sizes 6, 4, 5, 7, 8 are distinct; activations use 2 and 3.
+_MULTI_AXIS = (
+    # name, w shape, layout, x shape, fn(x, w)
+    ("query_projection", (6, 4, 5), "ioo", (1, 3, 6),
+     lambda x, w: jnp.einsum("btd,dhk->bthk", x, w)),
+    ("output_projection", (4, 5, 7), "iio", (2, 3, 4, 5),
+     lambda x, w: jnp.einsum("bthk,hkd->btd", x, w)),
+    ("output_projection_lhs", (4, 5, 7), "iio", (2, 4, 5),
+     lambda x, w: lax.dot_general(w, x, (((0, 1), (1, 2)), ((), ())))),
+    ("contract_out_group", (6, 4, 5), "ioo", (3, 4, 5),
+     lambda x, w: jnp.einsum("thk,dhk->td", x, w)),
+    ("contract_in_group_swapped_pairs", (4, 5, 7), "iio", (3, 5, 4),
+     lambda x, w: lax.dot_general(x, w, (((2, 1), (0, 1)), ((), ())))),
+    ("interleaved_groups", (4, 6, 5), "ioi", (3, 4, 5),
+     lambda x, w: jnp.einsum("thk,hdk->td", x, w)),
+    ("contract_part_of_in_group", (4, 5, 7), "iio", (3, 4),
+     lambda x, w: jnp.einsum("th,hkd->tkd", x, w)),
+    ("contract_across_groups", (4, 6, 5), "ioo", (3, 4, 5),
+     lambda x, w: jnp.einsum("thk,hdk->td", x, w)),
+    ("head_batch_dims", (4, 6, 5), "sio", (4, 3, 6),
+     lambda x, w: jnp.einsum("htd,hdk->htk", x, w)),
+    # Mixture-of-experts: per-expert kernels [E, in, out] through batch dims.
+    ("experts_einsum", (4, 6, 7), "sio", (4, 3, 6),
+     lambda x, w: jnp.einsum("ecd,edf->ecf", x, w)),
+    ("experts_multi_axis_out", (4, 6, 2, 5), "sioo", (4, 3, 6),
+     lambda x, w: jnp.einsum("ecd,edhk->echk", x, w)),
+    ("stacked_experts", (2, 4, 6, 7), "ssio", (2, 4, 3, 6),
+     lambda x, w: jnp.einsum("lecd,ledf->lecf", x, w)),
+    ("experts_mixed_over", (4, 6, 7), "iio", (3, 4, 6),
+     lambda x, w: jnp.einsum("ted,edf->tf", x, w)),
+)
+
+
+class MultiAxisTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(*_MULTI_AXIS)
+  def test_matches_dense(self, shape, layout, x_shape, fn):
+    with warnings.catch_warnings():
+      warnings.simplefilter("error", xrapture.MaterializationWarning)
+      check(fn, _rand(7, *x_shape), _layout_lora(shape, layout))
+
+  @parameterized.named_parameters(
+      ("query", (6, 4, 5), "ioo", (2, 3, 6), "btd,dhk->bthk"),
+      ("output", (4, 5, 7), "iio", (2, 3, 4, 5), "bthk,hkd->btd"),
+  )
+  def test_fast_path_runs_lora_matmul(self, shape, layout, x_shape, spec):
+    lora = _layout_lora(shape, layout)
+    fn = xrapture.use_implicit_args(lambda x, w: jnp.einsum(spec, x, w))
+    self.assertIn("custom_vjp_call", str(jax.make_jaxpr(fn)(_rand(1, *x_shape), lora)))
+
+  def test_dense_positive_control_is_caught(self):
+    # The checker sees a multi-axis ΔW formed by hand, in any axis order.
+    lora = _layout_lora((6, 4, 5), "ioo")
+    naive = lambda x, w: jnp.einsum("btd,dhk->bthk", x, w.materialize())
+    with self.assertRaisesRegex(AssertionError, "dense product"):
+      dense_check.assert_no_dense_product(naive, _rand(1, 2, 3, 6), lora)
+    grad_w = jax.grad(lambda w, x: jnp.sum(jnp.einsum("btd,dhk->bthk", x, w) ** 2))
+    with self.assertRaisesRegex(AssertionError, "dense product"):
+      dense_check.assert_no_dense_product(
+          grad_w, lora.w, _rand(1, 2, 3, 6), shapes=[lora.shape])
+
+
 if __name__ == "__main__":
   absltest.main()

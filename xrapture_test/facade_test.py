@@ -133,8 +133,10 @@ class InitMergeTest(parameterized.TestCase):
     up, conv = params["up"]["w"], params["conv"]["w"]
     self.assertIs(up.w, base["up"]["w"])
     self.assertEqual((up.b.shape, up.a.shape), ((6, _RANK), (_RANK, 8)))
-    # The seed's conv layout: b spans the window, a is pointwise.
-    self.assertEqual((conv.b.shape, conv.a.shape), ((3, 3, _RANK), (1, _RANK, 6)))
+    # The seed's conv layout: b spans the window, a is pointwise (layout
+    # 'iio'; 0.1.0 kept a's window axes as size-1 axes: (1, r, 6)).
+    self.assertEqual((conv.b.shape, conv.a.shape), ((3, 3, _RANK), (_RANK, 6)))
+    self.assertEqual(conv.layout, "iio")
     self.assertEqual((up.a.dtype, up.b.dtype), (jnp.bfloat16, jnp.bfloat16))
     self.assertEqual(up.alpha, 3.0)
     np.testing.assert_array_equal(np.asarray(up.b, np.float32), 0.0)
@@ -279,7 +281,7 @@ class ApplyLoraTest(parameterized.TestCase):
     out = xrapture.XRapTure(_config()).apply_lora(base_fn, base, optax.sgd(0.1))
     lw = out.lora_parameters["__layer_stack_no_per_layer/linear"]["w"]
     # The seed does not tell stacks from convs: one pair spans the stack.
-    self.assertEqual((lw.b.shape, lw.a.shape), ((2, 5, _RANK), (1, _RANK, 5)))
+    self.assertEqual((lw.b.shape, lw.a.shape), ((2, 5, _RANK), (_RANK, 5)))
     params = _randomize(out.lora_parameters)
     # a is shared by the layers, so the scan over layers materializes the
     # kernel (xrapture.transform's per-layer adapters do not).

@@ -94,5 +94,42 @@ class GatherTest(parameterized.TestCase):
                                rtol=1e-5, atol=1e-6)
 
 
+def _layout_lora(shape, layout, r=3, seed=0):
+  ins = [shape[d] for d, c in enumerate(layout) if c == "i"]
+  outs = [shape[d] for d, c in enumerate(layout) if c == "o"]
+  return xrapture.LoraWeight(
+      _rand(seed, *shape, scale=0.2), _rand(seed + 1, r, *outs, scale=0.5),
+      _rand(seed + 2, *ins, r, scale=0.5), alpha=2.0, layout=layout)
+
+
+class GatherLayoutTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      # A tied table seen from its unembedding first: [V, D] with layout 'oi'.
+      ("rows_of_out_group", (9, 6), "oi", lambda ids, w: w[ids]),
+      ("columns_of_in_group", (6, 9), "io", lambda ids, w: w[:, ids]),
+      # A table whose rows are multi-axis: [V, heads, dim].
+      ("rows_multi_axis", (9, 2, 5), "ioo", lambda ids, w: w[ids]),
+      ("rows_multi_axis_take", (9, 2, 5), "ioo",
+       lambda ids, w: jnp.take(w, ids, axis=0)),
+      ("rows_multi_axis_transposed", (2, 9, 5), "oio", lambda ids, w: w[:, ids]),
+  )
+  def test_matches_dense(self, shape, layout, fn):
+    ids = jnp.asarray([[1, 8, 3], [0, 3, 3]], jnp.int32)
+    with warnings.catch_warnings():
+      warnings.simplefilter("error", xrapture.MaterializationWarning)
+      check(fn, ids, _layout_lora(shape, layout), grad_x=False)
+
+  def test_multi_axis_group_along_the_gathered_axis_materializes(self):
+    lora = _layout_lora((9, 2, 5), "iio")
+    fn = xrapture.use_implicit_args(lambda ids, w: w[ids])
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      out = fn(jnp.asarray([1, 2]), lora)
+    self.assertTrue(any(issubclass(w.category, xrapture.MaterializationWarning)
+                        for w in caught))
+    np.testing.assert_allclose(out, reference.dense_value(lora)[[1, 2]], rtol=1e-5)
+
+
 if __name__ == "__main__":
   absltest.main()

@@ -82,6 +82,29 @@ def hk_stacked_forward(x):
   return hk.layer_stack(3)(layer)(x)
 
 
+HEADS, HEAD_DIM, EXPERTS, FF = 2, 3, 3, 7
+
+
+def hk_einsum_forward(x):
+  """Attention-style multi-axis kernels: [d, heads, head_dim] and [heads, head_dim, d]."""
+  init = hk.initializers.VarianceScaling(1.0)
+  with hk.name_scope("query"):
+    wq = hk.get_parameter("w", [DIM, HEADS, HEAD_DIM], init=init)
+  with hk.name_scope("out"):
+    wo = hk.get_parameter("w", [HEADS, HEAD_DIM, DIM], init=init)
+  return jnp.einsum("bthk,hkd->btd", jnp.tanh(jnp.einsum("btd,dhk->bthk", x, wq)), wo)
+
+
+EINSUM_NAME_MAP = {"query/w": "query", "out/w": "out"}
+
+
+def hk_experts_forward(x):  # x [experts, tokens, DIM]
+  init = hk.initializers.VarianceScaling(1.0)
+  with hk.name_scope("experts"):
+    w = hk.get_parameter("w", [EXPERTS, DIM, FF], init=init)
+  return jnp.einsum("ecd,edf->ecf", x, w)
+
+
 STACKED_PATH = "__layer_stack_no_per_layer/dense/w"
 STACKED_NAME_MAP = {STACKED_PATH: [f"layers.{i}" for i in range(3)]}
 
@@ -136,6 +159,40 @@ if torch is not None:
       for layer in self.layers:
         h = torch.tanh(layer(h))
       return h
+
+
+  class TorchEinsum(nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.query = nn.Linear(DIM, HEADS * HEAD_DIM, bias=False)
+      self.out = nn.Linear(HEADS * HEAD_DIM, DIM, bias=False)
+
+    def forward(self, x):
+      return self.out(torch.tanh(self.query(x)))
+
+  class ExpertWeights(nn.Module):
+    """A raw [experts, in, out] (or [experts, out, in]) nn.Parameter, as MoE code has."""
+
+    def __init__(self, transposed):
+      super().__init__()
+      self.is_transposed = transposed  # PEFT reads it: the parameter is [E, in, out]
+      shape = (EXPERTS, DIM, FF) if transposed else (EXPERTS, FF, DIM)
+      self.weight = nn.Parameter(torch.zeros(shape))
+
+    def forward(self, x):
+      if self.is_transposed:
+        return torch.einsum("ecd,edf->ecf", x, self.weight)
+      return torch.einsum("ecd,efd->ecf", x, self.weight)
+
+  class TorchExperts(nn.Module):
+
+    def __init__(self, transposed):
+      super().__init__()
+      self.experts = ExpertWeights(transposed)
+
+    def forward(self, x):
+      return self.experts(x)
 
 
 def _load_base(torch_model, params, name_map_fn):
@@ -425,7 +482,9 @@ class PeftCompatTest(_Base):
     model.eval()
     model.save_pretrained(os.path.join(self.tmp, "conv_peft"))
     params = xrapture.import_peft(os.path.join(self.tmp, "conv_peft"), base, CONV_NAME_MAP)
-    self.assertEqual(params["conv"]["w"].a.shape, (1, 1, 2, 4))
+    # Layout 'iiio': a is [r, out] (0.1.0 kept size-1 window axes: (1, 1, 2, 4)).
+    self.assertEqual(params["conv"]["w"].layout, "iiio")
+    self.assertEqual(params["conv"]["w"].a.shape, (2, 4))
     self.assertEqual(params["conv"]["w"].b.shape, (3, 3, 3, 2))
     with torch.no_grad():
       np.testing.assert_allclose(apply(params, None, x), model(x_torch).numpy(),
@@ -496,6 +555,119 @@ class PeftCompatTest(_Base):
       model.save_pretrained(path)
     with self.assertRaisesRegex(ValueError, re.escape(named)):
       xrapture.import_peft(path, self.base, name_map)
+
+
+@absltest.skipIf(peft is None, _NEEDS_PEFT)
+class PeftLayoutTest(parameterized.TestCase):
+  """Multi-axis kernels and expert stacks against real PEFT, both directions."""
+
+  def setUp(self):
+    super().setUp()
+    tmp = tempfile.TemporaryDirectory()
+    self.addCleanup(tmp.cleanup)
+    self.tmp = tmp.name
+
+  def _random(self, params, seed=0):
+    rng = np.random.default_rng(seed)
+    return xrapture.tree_map_with_implicit(
+        lambda p: p.replace(a=jnp.asarray(rng.normal(0, 0.3, p.a.shape), jnp.float32),
+                            b=jnp.asarray(rng.normal(0, 0.3, p.b.shape), jnp.float32))
+        if isinstance(p, xrapture.LoraWeight) else p, params)
+
+  def test_multi_axis_kernels_are_the_linear_they_equal(self):
+    x = np.random.default_rng(0).normal(size=(2, 4, DIM)).astype(np.float32)
+    spec = _spec(rank=2, alpha=3.0)
+    spec.targets = ("all-linear",)
+    model = xrapture.transform(hk_einsum_forward, spec)
+    base = model.init(jax.random.PRNGKey(0), x)
+    params = self._random(model.adapt(jax.random.PRNGKey(1), base))
+    self.assertEqual((params["query"]["w"].layout, params["out"]["w"].layout),
+                     ("ioo", "iio"))
+    torch_model = TorchEinsum()
+    with torch.no_grad():  # nn.Linear(d, heads·head_dim) holds the flattened kernel
+      torch_model.query.weight.copy_(torch.from_numpy(
+          np.asarray(base["query"]["w"]).reshape(DIM, -1).T.copy()))
+      torch_model.out.weight.copy_(torch.from_numpy(
+          np.asarray(base["out"]["w"]).reshape(-1, DIM).T.copy()))
+    want = np.asarray(model.apply(params, None, x))
+    # 'iio' is also a Conv1D's layout: by default it is written as a conv
+    # adapter (0.1.0's rule for kernels with more than two axes) ...
+    xrapture.export_peft(os.path.join(self.tmp, "conv"), params, spec, EINSUM_NAME_MAP)
+    tensors = safetensors.numpy.load_file(
+        os.path.join(self.tmp, "conv", peft_io.WEIGHTS_NAME))
+    self.assertEqual(tensors["base_model.model.out.lora_A.weight"].shape,
+                     (2, HEAD_DIM, HEADS))
+    # ... and linear= says it is an nn.Linear.
+    path = os.path.join(self.tmp, "einsum")
+    xrapture.export_peft(path, params, spec, EINSUM_NAME_MAP, linear=("out/w",))
+    peft_model = peft.PeftModel.from_pretrained(torch_model, path).eval()
+    with torch.no_grad():
+      got = peft_model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # And back: PEFT's factors onto the adapted params (their layouts) or
+    # onto plain params with layouts=.
+    _randomize_lora(peft_model, seed=2)
+    peft_model.save_pretrained(os.path.join(self.tmp, "back"))
+    with torch.no_grad():
+      want = peft_model(torch.from_numpy(x)).numpy()
+    for onto, kw in ((params, {}), (base, {"layouts": {"query/w": "ioo",
+                                                        "out/w": "iio"}})):
+      loaded = xrapture.import_peft(os.path.join(self.tmp, "back"), onto,
+                                    EINSUM_NAME_MAP, **kw)
+      np.testing.assert_allclose(model.apply(loaded, None, x), want, atol=1e-5)
+    with self.assertRaisesRegex(ValueError, r"(?s)'(query|out)/w'.*layouts="):
+      xrapture.import_peft(os.path.join(self.tmp, "back"), base, EINSUM_NAME_MAP)
+
+  @parameterized.named_parameters(("in_out", True), ("out_in", False))
+  def test_expert_stack_is_a_target_parameter(self, transposed):
+    x = np.random.default_rng(0).normal(size=(EXPERTS, 4, DIM)).astype(np.float32)
+    spec = _spec(rank=2, alpha=3.0)
+    model = xrapture.transform(hk_experts_forward, spec)
+    base = model.init(jax.random.PRNGKey(0), x)
+    params = self._random(model.adapt(jax.random.PRNGKey(1), base))
+    self.assertEqual(params["experts"]["w"].layout, "sio")
+
+    def fresh():
+      torch_model = TorchExperts(transposed)
+      w = np.asarray(base["experts"]["w"])
+      with torch.no_grad():
+        torch_model.experts.weight.copy_(torch.from_numpy(
+            w if transposed else w.transpose(0, 2, 1).copy()))
+      return torch_model.eval()
+    with torch.no_grad():
+      np.testing.assert_allclose(fresh()(torch.from_numpy(x)).numpy(),
+                                 hk.transform(hk_experts_forward).apply(base, None, x),
+                                 atol=1e-5)
+    name_map = {"experts/w": "experts.weight"}
+    path = os.path.join(self.tmp, "experts")
+    xrapture.export_peft(path, params, spec, name_map)
+    with open(os.path.join(path, peft_io.CONFIG_NAME)) as f:
+      self.assertEqual(json.load(f)["target_parameters"], ["experts.weight"])
+    peft_model = peft.PeftModel.from_pretrained(fresh(), path).eval()
+    with torch.no_grad():
+      got = peft_model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, model.apply(params, None, x), atol=1e-5)
+    # PEFT -> xrapture.
+    peft_model = peft.get_peft_model(fresh(), peft.LoraConfig(
+        r=2, lora_alpha=5, target_modules=[], target_parameters=["experts.weight"]))
+    _randomize_lora(peft_model, seed=4)
+    peft_model.eval()
+    peft_model.save_pretrained(os.path.join(self.tmp, "experts_peft"))
+    loaded = xrapture.import_peft(os.path.join(self.tmp, "experts_peft"), base, name_map)
+    self.assertEqual(loaded["experts"]["w"].layout, "sio")
+    with torch.no_grad():
+      want = peft_model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(model.apply(loaded, None, x), want, atol=1e-5)
+
+  def test_expert_stack_refuses_dropout(self):
+    x = np.zeros((EXPERTS, 4, DIM), np.float32)
+    spec = _spec(rank=2)
+    spec.dropout = 0.1
+    model = xrapture.transform(hk_experts_forward, spec)
+    params = model.adapt(jax.random.PRNGKey(1), model.init(jax.random.PRNGKey(0), x))
+    with self.assertRaisesRegex(ValueError, "target_parameters.*lora_dropout"):
+      xrapture.export_peft(os.path.join(self.tmp, "x"), params, spec,
+                           {"experts/w": "experts.weight"})
 
 
 class PeftFileTest(_Base):

@@ -46,12 +46,18 @@ def _perturb(params, seed=0, stddev=0.2):
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def _delta(layout, b, a):
+  """``b @ a`` laid out like ``w``: one einsum, a letter per axis of ``w``."""
+  letters = "abcdefgh"[:len(layout)]
+  pick = lambda role: "".join(l for l, c in zip(letters, layout) if c == role)
+  return np.einsum(f"{pick('s')}{pick('i')}r,{pick('s')}r{pick('o')}->{letters}", b, a)
+
+
 def _dense_reference(params, scale):
   """``w + scale · b @ a`` per LoraWeight, in float64 numpy, cast to w's dtype.
 
   ``scale`` is what the test expects (``alpha / r`` from the spec), not what
-  the LoraWeight says; ``np.matmul`` broadcasts the size-1 window axes of a
-  conv adapter.
+  the LoraWeight says.
   """
   def one(x):
     if not isinstance(x, xrapture.LoraWeight):
@@ -59,7 +65,7 @@ def _dense_reference(params, scale):
     w = np.asarray(x.w, np.float64)
     a = np.asarray(x.a.astype(jnp.float32), np.float64)
     b = np.asarray(x.b.astype(jnp.float32), np.float64)
-    return jnp.asarray(w + scale * np.matmul(b, a), x.w.dtype)
+    return jnp.asarray(w + scale * _delta(x.layout, b, a), x.w.dtype)
   return xrapture.tree_map_with_implicit(one, params)
 
 
@@ -71,7 +77,7 @@ def _assert_close(actual, expected, rtol):
 
 
 # ---------------------------------------------------------------------------
-# Models. Each: (fn, inputs, extra spec fields, {adapted path: (layers, window)}).
+# Models. Each: (fn, inputs, extra spec fields, {adapted path: layout}).
 # ---------------------------------------------------------------------------
 
 _X3 = np.random.default_rng(0).normal(size=(2, 5, 6)).astype(np.float32)
@@ -125,44 +131,39 @@ def _remat(x):
 
 
 _MODELS = dict(
-    linear=(_linear, (_X3,), {}, {"linear/w": (0, 0)}),
+    linear=(_linear, (_X3,), {}, {"linear/w": "io"}),
     multi_head_attention=(_mha, (_X3,), {}, {
-        "multi_head_attention/query/w": (0, 0),
-        "multi_head_attention/key/w": (0, 0),
-        "multi_head_attention/value/w": (0, 0),
-        "multi_head_attention/linear/w": (0, 0)}),
+        "multi_head_attention/query/w": "io",
+        "multi_head_attention/key/w": "io",
+        "multi_head_attention/value/w": "io",
+        "multi_head_attention/linear/w": "io"}),
     embed_array_index=(_embed_array_index, (_IDS,),
-                       {"targets": (".*/embeddings",)}, {"embed/embeddings": (0, 0)}),
+                       {"targets": (".*/embeddings",)}, {"embed/embeddings": "io"}),
     embed_one_hot=(_embed_one_hot, (_IDS,),
-                   {"targets": (".*/embeddings",)}, {"embed/embeddings": (0, 0)}),
-    conv1d=(_conv1d, (_SEQ,), {}, {"conv1_d/w": (0, 1)}),
-    conv2d=(_conv2d, (_IMG,), {}, {"conv2_d/w": (0, 2)}),
-    conv2d_transpose=(_conv2d_transpose, (_IMG,), {},
-                      {"conv2_d_transpose/w": (0, 2)}),
+                   {"targets": (".*/embeddings",)}, {"embed/embeddings": "io"}),
+    # A conv's window joins its input channels: [k·in, out].
+    conv1d=(_conv1d, (_SEQ,), {}, {"conv1_d/w": "iio"}),
+    conv2d=(_conv2d, (_IMG,), {}, {"conv2_d/w": "iiio"}),
+    # HWOI: the input channels are the last axis.
+    conv2d_transpose=(_conv2d_transpose, (_IMG,), {}, {"conv2_d_transpose/w": "iioi"}),
     layer_stack_linear=(_stack_linear, (_VEC,), {},
-                        {"__layer_stack_no_per_layer/linear/w": (1, 0)}),
+                        {"__layer_stack_no_per_layer/linear/w": "sio"}),
     layer_stack_conv1d=(_stack_conv1d, (_SEQ,), {},
-                        {"__layer_stack_no_per_layer/conv1_d/w": (1, 1)}),
-    remat=(_remat, (_X3,), {}, {"linear/w": (0, 0), "linear_1/w": (0, 0)}),
+                        {"__layer_stack_no_per_layer/conv1_d/w": "siio"}),
+    remat=(_remat, (_X3,), {}, {"linear/w": "io", "linear_1/w": "io"}),
 )
 
 
 def _expected_factor_shapes(shape, layout, rank):
-  """(a, b) shapes for a kernel under a (layers, window) layout, from shapes alone."""
-  layers, window = layout
-  lead = tuple(shape[:layers + window])
-  a_lead = tuple(shape[:layers]) + (1,) * window
-  m, n = shape[-2:]
-  return a_lead + (rank, n), lead + (m, rank)
+  """(a, b) shapes: a [*S, r, *O], b [*S, *I, r], from the shape and layout alone."""
+  pick = lambda role: tuple(n for n, c in zip(shape, layout) if c == role)
+  return pick("s") + (rank,) + pick("o"), pick("s") + pick("i") + (rank,)
 
 
 def _expected_trainable(shape, layout, rank):
-  """Σ r·(M+N) per layer; a conv's b spans the window: r·(k·M + N)."""
-  layers, window = layout
-  n_layers = int(np.prod(shape[:layers]))
-  window_size = int(np.prod(shape[layers:layers + window]))
-  m, n = shape[-2:]
-  return n_layers * rank * (window_size * m + n)
+  """r·(prod(in) + prod(out)) per stacked element."""
+  pick = lambda role: int(np.prod([n for n, c in zip(shape, layout) if c == role]))
+  return pick("s") * rank * (pick("i") + pick("o"))
 
 
 class HaikuModulesTest(parameterized.TestCase):
@@ -184,6 +185,7 @@ class HaikuModulesTest(parameterized.TestCase):
       if name in layouts:
         base_w = base_by_name[name]
         self.assertIs(leaf.w, base_w)
+        self.assertEqual(leaf.layout, layouts[name], name)
         a_shape, b_shape = _expected_factor_shapes(base_w.shape, layouts[name], _RANK)
         self.assertEqual((leaf.a.shape, leaf.b.shape), (a_shape, b_shape), name)
         np.testing.assert_array_equal(leaf.b, 0.0)
@@ -295,7 +297,7 @@ class HaikuModulesTest(parameterized.TestCase):
     base_fn = hk.transform_with_state(fn)
     base, state = model.init(jax.random.PRNGKey(0), _SEQ, True)
     params = model.adapt(jax.random.PRNGKey(1), base)
-    self.assertEqual(params["conv1_d"]["w"].a.shape, (1, _RANK, 6))
+    self.assertEqual(params["conv1_d"]["w"].a.shape, (_RANK, 6))
     self.assertIsInstance(params["linear"]["w"], xrapture.LoraWeight)
     self.assertIs(params["batch_norm"]["scale"], base["batch_norm"]["scale"])
 
@@ -330,7 +332,8 @@ class HaikuModulesTest(parameterized.TestCase):
     base, state = model.init(jax.random.PRNGKey(0), _SEQ)
     params = model.adapt(jax.random.PRNGKey(1), base)
     lw = params["__layer_stack_no_per_layer/conv1_d"]["w"]
-    self.assertEqual(lw.a.shape, (2, 1, _RANK, 4))
+    self.assertEqual(lw.a.shape, (2, _RANK, 4))
+    self.assertEqual(lw.b.shape, (2, 3, 4, _RANK))
     perturbed = _perturb(params)
     y, new_state = model.apply(perturbed, state, None, _SEQ)
     y_ref, _ = hk.transform_with_state(fn).apply(
@@ -474,7 +477,7 @@ class SpecOptionsTest(parameterized.TestCase):
       model.adapt(jax.random.PRNGKey(1), base)
     for example in (_SEQ, jax.ShapeDtypeStruct(_SEQ.shape, _SEQ.dtype)):
       params = model.adapt(jax.random.PRNGKey(1), base, example)
-      self.assertEqual(params["conv1_d"]["w"].a.shape, (1, _RANK, 5))
+      self.assertEqual(params["conv1_d"]["w"].a.shape, (_RANK, 5))
     # Two-dimensional kernels need no inputs.
     model = xrapture.transform(_linear, _spec())
     params = model.adapt(jax.random.PRNGKey(1),
@@ -589,6 +592,135 @@ class TransformerTest(parameterized.TestCase):
       self.assertGreater(float(jnp.abs(got.b).max()), 0.0)
       np.testing.assert_allclose(got.a, expected[(module, name)][0], rtol=2e-3, atol=1e-6)
       np.testing.assert_allclose(got.b, expected[(module, name)][1], rtol=2e-3, atol=1e-6)
+
+
+def _einsum_attention(x):
+  """Attention with multi-axis kernels, as published Haiku models write it."""
+  init = hk.initializers.VarianceScaling(1.0)
+  d, heads, dim = x.shape[-1], 2, 3
+  wq = hk.get_parameter("query_w", [d, heads, dim], init=init)
+  wk = hk.get_parameter("key_w", [d, heads, dim], init=init)
+  wo = hk.get_parameter("output_w", [heads, dim, 5], init=init)
+  logit = hk.get_parameter("logit_w", [d, 1], init=init)  # a scalar head
+  q, k = jnp.einsum("btd,dhk->bthk", x, wq), jnp.einsum("btd,dhk->bthk", x, wk)
+  attn = jax.nn.softmax(jnp.einsum("bthk,bshk->bhts", q, k), axis=-1)
+  out = jnp.einsum("bhts,bshk->bthk", attn, k)
+  return jnp.einsum("bthk,hkd->btd", out, wo) + x @ logit
+
+
+class LayoutFromUseTest(parameterized.TestCase):
+
+  def test_multi_axis_kernels_get_their_grouped_matrix(self):
+    model = xrapture.transform(_einsum_attention, _spec(targets=("all-linear",)))
+    base = model.init(jax.random.PRNGKey(0), _X3)
+    params = model.adapt(jax.random.PRNGKey(1), base)
+    lw = params["~"]
+    self.assertEqual((lw["query_w"].layout, lw["key_w"].layout, lw["output_w"].layout),
+                     ("ioo", "ioo", "iio"))
+    # The [d, 1] logit is a scalar head: all-linear skips it rather than refuse.
+    self.assertNotIsInstance(lw["logit_w"], xrapture.LoraWeight)
+    # r·(in + out) numbers per kernel, and rank <= r as the grouped matrix.
+    expected = _RANK * ((6 + 6) + (6 + 6) + (6 + 5))
+    self.assertEqual(xrapture.count_trainable(params, model.spec(base)), expected)
+    perturbed = _perturb(params)
+    merged = xrapture.merge_params(perturbed)
+    for name, rows in (("query_w", 6), ("key_w", 6), ("output_w", 6)):
+      delta = np.asarray(merged["~"][name], np.float64) - np.asarray(base["~"][name])
+      self.assertEqual(np.linalg.matrix_rank(delta.reshape(rows, -1), tol=1e-5), _RANK)
+    with xrapture.strict_mode(), warnings.catch_warnings():
+      warnings.simplefilter("error")
+      y = jax.jit(model.apply)(perturbed, None, _X3)
+    _assert_close(y, hk.transform(_einsum_attention).apply(merged, None, _X3), 1e-4)
+
+  def test_conv_rank_limit_counts_the_window(self):
+    # ResNet's stem (7, 7, 3, c): rank 8 > 3 input channels is fine on [147, c].
+    model = xrapture.transform(lambda x: hk.Conv2D(16, 7, stride=2)(x), _spec(rank=8))
+    base = model.init(jax.random.PRNGKey(0), _IMG)
+    params = model.adapt(jax.random.PRNGKey(1), base)
+    self.assertEqual(params["conv2_d"]["w"].grouped_shape, (147, 16))
+    with self.assertRaisesRegex(ValueError, r"rank 20 .*min\(M, N\) = 16.*\[147, 16\]"):
+      xrapture.transform(lambda x: hk.Conv2D(16, 7)(x), _spec(rank=20)).adapt(
+          jax.random.PRNGKey(1), base, _IMG)
+
+  def test_incompatible_uses_are_an_error_at_adapt(self):
+    def fn(x):
+      w = hk.get_parameter("w", [6, 2, 3], init=jnp.ones)
+      return (jnp.einsum("bti,ijk->btjk", x, w).sum()
+              + jnp.einsum("btj,ijk->btik", x[..., :2], w).sum())
+    model = xrapture.transform(fn, _spec(targets=(".*/w",)))
+    base = model.init(jax.random.PRNGKey(0), _X3)
+    with self.assertRaisesRegex(
+        ValueError, r"(?s)'~/w' \(6, 2, 3\).*in axes \(0,\).*in axes \(1,\).*Exclude"):
+      model.adapt(jax.random.PRNGKey(1), base)
+
+  def test_grouped_conv_is_an_error_at_adapt(self):
+    model = xrapture.transform(lambda x: hk.DepthwiseConv1D(1, 3)(x), _spec(rank=1))
+    base = model.init(jax.random.PRNGKey(0), _SEQ)
+    with self.assertRaisesRegex(
+        ValueError, r"(?s)grouped or depthwise conv.*'depthwise_conv1_d/w'.*Exclude"):
+      model.adapt(jax.random.PRNGKey(1), base)
+    # all-linear skips it (and finds nothing else here).
+    model = xrapture.transform(lambda x: hk.Linear(3)(hk.DepthwiseConv1D(1, 3)(x)),
+                               _spec(rank=1, targets=("all-linear",)))
+    base = model.init(jax.random.PRNGKey(0), _SEQ)
+    spec = model.spec(base)
+    self.assertEqual(spec["depthwise_conv1_d"]["w"], xrapture.LORA_FREEZE)
+    self.assertEqual(spec["linear"]["w"], 1)
+
+  def test_elementwise_use_warns_at_adapt(self):
+    def fn(x):
+      e = hk.get_parameter("codebook", [6, 4], init=jnp.ones)
+      return x @ e - jnp.sum(e ** 2, axis=0)  # distances to each code
+    model = xrapture.transform(fn, _spec(targets=(".*/codebook",)))
+    base = model.init(jax.random.PRNGKey(0), _X3)
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      model.adapt(jax.random.PRNGKey(1), base)
+    messages = [str(w.message) for w in caught
+                if issubclass(w.category, xrapture.MaterializationWarning)]
+    self.assertLen(messages, 1)
+    self.assertIn("'~/codebook'", messages[0])
+    self.assertIn("integer_pow", messages[0])
+    with xrapture.strict_mode():
+      with self.assertRaisesRegex(xrapture.MaterializationError, "~/codebook"):
+        model.adapt(jax.random.PRNGKey(1), base)
+    # all-linear leaves it alone.
+    model = xrapture.transform(lambda x: hk.Linear(3)(fn(x)),
+                               _spec(targets=("all-linear",)))
+    base = model.init(jax.random.PRNGKey(0), _X3)
+    with xrapture.strict_mode(), warnings.catch_warnings():
+      warnings.simplefilter("error")
+      params = model.adapt(jax.random.PRNGKey(1), base)
+    self.assertNotIsInstance(params["~"]["codebook"], xrapture.LoraWeight)
+    self.assertIsInstance(params["linear"]["w"], xrapture.LoraWeight)
+
+  def test_all_linear_needs_example_inputs(self):
+    model = xrapture.transform(_linear, _spec(targets=("all-linear",)))
+    base = hk.transform(_linear).init(jax.random.PRNGKey(0), _X3)
+    with self.assertRaisesRegex(ValueError, "all-linear.*example inputs"):
+      model.adapt(jax.random.PRNGKey(1), base)
+    self.assertIsInstance(model.adapt(jax.random.PRNGKey(1), base, _X3)["linear"]["w"],
+                          xrapture.LoraWeight)
+
+  def test_eval_mode_batch_norm_takes_the_state(self):
+    def fn(x):
+      h = hk.Conv1D(6, 3)(x)
+      return hk.BatchNorm(True, True, 0.9)(h, is_training=False)
+    base, state = hk.transform_with_state(
+        lambda x: hk.BatchNorm(True, True, 0.9)(hk.Conv1D(6, 3)(x), is_training=True)
+    ).init(jax.random.PRNGKey(0), _SEQ)
+    model = xrapture.transform_with_state(fn, _spec())
+    with self.assertRaisesRegex(ValueError, r"(?s)init failed.*average.*state=state"):
+      model.adapt(jax.random.PRNGKey(1), base, _SEQ)
+    params = model.adapt(jax.random.PRNGKey(1), base, _SEQ, state=state)
+    self.assertEqual(params["conv1_d"]["w"].layout, "iio")
+    perturbed = _perturb(params)
+    with xrapture.strict_mode():
+      y, _ = model.apply(perturbed, state, None, _SEQ)
+    y_ref, _ = hk.transform_with_state(fn).apply(
+        _dense_reference(perturbed, _ALPHA / _RANK), state, None, _SEQ)
+    _assert_close(y, y_ref, 1e-4)
+    self.assertEqual(model.spec(base, _SEQ, state=state)["conv1_d"]["w"], _RANK)
 
 
 if __name__ == "__main__":

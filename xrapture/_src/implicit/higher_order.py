@@ -59,8 +59,7 @@ def _remat_rule(eqn, invals):
 
 
 def _scannable(value, length):
-  leaves = jax.tree_util.tree_leaves(value)
-  return all(getattr(x, "ndim", 0) >= 1 and x.shape[0] == length for x in leaves)
+  return value.scannable(length)
 
 
 @registry.higher_order_rule(("scan",))

@@ -69,6 +69,16 @@ class ImplicitArray:
     """Returns the dense array this value stands for."""
     raise NotImplementedError(f"{type(self).__name__} must define materialize.")
 
+  def scannable(self, length: int) -> bool:
+    """Whether slicing every child's leading axis gives this value's slices.
+
+    ``lax.scan`` over an implicit value slices each child; by default that
+    is right when every child has leading axis ``length``. Subclasses whose
+    children may have such an axis by coincidence override this.
+    """
+    return all(getattr(x, "ndim", 0) >= 1 and x.shape[0] == length
+               for x in jax.tree_util.tree_leaves(self))
+
   def __jax_array__(self):
     raise TypeError(
         f"A {type(self).__name__} reached a JAX operation outside "

@@ -2,10 +2,11 @@
 
 The file holds the adapters' ``a`` and ``b`` and every ``LORA_FULL`` leaf as
 tensors, and in its header (safetensors metadata) a JSON record of each
-entry's kind, rank, alpha, base shape and dtype, the versions that wrote it,
-and checksums of all of it (:mod:`integrity`). Loading checks every tensor
-against its entry, the checksums, and every entry against the base params it
-is applied to; a file that fails any check is refused naming its path.
+entry's kind, rank, alpha, layout, base shape and dtype, the versions that
+wrote it, and checksums of all of it (:mod:`integrity`); 0.1.0's files have
+no layout and are read in 0.1.0's. Loading checks every tensor against its
+entry, the checksums, and every entry against the base params it is applied
+to; a file that fails any check is refused naming its path.
 """
 
 import json
@@ -114,8 +115,12 @@ def _tensor_names(name: str, entry: dict[str, Any]) -> dict[str, str]:
 
 
 def _lora_from_entry(entry: dict[str, Any], w: Any, a: Any, b: Any) -> LoraWeight:
-  """The LoraWeight an entry describes (validates the factors' shapes)."""
-  return LoraWeight(w, a, b, alpha=entry["alpha"], rslora=entry["rslora"])
+  """The LoraWeight an entry describes (validates the factors' shapes).
+
+  No layout: a 0.1.0 file, whose factors LoraWeight rearranges.
+  """
+  return LoraWeight(w, a, b, alpha=entry["alpha"], rslora=entry["rslora"],
+                    layout=entry.get("layout"))
 
 
 def save_adapter(path: str, params: pytypes.Params, lora_spec: pytypes.LoraSpec) -> None:
@@ -171,7 +176,8 @@ def save_adapter(path: str, params: pytypes.Params, lora_spec: pytypes.LoraSpec)
       tensors[path_ + "::a"], tensors[path_ + "::b"] = a, b
       entries[path_] = dict(
           kind="lora", rank=int(value.rank), alpha=float(value.alpha),
-          rslora=bool(value.rslora), base_shape=list(value.shape),
+          rslora=bool(value.rslora), layout=lora_weight.layout_of(value),
+          base_shape=list(value.shape),
           base_dtype=jnp.dtype(value.dtype).name, a_dtype=a_dtype, b_dtype=b_dtype)
     elif rank == lora_weight.LORA_FULL:
       arr, dtype = _to_numpy(value)

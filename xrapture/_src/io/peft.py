@@ -45,6 +45,7 @@ from xrapture._src.transform import paths
 from xrapture._src.transform import spec as spec_lib
 
 LoraWeight = lora_weight.LoraWeight
+STACK, IN, OUT = lora_weight.STACK, lora_weight.IN, lora_weight.OUT
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -64,7 +65,6 @@ _UNSUPPORTED = {
     "use_dora": False,             # DoRA: a learned magnitude vector
     "lora_bias": False,            # a bias on lora_B
     "layer_replication": None,     # duplicated layers
-    "target_parameters": None,     # LoRA on raw nn.Parameters (MoE experts)
     "trainable_token_indices": None,
     "alora_invocation_tokens": None,  # activated LoRA: on only after a token
     "use_qalora": False,
@@ -109,10 +109,25 @@ def _torch_paths(value: TorchPath) -> tuple[str, ...]:
   return (value,) if isinstance(value, str) else tuple(value)
 
 
-def _kind(haiku_path: str, ndim: int) -> str:
-  if haiku_path.rsplit("/", 1)[-1] == "embeddings":
+def _is_conv_layout(layout: str) -> bool:
+  """A conv kernel's layout in Haiku's HWIO: window and input channels in, then out."""
+  return len(layout) > 2 and layout == IN * (len(layout) - 1) + OUT
+
+
+def _kind(haiku_path: str, layout: str, linear: Sequence[str] = ()) -> str:
+  """The torch side of a (per-layer) kernel: embedding, linear, conv or experts.
+
+  A kernel with more than two axes whose last two are in, out is taken for
+  an HWIO conv kernel unless ``linear`` names it.
+  """
+  if STACK in layout:
+    return "experts"
+  if haiku_path.rsplit("/", 1)[-1] == "embeddings" and len(layout) == 2:
     return "embedding"
-  return "linear" if ndim == 2 else "conv"
+  if (len(layout) > 2 and layout.endswith(IN + OUT)
+      and not spec_lib.matches_any(linear, haiku_path)):
+    return "conv"
+  return "linear"
 
 
 # ----------------------------------------------------------------------------
@@ -130,44 +145,85 @@ def _unreverse_axes(x: np.ndarray) -> np.ndarray:
   return np.transpose(x, tuple(range(2, nd)) + (1, 0))
 
 
-def _to_peft(haiku_path: str, w_shape, a, b) -> tuple[np.ndarray, np.ndarray]:
-  """Haiku factors of one layer -> PEFT's (A, B)."""
-  a, b = np.asarray(a), np.asarray(b)
-  if len(w_shape) == 2:
-    return b.T, a.T
-  if any(d != 1 for d in a.shape[:-2]):
-    raise ValueError(
-        f"Cannot export '{haiku_path}' (kernel {tuple(w_shape)}, a {a.shape}, "
-        f"b {b.shape}) to PEFT: PEFT's conv LoRA needs b to span the window and "
-        "a to be pointwise (a's leading axes of size 1). If this kernel is a "
-        "stack of layers (hk.layer_stack), map it to a list of torch modules, "
-        "one per layer.")
-  b = np.broadcast_to(b, tuple(w_shape[:-2]) + b.shape[-2:])
-  return _reverse_axes(b), _reverse_axes(a)
+def _sizes(w_shape, layout, role) -> tuple[int, ...]:
+  return tuple(n for n, c in zip(w_shape, layout) if c == role)
 
 
-def _from_peft(kind: str, w_shape, A: np.ndarray, B: np.ndarray
-               ) -> tuple[np.ndarray, np.ndarray] | str:
-  """PEFT's (A, B) of one layer -> Haiku (a, b), or what is wrong."""
-  w_shape = tuple(w_shape)
+def _to_peft(kind: str, haiku_path: str, w_shape, layout: str, a, b
+             ) -> tuple[np.ndarray, np.ndarray]:
+  """Haiku factors of one (per-layer) kernel -> PEFT's (A, B)."""
+  a, b = np.asarray(a), np.asarray(b)  # gathered by the caller
+  r = b.shape[-1]
+  ins, outs = math.prod(_sizes(w_shape, layout, IN)), math.prod(_sizes(w_shape, layout, OUT))
+  if kind == "embedding" and layout == OUT + IN:   # the table's rows are the out group
+    return a, b
   if kind in ("linear", "embedding"):
-    if A.ndim != 2 or B.ndim != 2 or len(w_shape) != 2:
-      return f"expected 2-D factors for a 2-D kernel {w_shape}"
-    r = A.shape[0]
-    want_a, want_b = (r, w_shape[0]), (w_shape[1], r)
-  else:
+    # nn.Linear(prod(in), prod(out)), the groups flattened in Haiku's axis order.
+    return b.reshape(ins, r).T, a.reshape(r, outs).T
+  if kind == "conv":
+    if not _is_conv_layout(layout):
+      raise ValueError(
+          f"Cannot export '{haiku_path}' (kernel {tuple(w_shape)}, layout {layout!r}, "
+          f"a {a.shape}, b {b.shape}) to PEFT: PEFT's conv LoRA needs b to span the "
+          f"window with the input channels and a to be pointwise (layout "
+          f"{IN * (len(w_shape) - 1) + OUT!r}). If the kernel is an nn.Linear, "
+          "name it in linear=; if it is a stack of layers (hk.layer_stack), map it "
+          "to a list of torch modules, one per layer.")
+    return _reverse_axes(b), a.T.reshape(a.shape[1], r, *([1] * (len(w_shape) - 2)))
+  # experts: PEFT's target_parameters keeps lora_A [E·r, in] (rows expert-major)
+  # and lora_B [out, r·E] (columns expert-minor).
+  if layout.count(STACK) != 1:
+    raise ValueError(
+        f"Cannot export '{haiku_path}' (kernel {tuple(w_shape)}, layout {layout!r}) to "
+        "PEFT: PEFT's target_parameters adapts [experts, in, out] parameters, one "
+        "stacked axis. Map a stack of layers to a list of torch modules instead.")
+  n = b.shape[0]
+  return (b.reshape(n, ins, r).transpose(0, 2, 1).reshape(n * r, ins),
+          a.reshape(n, r, outs).transpose(2, 1, 0).reshape(outs, r * n))
+
+
+def _from_peft(kind: str, w_shape, layout: str, A: np.ndarray, B: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray] | str:
+  """PEFT's (A, B) of one (per-layer) kernel -> Haiku (a, b), or what is wrong."""
+  w_shape = tuple(w_shape)
+  in_shape, out_shape = _sizes(w_shape, layout, IN), _sizes(w_shape, layout, OUT)
+  ins, outs = math.prod(in_shape), math.prod(out_shape)
+  if kind == "experts":
+    n = math.prod(_sizes(w_shape, layout, STACK))
+    if A.ndim != 2 or B.ndim != 2 or A.shape[0] % n:
+      return f"expected 2-D factors with rows a multiple of {n} experts"
+    r = A.shape[0] // n
+    want_a, want_b = (n * r, ins), (outs, r * n)
+  elif kind == "conv":
     nd = len(w_shape)
+    if not _is_conv_layout(layout):
+      return (f"a conv adapter needs the window with the input channels (layout "
+              f"{IN * (nd - 1) + OUT!r}), not {layout!r}")
     if A.ndim != nd or B.ndim != nd:
       return f"expected {nd}-D conv factors for kernel {w_shape}"
     r = A.shape[0]
     want_a = (r, w_shape[-2]) + w_shape[:-2]
     want_b = (w_shape[-1], r) + (1,) * (nd - 2)
+  else:
+    if A.ndim != 2 or B.ndim != 2:
+      return f"expected 2-D factors for kernel {w_shape}"
+    r = A.shape[0]
+    rows, cols = ((outs, ins) if kind == "embedding" and layout == OUT + IN
+                  else (ins, outs))
+    want_a, want_b = (r, rows), (cols, r)
   if A.shape != want_a or B.shape != want_b:
-    return (f"expected A {want_a} and B {want_b} (r = {r}) for kernel {w_shape}; "
-            "a grouped conv or a different base model?")
-  if kind in ("linear", "embedding"):
-    return B.T, A.T
-  return _unreverse_axes(B), _unreverse_axes(A)
+    return (f"expected A {want_a} and B {want_b} (r = {r}) for kernel {w_shape} "
+            f"(layout {layout!r}); a grouped conv or a different base model?")
+  if kind == "experts":
+    stack = _sizes(w_shape, layout, STACK)
+    b = A.reshape(n, r, ins).transpose(0, 2, 1).reshape(stack + in_shape + (r,))
+    a = B.reshape(outs, r, n).transpose(2, 1, 0).reshape(stack + (r,) + out_shape)
+    return a, b
+  if kind == "conv":
+    return B.reshape(w_shape[-1], r).T, _unreverse_axes(A)
+  if kind == "embedding" and layout == OUT + IN:
+    return A, B
+  return B.T.reshape((r,) + out_shape), A.T.reshape(in_shape + (r,))
 
 
 # ----------------------------------------------------------------------------
@@ -306,7 +362,8 @@ def export_peft(path: str | os.PathLike,
                 spec: ml_collections.ConfigDict | None,
                 name_map: NameMap,
                 *,
-                base_model_name_or_path: str | None = None) -> None:
+                base_model_name_or_path: str | None = None,
+                linear: Sequence[str] = ()) -> None:
   """Writes the LoRA adapters of ``params`` as a HuggingFace PEFT adapter.
 
   ``peft.PeftModel.from_pretrained(torch_model, path)`` then computes what
@@ -353,17 +410,32 @@ def export_peft(path: str | os.PathLike,
       the most common rank and alpha among the adapters, dropout 0.
     name_map: Haiku parameter path (``"module/param"``) -> torch module path,
       as a dict or a function returning None for unmapped paths. Only the
-      LoraWeights' paths are looked up. A parameter named ``embeddings`` is
-      an ``nn.Embedding``, another 2-D kernel an ``nn.Linear``, a kernel
-      with more dimensions an ``nn.ConvNd``.
+      LoraWeights' paths are looked up. Each LoraWeight's layout says what
+      its torch module is: a parameter named ``embeddings`` is an
+      ``nn.Embedding``; a kernel with a conv's layout (window and input
+      channels in, output channels out: ``'iiio'``) an ``nn.ConvNd``; any
+      other kernel the ``nn.Linear(prod(in), prod(out))`` it equals, its
+      groups flattened in Haiku's axis order (an attention projection
+      ``[d, heads, head_dim]`` is ``nn.Linear(d, heads·head_dim)``). A
+      kernel with one stacked axis mapped to one path is an expert stack:
+      the path names the torch ``nn.Parameter`` (``"<module>.<param>"``),
+      adapted with PEFT's ``target_parameters``, whose parameter is
+      ``[experts, in, out]`` (``[experts, out, in]`` without
+      ``is_transposed`` on its module: the same factors).
     base_model_name_or_path: recorded in ``adapter_config.json``.
+    linear: regexes of Haiku paths whose kernels map to ``nn.Linear`` though
+      their layout is a conv's (a multi-axis output projection
+      ``[heads, head_dim, d]`` has layout ``'iio'``, as a Conv1D has).
 
   Raises:
     ValueError: ``params`` hold no LoraWeight; a LoraWeight has no torch
       module (all are named) or shares one with another; the spec trains
       parameters in full (PEFT's file would lack them); adapters disagree on
       rsLoRA (PEFT has one ``use_rslora``); a conv adapter is not in PEFT's
-      layout; a stacked kernel's list has the wrong length.
+      layout; a stacked kernel's list has the wrong length; an expert stack
+      has more than one stacked axis, or shares its torch module with
+      another, or the spec has LoRA dropout (PEFT's ``target_parameters``
+      has none).
   """
   flat, _ = paths.flatten_with_paths(params)
   loras = [(p, v) for p, v in flat if isinstance(v, LoraWeight)]
@@ -387,33 +459,56 @@ def export_peft(path: str | os.PathLike,
   if unmapped:
     raise ValueError(f"name_map gives no torch module for these adapted parameters: "
                      f"{unmapped}.")
-  tensors, ranks, alphas, owner = {}, {}, {}, {}
+  tensors, ranks, alphas, owner, parameters = {}, {}, {}, {}, []
   for hpath, lora in loras:
-    targets = _torch_paths(_lookup(name_map, hpath))
-    shape = tuple(lora.shape)
+    mapped = _lookup(name_map, hpath)
+    targets = _torch_paths(mapped)
+    shape, layout = tuple(lora.shape), lora_weight.layout_of(lora)
+    # Arrays spanning other processes are gathered (multi-process runs).
     a_all, b_all = multihost.to_numpy(lora.a), multihost.to_numpy(lora.b)
-    if isinstance(_lookup(name_map, hpath), str):
-      layers = [(targets[0], lora.w.shape, a_all, b_all)]
+    if isinstance(mapped, str):
+      layers = [(targets[0], shape, layout, a_all, b_all)]
     else:
-      if len(shape) < 3 or shape[0] != len(targets):
+      if len(shape) < 3 or shape[0] != len(targets) or layout[0] != STACK:
         raise ValueError(
             f"name_map gives {len(targets)} torch modules for '{hpath}', a "
-            f"kernel of shape {shape}: a list needs one module per index of the "
-            "leading (layer) axis.")
-      layers = [(t, shape[1:], a_all[i if a_all.shape[0] > 1 else 0],
-                 b_all[i if b_all.shape[0] > 1 else 0])
+            f"kernel of shape {shape} (layout {layout!r}): a list needs one module "
+            "per index of the leading stacked (layer) axis.")
+      layers = [(t, shape[1:], layout[1:], a_all[i], b_all[i])
                 for i, t in enumerate(targets)]
-    names = _EMBEDDING if _kind(hpath, len(layers[0][1])) == "embedding" else _LINEAR
-    for tpath, w_shape, a, b in layers:
-      if tpath in owner:
-        raise ValueError(f"name_map maps both '{owner[tpath]}' and '{hpath}' to "
-                         f"torch module '{tpath}'.")
-      owner[tpath] = hpath
-      A, B = _to_peft(hpath, w_shape, a, b)
-      tensors[f"{_PREFIX}{tpath}.{names[0]}"] = np.ascontiguousarray(A)
-      tensors[f"{_PREFIX}{tpath}.{names[1]}"] = np.ascontiguousarray(B)
+    for tpath, w_shape, lay, a, b in layers:
+      # Stacked axes of size 1 (a 1x1 conv's window in 0.1.0's form) are in axes.
+      unit = "".join(IN if c == STACK and n == 1 else c for c, n in zip(lay, w_shape))
+      if unit != lay:
+        a_shape, b_shape = lora_weight.factor_shapes(tuple(w_shape), unit, lora.rank)
+        lay, a, b = unit, np.reshape(a, a_shape), np.reshape(b, b_shape)
+      kind = _kind(hpath, lay, linear)
+      module = tpath.rpartition(".")[0] if kind == "experts" else tpath
+      if module in owner:
+        raise ValueError(
+            f"name_map maps both '{owner[module]}' and '{hpath}' to torch module "
+            f"'{module}'" + (" (PEFT nests the wrappers of several parameters of "
+                             "one module in an order xrapture cannot see: export "
+                             "one adapted parameter per torch module)."
+                             if kind == "experts" else "."))
+      owner[module] = hpath
+      if kind == "experts":
+        if not module:
+          raise ValueError(f"'{hpath}' is an expert stack (layout {lay!r}), so "
+                           "name_map must give the torch parameter's path, "
+                           f"'<module>.<parameter>', not {tpath!r}.")
+        parameters.append(tpath)
+      A, B = _to_peft(kind, hpath, w_shape, lay, a, b)
+      names = _EMBEDDING if kind == "embedding" else _LINEAR
+      tensors[f"{_PREFIX}{module}.{names[0]}"] = np.ascontiguousarray(A)
+      tensors[f"{_PREFIX}{module}.{names[1]}"] = np.ascontiguousarray(B)
       ranks[tpath] = int(lora.rank)
       alphas[tpath] = float(lora.alpha)
+  if parameters and spec is not None and float(spec.dropout) > 0.0:
+    raise ValueError(
+        f"PEFT's target_parameters (for the expert stacks {parameters}) does not "
+        f"support lora_dropout, but spec.dropout is {spec.dropout}. Export with a "
+        "spec whose dropout is 0 (dropout does not change what the adapters compute).")
 
   if spec is not None:
     r, alpha, dropout = int(spec.rank), float(spec.alpha), float(spec.dropout)
@@ -430,7 +525,8 @@ def export_peft(path: str | os.PathLike,
       "lora_alpha": _json_number(alpha),
       "lora_dropout": dropout,
       "use_rslora": rslora.pop(),
-      "target_modules": sorted(ranks),
+      "target_modules": sorted(set(ranks) - set(parameters)),
+      "target_parameters": sorted(parameters) or None,
       "exclude_modules": None,
       "rank_pattern": _patterns(ranks, r),
       "alpha_pattern": {k: _json_number(v) for k, v in _patterns(alphas, alpha).items()},
@@ -551,13 +647,43 @@ _TORCH_PARAM = {"w": "weight", "embeddings": "weight", "scale": "weight",
                 "b": "bias", "offset": "bias"}
 
 
-def _torch_to_haiku(hpath: str, value: np.ndarray) -> np.ndarray:
+def _torch_to_haiku(hpath: str, value: np.ndarray, want, layout: str | None
+                    ) -> np.ndarray:
+  """A torch weight saved whole -> the Haiku kernel ``want``-shaped."""
   if hpath.rsplit("/", 1)[-1] != "w":
     return value
-  return value.T if value.ndim == 2 else _unreverse_axes(value)
+  if value.ndim != 2:
+    return _unreverse_axes(value)
+  if len(want) == 2 or layout is None:
+    return value.T
+  # nn.Linear(prod(in), prod(out)): unflatten the groups, then w's axis order.
+  in_shape, out_shape = _sizes(want, layout, IN), _sizes(want, layout, OUT)
+  order = [d for d, c in enumerate(layout) if c == IN] + [
+      d for d, c in enumerate(layout) if c == OUT]
+  if value.T.shape != (math.prod(in_shape), math.prod(out_shape)):
+    return value.T
+  return np.transpose(value.T.reshape(in_shape + out_shape), np.argsort(order))
 
 
-def import_peft(path: str | os.PathLike, base_params: Any, name_map: NameMap) -> Any:
+def _layer_layout(layout: str | None, layer: int | None) -> str | None:
+  """A kernel's layout for one torch module: less the stacked axis of a layer list."""
+  if layout is None or layer is None:
+    return layout
+  return layout[1:] if layout[0] == STACK else None
+
+
+def _default_layout(kind: str, w_shape) -> str | None:
+  """The layout to read a file's factors in, for a plain base kernel."""
+  nd = len(w_shape)
+  if kind == "experts":
+    return STACK + IN + OUT if nd == 3 else None
+  if kind == "conv":
+    return IN * (nd - 1) + OUT
+  return IN + OUT if nd == 2 else None
+
+
+def import_peft(path: str | os.PathLike, base_params: Any, name_map: NameMap,
+                *, layouts: Mapping[str, str] | None = None) -> Any:
   """Reads a HuggingFace PEFT LoRA adapter onto Haiku ``base_params``.
 
   The result, run with :func:`xrapture.use_implicit_args` (or a
@@ -576,10 +702,18 @@ def import_peft(path: str | os.PathLike, base_params: Any, name_map: NameMap) ->
   Args:
     path: the adapter directory (``adapter_config.json`` and
       ``adapter_model.safetensors``).
-    base_params: Haiku params (plain arrays) of the base model.
+    base_params: Haiku params of the base model: plain arrays, or adapted
+      params (``model.adapt``), whose LoraWeights give each kernel's layout
+      (their factors are replaced).
     name_map: as for :func:`export_peft`; every Haiku path of ``base_params``
       is looked up, so a function may return None for parameters that have
-      no torch module.
+      no torch module. A path in the config's ``target_parameters`` (an
+      expert stack's ``"<module>.<param>"``) reads PEFT's expert factors.
+    layouts: Haiku path -> layout string for plain kernels with more than
+      two axes that map to an ``nn.Linear`` (which of their axes are its
+      input); not needed with adapted ``base_params``. Other plain kernels
+      are read as ``[in, out]``, conv kernels as HWIO (``'iiio'``), expert
+      stacks as ``[experts, in, out]``.
 
   Returns:
     ``base_params`` with every parameter that has an adapter in the file
@@ -611,7 +745,16 @@ def import_peft(path: str | os.PathLike, base_params: Any, name_map: NameMap) ->
   rslora = bool(config.get("use_rslora", False))
 
   flat, treedef = paths.flatten_with_paths(base_params)
-  kernels = {}  # torch module -> (flat index, layer index or None)
+  leaves = [v for _, v in flat]
+  given_layouts = {}  # flat index -> layout, from LoraWeights or `layouts`
+  for i, (hpath, value) in enumerate(flat):
+    if isinstance(value, LoraWeight):
+      given_layouts[i] = lora_weight.layout_of(value)
+      flat[i] = (hpath, value.w)
+    elif layouts and hpath in layouts:
+      given_layouts[i] = layouts[hpath]
+  expert_params = config.get("target_parameters") or ()
+  kernels = {}  # torch module -> (flat index, layer index or None, expert stack?)
   params = {}   # "<torch module>.<torch param>" -> (flat index, layer index or None)
   for i, (hpath, value) in enumerate(flat):
     mapped = _lookup(name_map, hpath)
@@ -620,23 +763,28 @@ def import_peft(path: str | os.PathLike, base_params: Any, name_map: NameMap) ->
     name = hpath.rsplit("/", 1)[-1]
     for layer, tpath in enumerate(_torch_paths(mapped)):
       at = (i, None if isinstance(mapped, str) else layer)
-      if name in _TORCH_PARAM:
+      experts = isinstance(mapped, str) and any(
+          tpath == t or tpath.endswith("." + t) or t.endswith("." + tpath)
+          for t in expert_params)
+      if name in _TORCH_PARAM and not experts:
         key = f"{tpath}.{_TORCH_PARAM[name]}"
         if key in params:
           raise ValueError(f"name_map maps both '{flat[params[key][0]][0]}' and "
                            f"'{hpath}' to torch parameter '{key}'.")
         params[key] = at
       if np.ndim(value) >= 2 and name != "b":
-        if tpath in kernels:
-          raise ValueError(f"name_map maps both '{flat[kernels[tpath][0]][0]}' and "
-                           f"'{hpath}' to torch module '{tpath}'.")
-        kernels[tpath] = at
+        module = tpath.rpartition(".")[0] if experts else tpath
+        if module in kernels:
+          raise ValueError(f"name_map maps both '{flat[kernels[module][0]][0]}' and "
+                           f"'{hpath}' to torch module '{module}'.")
+        kernels[module] = at + (tpath if experts else None,)
 
   unplaced = sorted(m for m in groups if m not in kernels)
   if unplaced:
     raise ValueError(f"{weights_file} has adapters for torch modules that name_map "
                      f"gives no Haiku kernel: {unplaced}.")
-  untargeted = sorted(m for m in groups if not _peft_targets(config, m))
+  untargeted = sorted(m for m in groups
+                      if kernels[m][2] is None and not _peft_targets(config, m))
   if untargeted:
     raise ValueError(
         f"{weights_file} has adapters for modules that {config_file}'s "
@@ -648,7 +796,6 @@ def import_peft(path: str | os.PathLike, base_params: Any, name_map: NameMap) ->
       return module in groups
     return _peft_targets(config, module)
 
-  leaves = [v for _, v in flat]
   whole: dict[int, dict[int | None, np.ndarray]] = {}
   unknown = []
   saved_whole = config.get("modules_to_save") or ()
@@ -675,7 +822,7 @@ def import_peft(path: str | os.PathLike, base_params: Any, name_map: NameMap) ->
       raise ValueError(f"{config_file} has fan_in_fan_out=true: the layout of "
                        f"'{_PREFIX}{rest}' ([in, out] or [out, in]) is unknown.")
     want = tuple(np.shape(base))[0 if layer is None else 1:]
-    value = _torch_to_haiku(hpath, value)
+    value = _torch_to_haiku(hpath, value, want, _layer_layout(given_layouts.get(i), layer))
     if value.shape != want:
       raise ValueError(f"'{_PREFIX}{rest}' has shape {value.shape} in Haiku's layout "
                        f"but Haiku '{hpath}' needs {want}.")
@@ -699,25 +846,40 @@ def import_peft(path: str | os.PathLike, base_params: Any, name_map: NameMap) ->
     leaves[i] = jnp.asarray(new, dtype=base.dtype)
 
   per_leaf: dict[int, dict[int | None, tuple]] = {}
-  for tpath, group in groups.items():
-    i, layer = kernels[tpath]
+  layouts_found: dict[int, str] = {}
+  for module, group in groups.items():
+    i, layer, param_path = kernels[module]
+    tpath = param_path or module
     hpath, w = flat[i]
     w_shape = tuple(np.shape(w))
     if layer is not None:
       w_shape = w_shape[1:]
     kind = group["kind"]
+    if param_path is not None:
+      kind = "experts"
+    elif kind == "linear" and group["A"].ndim > 2:
+      kind = "conv"
     if kind == "embedding" and len(w_shape) != 2:
       raise ValueError(f"'{tpath}' is an embedding adapter but '{hpath}' has shape "
                        f"{tuple(np.shape(w))}.")
-    if kind == "linear" and group["A"].ndim > 2:
-      kind = "conv"
-    factors = _from_peft(kind, w_shape, group["A"], group["B"])
+    lay = _layer_layout(given_layouts.get(i), layer)
+    if lay is None:
+      lay = _default_layout(kind, w_shape)
+    if lay is None:
+      raise ValueError(
+          f"'{tpath}' is an nn.Linear adapter for Haiku '{hpath}' of shape "
+          f"{tuple(np.shape(w))}: which of its axes are the Linear's input is "
+          "read from how apply uses the kernel. Pass adapted params "
+          "(model.adapt(rng, base, *inputs)) as base_params, or "
+          f"layouts={{'{hpath}': ...}} (e.g. 'ioo' for [in, heads, head_dim]).")
+    layouts_found[i] = lay if layer is None else STACK + lay
+    factors = _from_peft(kind, w_shape, lay, group["A"], group["B"])
     if isinstance(factors, str):
       raise ValueError(
           f"Shapes of '{tpath}' (lora_A {group['A'].shape}, lora_B "
           f"{group['B'].shape}) do not fit Haiku '{hpath}' of shape "
           f"{tuple(np.shape(w))}: {factors}.")
-    rank = group["A"].shape[0]
+    rank = factors[1].shape[-1]
     r_config = _pattern_value(rank_pattern, tpath, r_default)
     if rank != r_config:
       raise ValueError(
@@ -728,7 +890,7 @@ def import_peft(path: str | os.PathLike, base_params: Any, name_map: NameMap) ->
 
   for i, layers in per_leaf.items():
     hpath, _ = flat[i]
-    w = leaves[i]
+    w = leaves[i].w if isinstance(leaves[i], LoraWeight) else leaves[i]
     if None in layers:
       a, b, _, alpha = layers[None]
     else:
@@ -749,5 +911,5 @@ def import_peft(path: str | os.PathLike, base_params: Any, name_map: NameMap) ->
       b = np.stack([layers[k][1] for k in range(n)])
       alpha = layers[0][3]
     leaves[i] = LoraWeight(w, jnp.asarray(a), jnp.asarray(b), alpha=alpha,
-                           rslora=rslora)
+                           rslora=rslora, layout=layouts_found[i])
   return jax.tree_util.tree_unflatten(treedef, leaves)

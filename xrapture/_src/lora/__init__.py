@@ -4,4 +4,5 @@
 from xrapture._src.lora import conv as _conv
 from xrapture._src.lora import dot_general as _dot_general
 from xrapture._src.lora import gather as _gather
+from xrapture._src.lora import ragged_dot as _ragged_dot
 from xrapture._src.lora import structural as _structural

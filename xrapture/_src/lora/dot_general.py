@@ -1,16 +1,19 @@
 """dot_general with a LoraWeight operand, never forming ``b @ a``.
 
-The common case (a 2-D kernel, one contracting axis, no batch axes: every
-``hk.Linear``, attention projection and tied unembedding) flattens the other
-operand's free axes into tokens and runs :func:`lora_matmul`, a
-``jax.custom_vjp`` whose backward pass computes only the input gradient and
-the two low-rank gradients; the base kernel gets no gradient at all. Any
-other dimension numbers (batch axes, stacked kernels, several contracting
-axes), and LoRA dropout, go through two einsums that contract the other operand with one factor
-and then the other, with the base kernel's gradient stopped.
+The common case (no batch axes, the kernel contracted over exactly its in
+group or exactly its out group: every ``hk.Linear``, attention projection,
+multi-axis einsum kernel and tied unembedding) reshapes the kernel to its
+grouped matrix and the other operand's free axes into tokens, and runs
+:func:`lora_matmul`, a ``jax.custom_vjp`` whose backward pass computes only
+the input gradient and the two low-rank gradients; the base kernel gets no
+gradient at all. Any other dimension numbers (batch axes such as per-expert
+kernels, stacked kernels, contractions that cut across the groups), and LoRA
+dropout, go through two einsums that contract the other operand with one
+factor and then the other, with the base kernel's gradient stopped.
 """
 
 import functools
+import math
 import string
 
 import jax
@@ -110,40 +113,76 @@ def _dot_general(primitive, lhs, rhs, *, dimension_numbers, precision=None,
   lora, x = (lhs, rhs) if lhs_lora else (rhs, lhs)
   if implicit_array.is_implicit(x):
     return NotImplemented
-  (lc, rc), (lb, rb) = dimension_numbers
-  w_contract, x_contract = (lc, rc) if lhs_lora else (rc, lc)
-  w_batch = lb if lhs_lora else rb
   if dropout.active():
     return _general(lora, x, lhs_lora, dimension_numbers, precision,
                     preferred_element_type, x_low=dropout.maybe_drop(x))
-  if lora.ndim == 2 and not w_batch and len(w_contract) == 1:
-    return _matmul_2d(lora, x, w_contract[0], x_contract[0], lhs_lora,
-                      precision, preferred_element_type)
+  (lc, rc), (lb, rb) = dimension_numbers
+  w_contract, x_contract = (lc, rc) if lhs_lora else (rc, lc)
+  w_batch = lb if lhs_lora else rb
+  if not w_batch:
+    out = _matmul_grouped(lora, x, tuple(w_contract), tuple(x_contract), lhs_lora,
+                          precision, preferred_element_type)
+    if out is not NotImplemented:
+      return out
   return _general(lora, x, lhs_lora, dimension_numbers, precision,
                   preferred_element_type)
 
 
-def _matmul_2d(lora, x, w_axis, x_axis, lhs_lora, precision, pet):
-  x_moved = jnp.moveaxis(x, x_axis, -1)
-  free = x_moved.shape[:-1]
-  x2 = x_moved.reshape((-1, x_moved.shape[-1]))
-  y = lora_matmul(x2, lora.w, lora.a, lora.b, int(w_axis),
-                  float(lora.get_scale()), precision, pet)
-  y = y.reshape(free + (y.shape[-1],))
-  return jnp.moveaxis(y, -1, 0) if lhs_lora else y
+def _contiguous(axes):
+  return list(axes) == list(range(axes[0], axes[0] + len(axes)))
+
+
+def _matmul_grouped(lora, x, w_contract, x_contract, lhs_lora, precision, pet):
+  """The fast path: ``w`` contracted over exactly its in (or out) group.
+
+  With no stacked axes and each group contiguous, ``w`` is a 2-D matrix
+  after a reshape (no copy), and :func:`lora_matmul` runs on it.
+  """
+  stack, ins, outs = lora.groups
+  contracted = set(w_contract)
+  if stack or contracted not in (set(ins), set(outs)):
+    return NotImplemented
+  if not (_contiguous(ins) and _contiguous(outs)):
+    return NotImplemented
+  shape = lora.shape
+  in_size, out_size = lora.grouped_shape
+  r = lora.rank
+  in_first = ins[0] < outs[0]
+  first, second = (ins, outs) if in_first else (outs, ins)
+  w2 = lora.w.reshape(math.prod(shape[d] for d in first), -1)
+  b2 = lora.b.reshape(in_size, r)
+  a2 = lora.a.reshape(r, out_size)
+  if not in_first:       # w2 is [out, in]: its "b" is aᵀ and its "a" is bᵀ
+    b2, a2 = a2.T, b2.T
+  w_axis = 0 if contracted == set(first) else 1
+  free = second if w_axis == 0 else first
+  # x's contracted axes in w's axis order, after its free axes.
+  pairs = dict(zip(w_contract, x_contract))
+  x_axes = [pairs[d] for d in sorted(w_contract)]
+  x_free = [d for d in range(x.ndim) if d not in x_contract]
+  x_moved = jnp.transpose(x, x_free + x_axes)
+  free_shape = x_moved.shape[:len(x_free)]
+  x2 = x_moved.reshape((math.prod(free_shape), -1))
+  y = lora_matmul(x2, w2, a2, b2, w_axis, float(lora.get_scale()), precision, pet)
+  y = y.reshape(free_shape + tuple(shape[d] for d in free))
+  if lhs_lora:           # dot_general puts lhs's free axes first
+    n = len(free_shape)
+    y = jnp.transpose(y, tuple(range(n, y.ndim)) + tuple(range(n)))
+  return y
 
 
 def _general(lora, x, lhs_lora, dimension_numbers, precision, pet, x_low=None):
   """Any dimension numbers: two einsums through the rank, never ``b @ a``.
 
-  ``x_low`` (default ``x``) feeds the low-rank path (LoRA dropout).
+  The other operand meets the factor whose group it contracts most first, so
+  the intermediate holds neither a full in group and a full out group at
+  once. ``x_low`` (default ``x``) feeds the low-rank path (LoRA dropout).
   """
   (lc, rc), (lb, rb) = dimension_numbers
   w_contract, x_contract = (lc, rc) if lhs_lora else (rc, lc)
   w_batch, x_batch = (lb, rb) if lhs_lora else (rb, lb)
   pool = iter(string.ascii_letters.replace("R", ""))
   w_letters = [next(pool) for _ in range(lora.ndim)]
-  lead, m, n = w_letters[:-2], w_letters[-2], w_letters[-1]
   x_letters = []
   for d in range(x.ndim):
     if d in x_contract:
@@ -157,33 +196,26 @@ def _general(lora, x, lhs_lora, dimension_numbers, precision, pet, x_low=None):
   x_free = [x_letters[d] for d in range(x.ndim) if d not in x_contract and d not in x_batch]
   out = batch + (w_free + x_free if lhs_lora else x_free + w_free)
 
-  def factor(arr, core):
-    """Squeezes broadcast leading axes; returns the array and its letters."""
-    squeeze = [i for i in range(len(lead)) if arr.shape[i] == 1 and lora.shape[i] != 1]
-    letters = [l for i, l in enumerate(lead) if i not in squeeze] + core
-    return lax.squeeze(arr, squeeze), letters
-
-  b, b_letters = factor(lora.b, [m, "R"])
-  a, a_letters = factor(lora.a, ["R", n])
-  scale = jnp.asarray(lora.get_scale(), b.dtype)
-  if m in x_letters or n not in x_letters:
-    (f1, l1), (f2, l2) = (b * scale, b_letters), (a, a_letters)
+  stack, ins, outs = lora.groups
+  b_letters = [w_letters[d] for d in stack + ins] + ["R"]
+  a_letters = [w_letters[d] for d in stack] + ["R"] + [w_letters[d] for d in outs]
+  contracted_size = lambda group: math.prod(
+      lora.shape[d] for d in group if d in w_contract)
+  b = lora.b * jnp.asarray(lora.get_scale(), lora.b.dtype)
+  if (contracted_size(ins) >= contracted_size(outs)
+      or not any(d in w_contract for d in outs)):
+    (f1, l1), (f2, l2) = (b, b_letters), (lora.a, a_letters)
   else:
-    (f1, l1), (f2, l2) = (a, a_letters), (b * scale, b_letters)
+    (f1, l1), (f2, l2) = (lora.a, a_letters), (b, b_letters)
   keep = set(out) | set(l2)
   mid = [l for l in dict.fromkeys(x_letters + l1) if l in keep]
   spec = lambda *parts: ",".join("".join(p) for p in parts[:-1]) + "->" + "".join(parts[-1])
   y = jnp.einsum(spec(x_letters, l1, mid), x if x_low is None else x_low, f1,
                  precision=precision)
-  # A free leading axis of w that both factors broadcast (size 1) is in
-  # neither einsum input: the update is the same along it, so broadcast.
-  out_low = [l for l in out if l in mid or l in l2]
-  low = jnp.einsum(spec(mid, l2, out_low), y, f2, precision=precision,
+  low = jnp.einsum(spec(mid, l2, out), y, f2, precision=precision,
                    preferred_element_type=pet)
   w = lax.stop_gradient(lora.w)
   dense = lax.dot_general(w if lhs_lora else x, x if lhs_lora else w,
                           dimension_numbers, precision=precision,
                           preferred_element_type=pet)
-  if out_low != out:
-    low = lax.broadcast_in_dim(low, dense.shape, [out.index(l) for l in out_low])
   return dense + low.astype(dense.dtype)

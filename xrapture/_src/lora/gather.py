@@ -1,8 +1,10 @@
-"""gather on a 2-D LoraWeight: embedding lookups ``W[ids]`` and ``W[:, ids]``.
+"""gather on a LoraWeight: embedding lookups ``W[ids]`` and ``W[:, ids]``.
 
-``hk.Embed``'s default lookup gathers whole rows: ``w[ids] + s·b[ids] @ a``,
-so only ``r`` numbers per token are gathered from the adapter. Column
-gathers are the mirror image. Other gathers return ``NotImplemented``.
+``hk.Embed``'s default lookup gathers whole rows along one axis. When that
+axis is a group of its own (the in group of a ``[V, D]`` table, or the out
+group of a tied ``[D, V]`` one), the lookup gathers ``r`` numbers per token
+from the factor that holds the axis and contracts them with the other
+factor: ``w[ids] + s·b[ids] @ a``. Other gathers return ``NotImplemented``.
 """
 
 import jax.numpy as jnp
@@ -22,23 +24,27 @@ def _gather(primitive, lora, indices, *, dimension_numbers, slice_sizes,
   if not isinstance(lora, LoraWeight) or implicit_array.is_implicit(indices):
     return NotImplemented
   dn = dimension_numbers
-  if (lora.ndim != 2 or len(dn.offset_dims) != 1
-      or getattr(dn, "operand_batching_dims", ()) or len(dn.collapsed_slice_dims) != 1
+  if (getattr(dn, "operand_batching_dims", ()) or len(dn.collapsed_slice_dims) != 1
       or tuple(dn.start_index_map) != tuple(dn.collapsed_slice_dims)):
     return NotImplemented
   axis = dn.collapsed_slice_dims[0]
-  kept = 1 - axis
-  if slice_sizes[axis] != 1 or slice_sizes[kept] != lora.shape[kept]:
+  if slice_sizes[axis] != 1 or any(
+      slice_sizes[d] != lora.shape[d] for d in range(lora.ndim) if d != axis):
+    return NotImplemented
+  stack, ins, outs = lora.groups
+  if stack or (ins, outs).count((axis,)) != 1:
     return NotImplemented
   scale = jnp.asarray(lora.get_scale(), lora.b.dtype)
   r = lora.rank
-  if axis == 0:   # rows: gather b [M, r], then contract r with a [r, N]
-    gathered, sizes, other, other_axis = lora.b * scale, (1, r), lora.a, 0
-  else:           # columns: gather a [r, N], then contract r with b [M, r]
-    gathered, sizes, other, other_axis = lora.a, (r, 1), lora.b * scale, 1
+  if ins == (axis,):   # rows of b [V, r], then contract r with a [r, *out]
+    table, other = lora.b * scale, lora.a
+  else:                # rows of aᵀ [V, r], then contract r with b [*in, r]
+    table, other = lora.a.T, jnp.moveaxis(lora.b * scale, -1, 0)
   dense = lax.gather(lax.stop_gradient(lora.w), indices, dn, slice_sizes, **params)
-  g = lax.gather(gathered, indices, dn, sizes, **params)
-  off = dn.offset_dims[0]
-  low = lax.dot_general(g, other, (((off,), (other_axis,)), ((), ())))
-  low = jnp.moveaxis(low, -1, off)
+  n_batch = dense.ndim - len(dn.offset_dims)
+  table_dn = lax.GatherDimensionNumbers(
+      offset_dims=(n_batch,), collapsed_slice_dims=(0,), start_index_map=(0,))
+  g = lax.gather(table, indices, table_dn, (1, r), **params)     # [*batch, r]
+  low = lax.dot_general(g, other, (((n_batch,), (0,)), ((), ())))
+  low = jnp.moveaxis(low, tuple(range(n_batch, low.ndim)), tuple(dn.offset_dims))
   return dense + low.astype(dense.dtype)

@@ -1,14 +1,17 @@
 """Proves that a function never forms a dense weight-sized product.
 
-An implicit weight ``[..., M, N]`` is cheap only while nothing computes an
-``M×N`` array from it: neither ``b @ a`` in the forward pass nor a gradient
-for the frozen base kernel in the backward pass. This module looks for such
-products in two places:
+An implicit weight is cheap only while nothing computes a weight-sized array
+from it: neither ``b @ a`` in the forward pass nor a gradient for the frozen
+base kernel in the backward pass. A LoraWeight's weight-sized shapes are its
+grouped matrix ``(M, N) = (prod(in), prod(out))`` (in either orientation) and,
+for a kernel with three or more non-stacked axes (multi-axis or conv), those
+axes' sizes in any order. This module looks for products of such a shape in
+two places:
 
 * :func:`find_dense_products` walks ``jax.make_jaxpr(fn)(*args)``, recursing
   into every sub-jaxpr (jit, remat, scan, while, cond, custom_jvp/custom_vjp),
-  for a ``dot_general`` or ``conv_general_dilated`` whose output's trailing two
-  dims are ``(M, N)`` or ``(N, M)``;
+  for a ``dot_general`` or ``conv_general_dilated`` whose output's trailing
+  dims are weight-sized;
 * :func:`find_dense_products_in_hlo` searches the compiled HLO text for a
   ``dot``, ``convolution`` (or matmul/conv custom call) of such a shape, after
   XLA's rewrites.
@@ -28,6 +31,7 @@ Examples:
   ['dot_general: f32[48,4] x f32[4,40] -> f32[48,40]']
 """
 
+import dataclasses
 import math
 import re
 from typing import Any, Callable, Iterable, Sequence
@@ -36,8 +40,9 @@ import jax
 
 from xrapture._src.implicit import compat
 from xrapture._src.implicit import implicit_array
+from xrapture._src.lora import lora_weight
 
-Shape = tuple[int, int]
+Shape = tuple[int, ...]
 
 _PRODUCT_PRIMITIVES = frozenset({"dot_general", "conv_general_dilated"})
 
@@ -49,28 +54,93 @@ _HLO_OP = re.compile(
 _PRODUCT_CUSTOM_CALL = re.compile(r"matmul|gemm|conv|dot", re.IGNORECASE)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Target:
+  """One weight to look for.
+
+  Attributes:
+    matrix: ``(M, N)``: a product whose trailing two dims are ``(M, N)`` or
+      ``(N, M)`` is weight-sized (the grouped matrix a LoraWeight adapts).
+    kernel: the kernel's non-stacked shape when it has three or more axes: a
+      product whose trailing dims are a permutation of it is weight-sized (a
+      multi-axis ``ΔW`` or kernel gradient in any axis order).
+    any_conv: a user-given ``(M, N)``, whose kernel shape is unknown: an HLO
+      convolution with both ``M`` and ``N`` anywhere among its dims counts.
+  """
+  matrix: tuple[int, int] | None
+  kernel: tuple[int, ...] | None = None
+  any_conv: bool = False
+
+
 def weight_shapes(tree: Any) -> list[Shape]:
-  """The trailing ``(M, N)`` of every implicit array (ndim >= 2) in ``tree``."""
+  """The grouped ``(M, N)`` of every implicit array (ndim >= 2) in ``tree``.
+
+  For a LoraWeight, ``(prod(in), prod(out))`` of its layout; for another
+  implicit array, its trailing two dims.
+  """
   shapes = []
-  for leaf in jax.tree_util.tree_leaves(tree, is_leaf=implicit_array.is_implicit):
-    if implicit_array.is_implicit(leaf) and leaf.ndim >= 2:
-      shape = tuple(leaf.shape[-2:])
-      if shape not in shapes:
-        shapes.append(shape)
+  for target in weight_targets(tree):
+    if target.matrix not in shapes:
+      shapes.append(target.matrix)
   return shapes
 
 
-def _targets(shapes: Iterable[Sequence[int]] | None, args: Any) -> set[Shape]:
+def weight_targets(tree: Any) -> list[_Target]:
+  """What to look for, for every implicit array (ndim >= 2) in ``tree``."""
+  targets = []
+  for leaf in jax.tree_util.tree_leaves(tree, is_leaf=implicit_array.is_implicit):
+    if not implicit_array.is_implicit(leaf) or leaf.ndim < 2:
+      continue
+    if isinstance(leaf, lora_weight.LoraWeight):
+      stack, _, _ = leaf.groups
+      kernel = tuple(n for d, n in enumerate(leaf.shape) if d not in stack)
+      target = _Target(tuple(leaf.grouped_shape),
+                       kernel if len(kernel) >= 3 else None)
+    else:
+      target = _Target(tuple(leaf.shape[-2:]))
+    if target not in targets:
+      targets.append(target)
+  return targets
+
+
+def _targets(shapes: Iterable[Sequence[int]] | None, args: Any) -> list[_Target]:
   if shapes is None:
-    shapes = weight_shapes(args)
-  targets = set()
-  for m, n in (tuple(s) for s in shapes):
-    targets.add((int(m), int(n)))
-    targets.add((int(n), int(m)))
+    targets = weight_targets(args)
+  elif all(isinstance(s, _Target) for s in shapes):
+    targets = list(shapes)
+  else:
+    targets = []
+    for shape in (tuple(int(d) for d in s) for s in shapes):
+      if len(shape) == 2:
+        targets.append(_Target(shape, any_conv=True))
+      else:
+        targets.append(_Target(None, shape))
   if not targets:
     raise ValueError("no weight shapes: pass shapes=[(M, N), ...] or implicit "
                      "arrays among the arguments.")
   return targets
+
+
+def _weight_sized(dims: tuple[int, ...], targets: list[_Target],
+                  conv: bool = False) -> bool:
+  """Whether a product's output dims are a target's matrix or kernel."""
+  for t in targets:
+    if t.matrix is not None and len(dims) >= 2 and dims[-2:] in (
+        t.matrix, t.matrix[::-1]):
+      return True
+    k = len(t.kernel or ())
+    if k and len(dims) >= k and sorted(dims[-k:]) == sorted(t.kernel):
+      return True
+    if conv and t.any_conv:
+      m, n = t.matrix
+      if m in dims and n in dims and (m != n or dims.count(m) > 1):
+        return True
+  return False
+
+
+def _describe(targets: list[_Target]) -> list[str]:
+  return sorted({str(t.kernel or t.matrix) for t in targets}
+                | {str(t.matrix) for t in targets if t.matrix})
 
 
 def _aval_str(var: Any) -> str:
@@ -92,7 +162,7 @@ def find_dense_products_in_jaxpr(
     if name in _PRODUCT_PRIMITIVES:
       for out in eqn.outvars:
         shape = tuple(getattr(out.aval, "shape", ()))
-        if len(shape) >= 2 and shape[-2:] in targets:
+        if _weight_sized(shape, targets):
           ins = " x ".join(_aval_str(v) for v in eqn.invars)
           found.append(f"{where}: {ins} -> {_aval_str(out)}")
     for sub in compat.sub_jaxprs(eqn):
@@ -109,9 +179,13 @@ def find_dense_products(
   Args:
     fn: the function to trace (forward, or a ``jax.grad`` of it).
     *args: its arguments (pytrees; implicit arrays allowed).
-    shapes: weight shapes ``(M, N)``; a product whose output's trailing two
-      dims are ``(M, N)`` or ``(N, M)`` is reported. Default: the trailing two
-      dims of every implicit array in ``args`` and ``kwargs``.
+    shapes: weight shapes: ``(M, N)`` (a product whose output's trailing two
+      dims are ``(M, N)`` or ``(N, M)`` is reported; in HLO also a
+      convolution with both anywhere), or a kernel's full shape with three or
+      more axes (trailing dims that are its sizes in any order). Default:
+      every implicit array in ``args`` and ``kwargs``, matched by its own
+      grouped matrix and kernel shape, so that activations that merely share
+      a channel count are not reported.
     **kwargs: keyword arguments of ``fn``.
 
   Returns:
@@ -142,10 +216,10 @@ def find_dense_products_in_hlo(
     **kwargs: keyword arguments of ``fn``.
 
   Returns:
-    The offending HLO instruction lines, stripped of metadata: a ``dot`` or
-    matmul/conv ``custom-call`` whose output's trailing dims are a weight's,
-    or a ``convolution`` whose output has both of a weight's dims (XLA lays a
-    kernel gradient out as ``[M, window, N]``). Empty if none.
+    The offending HLO instruction lines, stripped of metadata: a ``dot``,
+    ``convolution`` or matmul/conv ``custom-call`` whose output is
+    weight-sized (see ``shapes`` of :func:`find_dense_products`). Empty if
+    none.
   """
   targets = _targets(shapes, (args, kwargs))
   text = jax.jit(lambda a, k: fn(*a, **k)).lower(args, kwargs).compile().as_text()
@@ -156,28 +230,27 @@ def find_dense_products_in_hlo(
   return find_dense_products_in_hlo_text(text, targets, flattened)
 
 
-def _hlo_weight_sized(op: str, dims: tuple[int, ...], targets: set[Shape],
+def _hlo_weight_sized(op: str, dims: tuple[int, ...], targets: list[_Target],
                       flattened: bool) -> bool:
   """Whether an HLO product's output looks weight-sized.
 
-  Trailing dims ``(M, N)`` or ``(N, M)``; for a convolution, ``M`` and ``N``
-  anywhere (XLA computes a kernel gradient as ``[M, k, N]`` and transposes);
-  with ``flattened``, a stack whose leading axes XLA merged.
+  A target's matrix as trailing dims, or its kernel's sizes (any order) as
+  trailing dims (XLA computes a kernel gradient as ``[in, *window, out]`` and
+  transposes); for a user-given ``(M, N)``, a convolution with ``M`` and ``N``
+  anywhere; with ``flattened``, a stack whose leading axes XLA merged.
   """
   if len(dims) < 2:
     return False
-  for m, n in targets:
-    if dims[-2:] == (m, n):
-      return True
-    if op == "convolution" and m in dims and n in dims and (
-        m != n or dims.count(m) > 1):
-      return True
-    if not flattened:
-      continue
-    if dims[-1] == n and math.prod(dims[:-1]) % m == 0:
-      return True
-    if dims[0] == m and math.prod(dims[1:]) % n == 0:
-      return True
+  if _weight_sized(dims, targets, conv=op == "convolution"):
+    return True
+  if not flattened:
+    return False
+  for t in targets:
+    for m, n in ((t.matrix, t.matrix[::-1]) if t.matrix else ()):
+      if dims[-1] == n and math.prod(dims[:-1]) % m == 0:
+        return True
+      if dims[0] == m and math.prod(dims[1:]) % n == 0:
+        return True
   return False
 
 
@@ -225,7 +298,7 @@ def assert_no_dense_product(
     found += [f"hlo: {s}" for s in find_dense_products_in_hlo(
         fn, *args, shapes=shapes, flattened=flattened, **kwargs)]
   if found:
-    targets = sorted(_targets(shapes, (args, kwargs)))
+    targets = _describe(_targets(shapes, (args, kwargs)))
     raise AssertionError(
-        f"{len(found)} dense product(s) of weight shape(s) {targets}:\n  "
+        f"{len(found)} dense product(s) of weight shape(s) {', '.join(targets)}:\n  "
         + "\n  ".join(found))

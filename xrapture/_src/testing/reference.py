@@ -18,12 +18,30 @@ from xrapture._src.lora import lora_weight
 from xrapture._src.testing import dense_check
 
 
+def _delta_spec(layout: str) -> str:
+  """The einsum ``b,a->w`` of a layout: one letter per axis of ``w``, ``R`` the rank."""
+  letters = "abcdefghijklmnopq"[:len(layout)]
+  b = "".join(l for l, c in zip(letters, layout) if c == "s") + "".join(
+      l for l, c in zip(letters, layout) if c == "i") + "R"
+  a = "".join(l for l, c in zip(letters, layout) if c == "s") + "R" + "".join(
+      l for l, c in zip(letters, layout) if c == "o")
+  return f"{b},{a}->{letters}"
+
+
+def delta(lora: lora_weight.LoraWeight, a: Any = None, b: Any = None,
+          xp: Any = jnp) -> Any:
+  """``scale · b @ a`` laid out like ``w``, by one einsum over the layout."""
+  a = lora.a if a is None else a
+  b = lora.b if b is None else b
+  r = b.shape[-1]
+  scale = lora.alpha / (math.sqrt(r) if lora.rslora else r)
+  return scale * xp.einsum(_delta_spec(lora_weight.layout_of(lora)), b, a)
+
+
 def dense_value(lora: lora_weight.LoraWeight) -> np.ndarray:
   """``w + scale · b @ a`` in numpy (float64 products), in ``w``'s dtype."""
   w, a, b = (np.asarray(x, np.float64) for x in (lora.w, lora.a, lora.b))
-  r = b.shape[-1]
-  scale = lora.alpha / (math.sqrt(r) if lora.rslora else r)
-  return (w + scale * np.matmul(b, a)).astype(np.asarray(lora.w).dtype)
+  return (w + delta(lora, a, b, np)).astype(np.asarray(lora.w).dtype)
 
 
 def assert_matches_dense(
@@ -56,15 +74,13 @@ def assert_matches_dense(
   ref = fn(x, jnp.asarray(dense_value(lora)))
   rng = np.random.default_rng(seed)
   ct = jnp.asarray(rng.normal(size=ref.shape), ref.dtype)
-  scale = lora.get_scale()
 
   def loss(x, a, b):
-    w = lora_weight.LoraWeight(lora.w, a, b, alpha=lora.alpha, rslora=lora.rslora)
-    out = implicit(x, w)
+    out = implicit(x, lora.replace(a=a, b=b))
     return jnp.sum(out * ct), out
 
   def dense_loss(x, a, b):
-    out = fn(x, lora.w + scale * jnp.matmul(b, a))
+    out = fn(x, lora.w + delta(lora, a, b))
     return jnp.sum(out * ct), out
 
   argnums = (0, 1, 2) if grad_x else (1, 2)
@@ -79,7 +95,7 @@ def assert_matches_dense(
   for name, g, ref_g in zip(("x", "a", "b")[3 - len(argnums):], grads, ref_grads):
     np.testing.assert_allclose(g, ref_g, rtol=rtol, atol=10 * atol,
                                err_msg=f"gradients wrt {name} differ")
-  shapes = [tuple(lora.shape[-2:])]
+  shapes = dense_check.weight_targets(lora)
   found = [f"forward: {s}" for s in dense_check.find_dense_products(
       implicit, x, lora)]
   found += [f"value_and_grad: {s}" for s in
@@ -89,5 +105,5 @@ def assert_matches_dense(
         compiled.as_text(), shapes)]
   if found:
     raise AssertionError("dense product(s) of the weight's shape "
-                         f"{shapes[0]}:\n  " + "\n  ".join(found))
+                         f"{lora.shape}:\n  " + "\n  ".join(found))
   return out

@@ -10,6 +10,7 @@ import numpy as np
 
 from xrapture._src import pytypes
 from xrapture._src.implicit import implicit_array
+from xrapture._src.implicit import registry
 from xrapture._src.lora import lora_weight
 from xrapture._src.transform import layout as layout_lib
 from xrapture._src.transform import paths
@@ -21,15 +22,19 @@ LORA_FULL = lora_weight.LORA_FULL
 
 
 def lora_spec_from_config(params: Any, spec: ml_collections.ConfigDict,
-                          scanned: dict[int, int] | None = None) -> Any:
+                          layouts: dict[int, layout_lib.KernelLayout] | None = None
+                          ) -> Any:
   """The lora spec tree of ``params`` under ``spec``.
 
   Args:
     params: base params.
     spec: the ConfigDict.
-    scanned: flat leaf index -> leading axes that scans slice off (from
-      :func:`layout.kernel_layouts`); a ``[L, D]`` layer-stack bias with one
-      scanned axis is a vector. Missing entries count as 0.
+    layouts: flat leaf index -> how ``apply`` uses that parameter (from
+      :func:`layout.kernel_layouts`); gives each kernel's rank limit
+      ``min(prod(in), prod(out))``, tells a ``[L, D]`` layer-stack bias (one
+      scanned axis) from a kernel, and decides ``"all-linear"``. Leaves
+      missing here are taken by shape: leading axes stacked, the last two
+      in and out.
 
   Returns:
     A tree like ``params`` holding, per parameter, its adapter rank (> 0),
@@ -37,72 +42,143 @@ def lora_spec_from_config(params: Any, spec: ml_collections.ConfigDict,
 
   Raises:
     ValueError: a field of ``spec`` is invalid (:func:`spec.validate`);
-      ``targets`` match no parameter with two or more dimensions (the message
-      lists the parameters that exist); a rank exceeds a kernel's
-      ``min(M, N)``; an integer parameter is targeted.
+      ``targets`` match no kernel (the message lists the
+      parameters that exist); a rank exceeds a kernel's
+      ``min(prod(in), prod(out))``; an integer parameter is targeted; a
+      targeted kernel is a grouped conv's, or is used in two incompatible
+      ways; ``"all-linear"`` without ``layouts``.
   """
   spec_lib.validate(spec)
   flat, treedef = paths.flatten_with_paths(params)
   decisions = []
-  scanned = scanned or {}
+  layouts = layouts or {}
+  all_linear = spec_lib.all_linear(spec.targets)
+  if all_linear and not layouts and any(np.ndim(v) >= 2 for _, v in flat):
+    raise ValueError(
+        'targets=("all-linear",) needs to see how apply uses each kernel: pass '
+        "example inputs (model.adapt(rng, params, *inputs) / model.spec(params, "
+        "*inputs)), or call model.init first.")
+  grouped, conflicts = [], []
   for index, (path, value) in enumerate(flat):
     shape = tuple(np.shape(value))
-    core_ndim = len(shape) - scanned.get(index, 0)
+    layout = layouts.get(index) or layout_lib.default(len(shape))
+    core_ndim = len(shape) - layout.scanned
     dtype = np.dtype(value.dtype)
-    targeted = spec_lib.matches_any(spec.targets, path)
+    named = spec_lib.matches_any(spec.targets, path)
+    linear = (all_linear and core_ndim >= 2 and layout.low_rank
+              and jnp.issubdtype(dtype, jnp.inexact)
+              and any(u in layout_lib.LINEAR_USES for u in layout.uses))
     full = spec_lib.matches_any(spec.full, path)
-    if (targeted or full) and not jnp.issubdtype(dtype, jnp.inexact):
+    if (named or full) and not jnp.issubdtype(dtype, jnp.inexact):
       raise ValueError(
           f"Parameter '{path}' has integer dtype {dtype} and cannot be trained, "
           "but the spec's targets/full patterns match it. Narrow the patterns.")
+    rank = spec_lib.rank_for(spec, path)
     if full:
       decisions.append(LORA_FULL)
-    elif targeted and core_ndim >= 2:
-      rank = spec_lib.rank_for(spec, path)
-      if rank > min(shape[-2:]):
+    elif (named or linear) and core_ndim >= 2:
+      limit = layout.rank_limit(shape)
+      if rank > limit and not named:
+        decisions.append(LORA_FREEZE)  # all-linear skips scalar heads
+        continue
+      if named and layout.grouped_conv:
+        grouped.append(f"'{path}' {shape}")
+      if named and layout.conflict:
+        conflicts.append(f"'{path}' {shape}: {layout.conflict}")
+      if rank > limit:
+        m, n = lora_weight.grouped_shape(shape, layout.layout)
         raise ValueError(
-            f"rank {rank} for '{path}' exceeds min(M, N) = {min(shape[-2:])} of "
-            f"its kernel of shape {shape}. Lower spec.rank or add a "
+            f"rank {rank} for '{path}' exceeds min(M, N) = {limit} of its kernel "
+            f"of shape {shape}, which apply contracts as a [{m}, {n}] matrix "
+            f"(layout '{layout.layout}'). Lower spec.rank or add a "
             "spec.rank_pattern entry for this path.")
       decisions.append(max(rank, LORA_FREEZE))
     elif core_ndim < 2 and spec.tune_vectors and jnp.issubdtype(dtype, jnp.inexact):
       decisions.append(LORA_FULL)
     else:
       decisions.append(LORA_FREEZE)
+  if grouped:
+    raise ValueError(
+        "These kernels are used by a grouped or depthwise conv "
+        "(feature_group_count > 1), which has no low-rank form: "
+        + ", ".join(grouped) + ". Exclude them from spec.targets (or train them "
+        "in full with spec.full).")
+  if conflicts:
+    raise ValueError(
+        "These kernels are used in two ways that group their axes differently, "
+        "so no one adapter layout fits both:\n  " + "\n  ".join(conflicts)
+        + "\nExclude them from spec.targets (or train them in full with spec.full).")
   if spec.targets and not any(d > 0 for d in decisions):
     raise ValueError(
         f"spec.targets {tuple(spec.targets)} match no parameter with two or more "
         "dimensions (patterns are re.fullmatch-ed against 'module/param' "
-        "paths; 1-D parameters never get adapters). Parameters:\n"
+        "paths; \"all-linear\" takes every kernel apply contracts; 1-D "
+        "parameters never get adapters). Parameters:\n"
         + paths.describe(params))
   return jax.tree_util.tree_unflatten(treedef, decisions)
 
 
+def report_uses(params: Any, lora_spec: Any,
+                layouts: dict[int, layout_lib.KernelLayout]) -> None:
+  """Warns once per adapted kernel with a use that cannot stay low-rank.
+
+  In ``xrapture.strict_mode()`` raises ``MaterializationError`` instead.
+  """
+  flat, _ = paths.flatten_with_paths(params)
+  ranks = jax.tree_util.tree_leaves(lora_spec)
+  for index, ((path, value), rank) in enumerate(zip(flat, ranks)):
+    layout = layouts.get(index)
+    if rank <= 0 or layout is None or not layout.problems:
+      continue
+    message = (
+        f"The LoraWeight of '{path}' {tuple(np.shape(value))} will be "
+        f"materialized: apply uses it through {'; '.join(layout.problems)}, "
+        "which has no low-rank form. Exclude it from spec.targets (or train it "
+        "in full with spec.full) to keep training low-rank.")
+    if registry.is_strict():
+      raise registry.MaterializationError(message + " (strict mode is on)")
+    warnings.warn(message, registry.MaterializationWarning, stacklevel=3)
+
+
 def init_lora_weight(rng: jax.Array, w: jax.Array, rank: int, alpha: float,
-                     layout: layout_lib.KernelLayout, stddev: float,
+                     layout: layout_lib.KernelLayout | str, stddev: float,
                      dtype: Any = None, rslora: bool = False) -> LoraWeight:
-  """A LoraWeight around ``w`` with ``b = 0`` and ``a ~ N(0, stddev²)``."""
+  """A LoraWeight around ``w`` with ``b = 0`` and ``a ~ N(0, stddev²)``.
+
+  Args:
+    rng: key for ``a``.
+    w: the base kernel.
+    rank: ``r``.
+    alpha: LoRA alpha.
+    layout: a :class:`layout.KernelLayout` or a layout string.
+    stddev: ``a``'s standard deviation.
+    dtype: the factors' dtype (default ``w``'s).
+    rslora: scale by ``alpha / sqrt(r)``.
+  """
   dtype = w.dtype if dtype is None else jnp.dtype(dtype)
-  shape = tuple(w.shape)
-  lead = shape[:layout.layers + layout.window]
-  a_lead = shape[:layout.layers] + (1,) * layout.window
-  m, n = shape[-2:]
-  a = (stddev * jax.random.normal(rng, a_lead + (rank, n))).astype(dtype)
-  b = jnp.zeros(lead + (m, rank), dtype)
-  return LoraWeight(w, a, b, alpha=float(alpha), rslora=bool(rslora))
+  layout = getattr(layout, "layout", layout)
+  a_shape, b_shape = lora_weight.factor_shapes(tuple(w.shape), layout, rank)
+  a = (stddev * jax.random.normal(rng, a_shape)).astype(dtype)
+  b = jnp.zeros(b_shape, dtype)
+  return LoraWeight(w, a, b, alpha=float(alpha), rslora=bool(rslora), layout=layout)
 
 
 def adapt_params(rng: jax.Array, params: Any, lora_spec: Any,
                  spec: ml_collections.ConfigDict,
                  layouts: Callable[[list[int]], dict[int, layout_lib.KernelLayout]]
                  ) -> Any:
-  """Wraps each leaf with a rank > 0 in ``lora_spec`` in a fresh LoraWeight."""
+  """Wraps each leaf with a rank > 0 in ``lora_spec`` in a fresh LoraWeight.
+
+  ``layouts(wanted)`` gives the layouts of the adapted kernels (flat
+  indices ``wanted``) that it knows; others get 0.1.0's (leading axes
+  stacked, then in, out).
+  """
   flat, treedef = paths.flatten_with_paths(params)
   ranks = jax.tree_util.tree_leaves(lora_spec)
   if len(ranks) != len(flat):
     raise ValueError(f"lora_spec has {len(ranks)} leaves, params {len(flat)}")
   need_trace = [i for i, ((_, v), r) in enumerate(zip(flat, ranks))
-                if r > 0 and np.ndim(v) > 2]
+                if r > 0 and np.ndim(v) >= 2]
   found = layouts(need_trace) if need_trace else {}
   keys = jax.random.split(rng, len(flat))
   out = []
@@ -110,7 +186,7 @@ def adapt_params(rng: jax.Array, params: Any, lora_spec: Any,
     if rank <= 0:
       out.append(value)
       continue
-    layout = found.get(i, layout_lib.stacked(np.ndim(value)))
+    layout = found.get(i) or layout_lib.default(np.ndim(value))
     out.append(init_lora_weight(
         keys[i], value, rank, spec_lib.alpha_for(spec, path), layout,
         spec.init_stddev, spec.dtype, spec.rslora))

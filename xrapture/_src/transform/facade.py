@@ -4,7 +4,8 @@
 semantics, on top of xrapture's implicit arrays: parameters are chosen by
 name (a path key equal to a listed name, or a regex fullmatching the
 ``"module/param"`` path), kernels with more than two dimensions get the
-seed's conv layout (``b`` spans the window, ``a`` is pointwise), and
+seed's conv layout (every axis but the last in the in group: ``b`` spans the
+window, ``a`` is pointwise), and
 ``module`` may be a Haiku ``Transformed`` or any pure ``f(params, ...)``.
 New code should prefer :func:`xrapture.transform`, which also tells
 ``hk.layer_stack`` kernels from conv kernels.
@@ -25,7 +26,6 @@ from xrapture._src.implicit import interpreter
 from xrapture._src.lora import lora_weight
 from xrapture._src.optim import freeze
 from xrapture._src.transform import adapters
-from xrapture._src.transform import layout as layout_lib
 from xrapture._src.transform import paths
 
 LORA_FREEZE = lora_weight.LORA_FREEZE
@@ -143,10 +143,10 @@ class XRapTure:
         raise ValueError(
             f"Vectors must either be frozen or fully tuned, but got lora_spec "
             f"value {spec_val} for param with path {paths.path_str(path)}")
+      # The seed's layout: every axis but the last is in (b spans the window).
       out.append(adapters.init_lora_weight(
           next(keys), param, int(spec_val), alpha,
-          layout_lib.KernelLayout(layers=0, window=len(param.shape) - 2),
-          stddev, dtype))
+          "i" * (len(param.shape) - 1) + "o", stddev, dtype))
     return jax.tree_util.tree_unflatten(treedef, out)
 
   @staticmethod

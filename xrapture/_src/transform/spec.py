@@ -9,8 +9,11 @@ import ml_collections
 import numpy as np
 
 # Every kernel named `w` with two or more dimensions: hk.Linear, attention
-# projections, convolutions (the analogue of PEFT's "all-linear").
+# projections, convolutions.
 ALL_KERNELS = (r".*/w",)
+# PEFT's name: every kernel apply contracts (dot_general, conv, ragged_dot),
+# whatever it is called; read from a trace of apply.
+ALL_LINEAR = "all-linear"
 
 
 def default_spec() -> ml_collections.ConfigDict:
@@ -24,7 +27,13 @@ def default_spec() -> ml_collections.ConfigDict:
       or more dimensions gets an adapter. A matching 1-D parameter is
       skipped: only ``full`` and ``tune_vectors`` decide about vectors.
       Default: every kernel named ``w``. Embeddings (``embeddings``) only
-      when named.
+      when named. The entry ``"all-linear"`` (PEFT's name) targets every
+      kernel ``apply`` uses through a matmul (``dot_general``), a conv or a
+      ``ragged_dot``, whatever its name, skipping kernels whose grouped in
+      or out size is below the rank (a ``[2F, 1]`` attention logit) and
+      kernels with a use that cannot stay low-rank (a grouped conv, an
+      elementwise use); it needs example inputs (``model.init`` first, or
+      inputs passed to ``adapt``/``spec``).
     full: regexes of parameters trained in full (no adapter) (``()``).
     tune_vectors: train every floating-point 1-D parameter (biases, norms) in
       full (False); integer ones stay frozen.
@@ -198,4 +207,10 @@ def alpha_for(spec: ml_collections.ConfigDict, path: str) -> float:
 
 
 def matches_any(patterns, path: str) -> bool:
-  return any(re.fullmatch(p, path) for p in patterns)
+  """Whether a regex among ``patterns`` fullmatches ``path`` ("all-linear" never does)."""
+  return any(p != ALL_LINEAR and re.fullmatch(p, path) for p in patterns)
+
+
+def all_linear(patterns) -> bool:
+  """Whether ``patterns`` hold ``"all-linear"``."""
+  return ALL_LINEAR in tuple(patterns)

@@ -44,13 +44,16 @@ class LoraTransformed:
     self._example = (_abstract(args), _abstract(kwargs))
     return self._hk.init(rng, *args, **kwargs)
 
-  def spec(self, params: Any, *example_args, **example_kwargs) -> Any:
+  def spec(self, params: Any, *example_args, state: Any = None,
+           **example_kwargs) -> Any:
     """The lora spec tree of base ``params``.
 
     Args:
       params: base params.
       *example_args: optional inputs as for ``apply`` (arrays or
         ``jax.ShapeDtypeStruct`` values); default: those of the last :meth:`init`.
+      state: with :func:`transform_with_state`, the state to trace ``apply``
+        with (default: its shapes from ``init``).
       **example_kwargs: likewise.
 
     Returns:
@@ -62,90 +65,123 @@ class LoraTransformed:
 
     Raises:
       ValueError: targets match no kernel (the message lists the parameters
-        that exist), a rank exceeds a kernel's ``min(M, N)``, an integer
-        parameter is targeted, or ``apply`` cannot be traced with the
-        example inputs.
+        that exist), a rank exceeds a kernel's ``min(prod(in), prod(out))``,
+        an integer parameter is targeted, a targeted kernel is a grouped
+        conv's or is used in two incompatible ways, or ``apply`` (or, with
+        state, ``init``) cannot be traced with the example inputs.
     """
-    return self._spec_and_layouts(params, self._example_from(example_args, example_kwargs))[0]
+    example = self._example_from(example_args, example_kwargs)
+    return self._spec_and_layouts(params, example, state)[0]
 
   def _example_from(self, args, kwargs):
     if args or kwargs:
       return (_abstract(args), _abstract(kwargs))
     return self._example
 
-  def _spec_and_layouts(self, params, example):
+  def _spec_and_layouts(self, params, example, state=None):
     """The lora spec tree and the layouts of all ≥2-D leaves (None: unknown).
 
     With example inputs one trace of ``apply`` tells, for each parameter,
-    which leading axes a layer stack scans over (a ``[L, D]`` bias is a
-    vector) and which are a conv window.
+    how it is contracted (its adapter layout) and which leading axes a layer
+    stack scans over (a ``[L, D]`` bias is a vector).
     """
     layouts = None
     if example is not None:
       wanted = [i for i, x in enumerate(jax.tree.leaves(params)) if np.ndim(x) >= 2]
-      try:
-        layouts = self._layouts(params, example, wanted) if wanted else {}
-      except Exception as e:  # any error of the user's function while tracing
-        raise ValueError(
-            "xrapture traces apply once, with example inputs, to tell layer "
-            "stacks and conv windows from kernel axes, and that trace failed "
-            f"with these params and inputs {example}: {type(e).__name__}: {e}. "
-            "Pass example inputs that fit these params: "
-            "model.adapt(rng, params, *inputs) / model.spec(params, *inputs)."
-        ) from e
-    scanned = {i: l.scanned for i, l in (layouts or {}).items()}
-    return adapters.lora_spec_from_config(params, self.config, scanned), layouts
+      layouts = self._layouts(params, example, wanted, state) if wanted else {}
+    return adapters.lora_spec_from_config(params, self.config, layouts), layouts
 
-  def adapt(self, rng: jax.Array, params: Any, *example_args, **example_kwargs) -> Any:
+  def adapt(self, rng: jax.Array, params: Any, *example_args, state: Any = None,
+            **example_kwargs) -> Any:
     """Wraps every targeted kernel of ``params`` in a fresh LoraWeight.
 
     ``b`` starts at zero and ``a`` at N(0, init_stddev²), so the adapted model
-    computes exactly what the base does. Kernels with more than two
-    dimensions are either conv kernels (one adapter pair spanning the window)
-    or stacks of layers (one pair per layer); which one is read from how
-    ``apply`` consumes them, so it needs example inputs: those given here, or
-    those of the last :meth:`init` call.
+    computes exactly what the base does. Each adapter's layout is read from
+    how ``apply`` contracts the kernel (see :class:`xrapture.LoraWeight`):
+    a matmul's contracted axes are its in group and its free axes its out
+    group, batch axes and axes a layer stack scans over get one adapter per
+    index, and a conv's window joins its input channels. That needs example
+    inputs: those given here, or those of the last :meth:`init` call.
+    Without any, 2-D kernels are taken as ``[in, out]`` and larger ones are
+    an error.
 
     Args:
       rng: key for the adapters' initialization.
       params: base params (e.g. pretrained).
       *example_args: inputs as for ``apply`` (arrays or
-        ``jax.ShapeDtypeStruct`` values), needed only for kernels with more than
-        two dimensions when :meth:`init` was not called.
+        ``jax.ShapeDtypeStruct`` values).
+      state: with :func:`transform_with_state`, the state ``apply`` runs with
+        (e.g. a pretrained model's batch-norm averages). Without it the
+        state's shapes come from tracing ``init``, which fails for models
+        that cannot initialize in the given mode (an eval-mode
+        ``hk.BatchNorm``).
       **example_kwargs: likewise.
 
     Returns:
       params with LoraWeights; every other leaf is the same object.
+
+    Raises:
+      ValueError: as :meth:`spec`.
+      MaterializationError: in ``xrapture.strict_mode()``, when ``apply``
+        uses an adapted kernel in a way that has no low-rank form (outside
+        strict mode: a ``MaterializationWarning`` per kernel).
     """
     lora_spec, known = self._spec_and_layouts(
-        params, self._example_from(example_args, example_kwargs))
+        params, self._example_from(example_args, example_kwargs), state)
+    if known:
+      adapters.report_uses(params, lora_spec, known)
 
     def layouts(wanted):
-      if known is None:
-        flat = jax.tree.leaves(params)
+      if known is not None:
+        return {i: known[i] for i in wanted if i in known}
+      flat = jax.tree.leaves(params)
+      big = [i for i in wanted if np.ndim(flat[i]) > 2]
+      if big:
         names = [p for p, _ in adapters.paths.flatten_with_paths(params)[0]]
         raise ValueError(
             "Kernels with more than two dimensions ("
-            + ", ".join(f"'{names[i]}' {tuple(np.shape(flat[i]))}" for i in wanted)
-            + ") may be conv kernels or stacks of layers; xrapture reads which "
-            "from how apply uses them. Pass example inputs: "
-            "model.adapt(rng, params, *inputs), or call model.init first.")
-      return {i: known[i] for i in wanted}
+            + ", ".join(f"'{names[i]}' {tuple(np.shape(flat[i]))}" for i in big)
+            + ") may be conv kernels, stacks of layers or multi-axis matmul "
+            "kernels; xrapture reads which from how apply uses them. Pass "
+            "example inputs: model.adapt(rng, params, *inputs), or call "
+            "model.init first.")
+      return {}
 
     return adapters.adapt_params(rng, params, lora_spec, self.config, layouts)
 
-  def _layouts(self, params, example, wanted):
+  def _layouts(self, params, example, wanted, state=None):
     args, kwargs = example
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
     if self._with_state:
-      # The state's shapes, from init; flags (is_training) stay Python values.
-      call, dynamic = layout_lib.close_over_static(
-          lambda r, *a, **k: self._hk.init(r, *a, **k)[1], (rng, *args), kwargs)
-      state = jax.eval_shape(call, dynamic)
-      args = (state, rng) + tuple(args)
+      if state is None:
+        # The state's shapes, from init; flags (is_training) stay Python values.
+        call, dynamic = layout_lib.close_over_static(
+            lambda r, *a, **k: self._hk.init(r, *a, **k)[1], (rng, *args), kwargs)
+        try:
+          state = jax.eval_shape(call, dynamic)
+        except Exception as e:  # any error of the user's init while tracing
+          raise ValueError(
+              "xrapture traces apply once to read how each kernel is used, and "
+              "with transform_with_state it first traces init for the state's "
+              f"shapes; init failed with these inputs {example}: "
+              f"{type(e).__name__}: {e}. A model that cannot initialize in this "
+              "mode (an eval-mode hk.BatchNorm) needs its state: "
+              "model.adapt(rng, params, *inputs, state=state)."
+          ) from e
+      args = (_abstract(state), rng) + tuple(args)
     else:
       args = (rng,) + tuple(args)
-    return layout_lib.kernel_layouts(self._hk.apply, params, args, kwargs, wanted)
+    try:
+      return layout_lib.kernel_layouts(self._hk.apply, params, args, kwargs, wanted)
+    except Exception as e:  # any error of the user's function while tracing
+      raise ValueError(
+          "xrapture traces apply once, with example inputs, to read how each "
+          "kernel is used, and that trace failed with these params and inputs "
+          f"{example}{' and the given state' if state is not None else ''}: "
+          f"{type(e).__name__}: {e}. Pass example inputs that fit these params"
+          + (" and state" if self._with_state else "") + ": "
+          "model.adapt(rng, params, *inputs) / model.spec(params, *inputs)."
+      ) from e
 
   def apply(self, params: Any, *args, **kwargs) -> Any:
     """Runs the unmodified function with implicit (LoRA) weights.
