@@ -102,6 +102,16 @@ _FIELDS = {
 }
 
 
+def _layout(x: Any) -> str | None:
+  if isinstance(x, str) and x and not set(x) - set("sio") and "i" in x and "o" in x:
+    return None
+  return "is not a layout (one of 's', 'i', 'o' per kernel axis)"
+
+
+# Fields an entry may lack: files from 0.1.0 have no layout (read as 0.1.0's).
+_OPTIONAL_FIELDS = {"lora": {"layout": _layout}}
+
+
 def _stored_dtype(name: str) -> np.dtype:
   """The dtype safetensors holds for dtype ``name`` (bfloat16 as uint16 bits)."""
   return np.dtype(np.uint16) if name == "bfloat16" else np.dtype(jnp.dtype(name))
@@ -237,11 +247,13 @@ def _check_entries(path: str, header: dict[str, Any],
     missing = [f for f in fields if f not in entry]
     if missing:
       raise ValueError(f"{where} lacks fields {missing}; the file is corrupt.")
-    unknown = set(entry) - set(fields) - {"kind"}
+    unknown = set(entry) - set(fields) - set(_OPTIONAL_FIELDS.get(kind, {})) - {"kind"}
     if not checked and unknown:
       raise ValueError(f"{where} has fields {sorted(unknown)} that files without a "
                        "checksum never had; the file is corrupt.")
-    for field, check in fields.items():
+    present = dict(fields, **{f: c for f, c in _OPTIONAL_FIELDS.get(kind, {}).items()
+                              if f in entry})
+    for field, check in present.items():
       problem = check(entry[field])
       if problem:
         raise ValueError(f"{where}: field '{field}' = {entry[field]!r} {problem}.")

@@ -147,7 +147,7 @@ def _expected(base: Any, params: Any) -> Any:
   """What load_adapter gives for ``params`` saved and loaded onto ``base``."""
   def one(b, p):
     if isinstance(p, LoraWeight):
-      return LoraWeight(b, p.a, p.b, alpha=p.alpha, rslora=p.rslora)
+      return LoraWeight(b, p.a, p.b, alpha=p.alpha, rslora=p.rslora, layout=p.layout)
     return p
   return jax.tree.map(one, base, params, is_leaf=lambda x: isinstance(x, LoraWeight))
 
