@@ -20,6 +20,7 @@ from xrapture._src.io.adapter import load_adapter
 from xrapture._src.io.adapter import save_adapter
 from xrapture._src.io.peft import export_peft
 from xrapture._src.io.peft import import_peft
+from xrapture._src.lora.dora import DoraWeight
 from xrapture._src.lora.dot_general import lora_matmul
 from xrapture._src.lora.lora_weight import LORA_FREEZE
 from xrapture._src.lora.lora_weight import LORA_FULL
@@ -47,6 +48,7 @@ __all__ = (
     "CustomRuleDroppedWarning",
     "default_handler",
     "default_spec",
+    "DoraWeight",
     "EmptyNode",
     "export_peft",
     "freeze_keys",

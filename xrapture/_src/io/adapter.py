@@ -1,6 +1,7 @@
 """save_adapter / load_adapter: only what training changed, in one safetensors file.
 
-The file holds the adapters' ``a`` and ``b`` and every ``LORA_FULL`` leaf as
+The file holds the adapters' ``a`` and ``b`` (and a DoRA adapter's
+``magnitude``) and every ``LORA_FULL`` leaf as
 tensors, and in its header (safetensors metadata) a JSON record of each
 entry's kind, rank, alpha, base shape and dtype, plus the versions that wrote
 it. Loading checks every entry against the base params it is applied to.
@@ -16,6 +17,7 @@ import safetensors
 import safetensors.numpy
 
 from xrapture._src.io import atomic
+from xrapture._src.lora import dora
 from xrapture._src.lora import lora_weight
 from xrapture._src.transform import paths
 
@@ -58,7 +60,7 @@ def save_adapter(path: str, params: Any, lora_spec: Any) -> None:
         "parameters; pass model.spec(base_params) for these params.")
   tensors, entries = {}, {}
   for (path_, value), rank in zip(flat_params, ranks):
-    if isinstance(value, LoraWeight):
+    if dora.is_adapter(value):
       a, a_dtype = _to_numpy(value.a)
       b, b_dtype = _to_numpy(value.b)
       tensors[path_ + "::a"], tensors[path_ + "::b"] = a, b
@@ -66,6 +68,11 @@ def save_adapter(path: str, params: Any, lora_spec: Any) -> None:
           kind="lora", rank=int(value.rank), alpha=float(value.alpha),
           rslora=bool(value.rslora), base_shape=list(value.shape),
           base_dtype=jnp.dtype(value.dtype).name, a_dtype=a_dtype, b_dtype=b_dtype)
+      if isinstance(value, dora.DoraWeight):
+        m, m_dtype = _to_numpy(value.magnitude)
+        tensors[path_ + "::magnitude"] = m
+        entries[path_].update(kind="dora", magnitude_dtype=m_dtype,
+                              layout=value.layout)
     elif rank == lora_weight.LORA_FULL:
       arr, dtype = _to_numpy(value)
       tensors[path_] = arr
@@ -125,7 +132,7 @@ def load_adapter(path: str, base_params: Any) -> Any:
       problems.append(f"'{name}' is in the file but not in these base params")
       continue
     base = by_path[name]
-    base = base.w if isinstance(base, LoraWeight) else base
+    base = base.w if dora.is_adapter(base) else base
     shape, dtype = tuple(np.shape(base)), jnp.dtype(base.dtype).name
     if shape != tuple(entry["base_shape"]) or dtype != entry["base_dtype"]:
       problems.append(f"'{name}' was {tuple(entry['base_shape'])} {entry['base_dtype']} "
@@ -135,14 +142,16 @@ def load_adapter(path: str, base_params: Any) -> Any:
         f"{path} was saved for another base ({len(problems)} mismatches):\n  "
         + "\n  ".join(problems) + "\nBase parameters:\n" + paths.describe(base_params))
   for name, entry in entries.items():
-    keys = [name + "::a", name + "::b"] if entry["kind"] == "lora" else [name]
+    keys = {"lora": [name + "::a", name + "::b"],
+            "dora": [name + "::a", name + "::b", name + "::magnitude"]
+            }.get(entry["kind"], [name])
     missing = [k for k in keys if k not in tensors]
     if missing:
       raise ValueError(f"{path} is inconsistent: its header lists '{name}' but "
                        f"tensors {missing} are missing (truncated or edited file?)")
   out = []
   for name, base in flat:
-    if isinstance(base, LoraWeight):
+    if dora.is_adapter(base):
       base = base.w
     entry = entries.get(name)
     if entry is None:
@@ -151,6 +160,12 @@ def load_adapter(path: str, base_params: Any) -> Any:
       a = _from_numpy(tensors[name + "::a"], entry["a_dtype"])
       b = _from_numpy(tensors[name + "::b"], entry["b_dtype"])
       out.append(LoraWeight(base, a, b, alpha=entry["alpha"], rslora=entry["rslora"]))
+    elif entry["kind"] == "dora":
+      a = _from_numpy(tensors[name + "::a"], entry["a_dtype"])
+      b = _from_numpy(tensors[name + "::b"], entry["b_dtype"])
+      m = _from_numpy(tensors[name + "::magnitude"], entry["magnitude_dtype"])
+      out.append(dora.DoraWeight(base, a, b, m, alpha=entry["alpha"],
+                                 rslora=entry["rslora"], layout=entry["layout"]))
     else:
       out.append(_from_numpy(tensors[name], entry["base_dtype"]))
   return jax.tree_util.tree_unflatten(treedef, out)

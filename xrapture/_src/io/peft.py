@@ -16,6 +16,10 @@ aᵀ @ bᵀ``::
   nn.ConvNd      lora_A.weight [r, in, *k] = b [*k, in, r] with axes reversed
                  lora_B.weight [out, r, 1..] = a [1.., r, out] with axes reversed
 
+DoRA adapters (:class:`xrapture.DoraWeight`) add PEFT's
+``<module>.lora_magnitude_vector``: ``[out]`` for ``nn.Linear`` and
+``nn.Embedding``, ``[1, out, 1..]`` for ``nn.ConvNd``, and ``"use_dora": true``.
+
 ``hk.Embed``'s table ``[V, D]`` and ``nn.Embedding``'s ``[V, D]`` have the same
 layout, and PEFT's embedding update is ``s · Aᵀ @ Bᵀ``, hence the same rule.
 For convolutions PEFT's ``lora_A`` is a conv with the base layer's window and
@@ -38,6 +42,7 @@ import numpy as np
 import safetensors.numpy
 
 from xrapture._src.io import atomic
+from xrapture._src.lora import dora
 from xrapture._src.lora import lora_weight
 from xrapture._src.transform import paths
 from xrapture._src.transform import spec as spec_lib
@@ -49,6 +54,7 @@ CONFIG_NAME = "adapter_config.json"
 _PREFIX = "base_model.model."
 _LINEAR = ("lora_A.weight", "lora_B.weight")
 _EMBEDDING = ("lora_embedding_A", "lora_embedding_B")
+_MAGNITUDE = "lora_magnitude_vector"
 
 # A torch module path, or one per index of the kernel's leading (layer) axis
 # for kernels stacked by hk.layer_stack.
@@ -58,7 +64,6 @@ NameMap = Union[Mapping[str, TorchPath], Callable[[str], TorchPath | None]]
 # adapter_config.json fields whose non-default values change what the adapter
 # computes in ways xrapture does not model. Value: the default that is fine.
 _UNSUPPORTED = {
-    "use_dora": False,             # DoRA: a learned magnitude vector
     "lora_bias": False,            # a bias on lora_B
     "layer_replication": None,     # duplicated layers
     "target_parameters": None,     # LoRA on raw nn.Parameters (MoE experts)
@@ -241,7 +246,7 @@ def _json_number(x: float) -> int | float:
 def _full_trained(flat: list[tuple[str, Any]], spec) -> list[str]:
   out = []
   for path, value in flat:
-    if isinstance(value, LoraWeight):
+    if dora.is_adapter(value):
       continue
     if spec_lib.matches_any(spec.full, path):
       out.append(path)
@@ -328,7 +333,8 @@ def export_peft(path: str | os.PathLike,
 
   Args:
     path: the adapter directory.
-    params: adapted params (with LoraWeights).
+    params: adapted params (with LoraWeights, or DoraWeights: then
+      ``use_dora`` is true and each module gets its magnitude).
     spec: the spec the model was built with; gives ``r``, ``lora_alpha`` and
       ``lora_dropout``, and parameters it trains in full are refused. None:
       the most common rank and alpha among the adapters, dropout 0.
@@ -343,11 +349,12 @@ def export_peft(path: str | os.PathLike,
     ValueError: ``params`` hold no LoraWeight; a LoraWeight has no torch
       module (all are named) or shares one with another; the spec trains
       parameters in full (PEFT's file would lack them); adapters disagree on
-      rsLoRA (PEFT has one ``use_rslora``); a conv adapter is not in PEFT's
+      rsLoRA or mix LoRA and DoRA (PEFT has one ``use_rslora`` and one
+      ``use_dora``); a conv adapter is not in PEFT's
       layout; a stacked kernel's list has the wrong length.
   """
   flat, _ = paths.flatten_with_paths(params)
-  loras = [(p, v) for p, v in flat if isinstance(v, LoraWeight)]
+  loras = [(p, v) for p, v in flat if dora.is_adapter(v)]
   if not loras:
     raise ValueError("params hold no LoraWeight: nothing to export. Pass the "
                      "params returned by model.adapt (and trained).")
@@ -359,6 +366,11 @@ def export_peft(path: str | os.PathLike,
           f"parameters in full (spec.full / spec.tune_vectors): {full}. "
           "Exporting would drop their training. If they were not trained, pass "
           "a spec with full=() and tune_vectors=False.")
+  use_dora = {isinstance(v, dora.DoraWeight) for _, v in loras}
+  if len(use_dora) > 1:
+    raise ValueError("PEFT has one use_dora for all modules; these adapters mix "
+                     "LoRA and DoRA: " + str([(p, type(v).__name__) for p, v in loras])
+                     + ". Export them as two adapters.")
   rslora = {v.rslora for _, v in loras}
   if len(rslora) > 1:
     raise ValueError("PEFT has one use_rslora for all modules; these adapters "
@@ -372,8 +384,9 @@ def export_peft(path: str | os.PathLike,
   for hpath, lora in loras:
     targets = _torch_paths(_lookup(name_map, hpath))
     shape = tuple(lora.shape)
+    magnitude = getattr(lora, "magnitude", None)
     if isinstance(_lookup(name_map, hpath), str):
-      layers = [(targets[0], lora.w.shape, lora.a, lora.b)]
+      layers = [(targets[0], lora.w.shape, lora.a, lora.b, magnitude)]
     else:
       if len(shape) < 3 or shape[0] != len(targets):
         raise ValueError(
@@ -381,10 +394,11 @@ def export_peft(path: str | os.PathLike,
             f"kernel of shape {shape}: a list needs one module per index of the "
             "leading (layer) axis.")
       layers = [(t, shape[1:], lora.a[i if lora.a.shape[0] > 1 else 0],
-                 lora.b[i if lora.b.shape[0] > 1 else 0])
+                 lora.b[i if lora.b.shape[0] > 1 else 0],
+                 None if magnitude is None else magnitude[i])
                 for i, t in enumerate(targets)]
     names = _EMBEDDING if _kind(hpath, len(layers[0][1])) == "embedding" else _LINEAR
-    for tpath, w_shape, a, b in layers:
+    for tpath, w_shape, a, b, m in layers:
       if tpath in owner:
         raise ValueError(f"name_map maps both '{owner[tpath]}' and '{hpath}' to "
                          f"torch module '{tpath}'.")
@@ -392,6 +406,11 @@ def export_peft(path: str | os.PathLike,
       A, B = _to_peft(hpath, w_shape, a, b)
       tensors[f"{_PREFIX}{tpath}.{names[0]}"] = np.ascontiguousarray(A)
       tensors[f"{_PREFIX}{tpath}.{names[1]}"] = np.ascontiguousarray(B)
+      if m is not None:   # PEFT's conv magnitude is [1, out, 1..]
+        m = np.asarray(jax.device_get(m))
+        if len(w_shape) > 2:
+          m = m.reshape((1, -1) + (1,) * (len(w_shape) - 2))
+        tensors[f"{_PREFIX}{tpath}.{_MAGNITUDE}"] = np.ascontiguousarray(m)
       ranks[tpath] = int(lora.rank)
       alphas[tpath] = float(lora.alpha)
 
@@ -417,7 +436,7 @@ def export_peft(path: str | os.PathLike,
       "fan_in_fan_out": False,
       "bias": "none",
       "lora_bias": False,
-      "use_dora": False,
+      "use_dora": use_dora.pop(),
       "modules_to_save": None,
       "init_lora_weights": True,
       "layers_to_transform": None,
@@ -461,6 +480,9 @@ def _parse_keys(tensors: Mapping[str, np.ndarray], where: str
       outside.append(key)
       continue
     rest = key[len(_PREFIX):]
+    if rest.endswith("." + _MAGNITUDE):     # DoRA
+      groups.setdefault(rest[:-len(_MAGNITUDE) - 1], {})["M"] = value
+      continue
     found = None
     for kind, names in (("linear", _LINEAR), ("embedding", _EMBEDDING)):
       for part, name in zip("AB", names):
@@ -470,8 +492,8 @@ def _parse_keys(tensors: Mapping[str, np.ndarray], where: str
       others[rest] = value
       continue
     module, kind, part = found
-    group = groups.setdefault(module, {"kind": kind})
-    if group["kind"] != kind:
+    group = groups.setdefault(module, {})
+    if group.setdefault("kind", kind) != kind:
       outside.append(key)
       continue
     group[part] = value
@@ -479,10 +501,11 @@ def _parse_keys(tensors: Mapping[str, np.ndarray], where: str
     raise ValueError(f"{where} has keys xrapture cannot read: {sorted(outside)}. "
                      f"Expected '{_PREFIX}<module>.lora_A.weight' / '.lora_B.weight' "
                      "or '.lora_embedding_A' / '.lora_embedding_B'.")
-  incomplete = [f"{m} (only {'A' if 'A' in g else 'B'})" for m, g in groups.items()
-                if "A" not in g or "B" not in g]
+  incomplete = [f"{m} (only {'/'.join(p for p in 'ABM' if p in g)})"
+                for m, g in groups.items() if "A" not in g or "B" not in g]
   if incomplete:
-    raise ValueError(f"{where} is missing lora_A or lora_B for: {sorted(incomplete)}.")
+    raise ValueError(f"{where} is missing lora_A or lora_B for: {sorted(incomplete)} "
+                     f"(M: {_MAGNITUDE}).")
   return groups, others
 
 
@@ -524,12 +547,13 @@ def import_peft(path: str | os.PathLike, base_params: Any, name_map: NameMap) ->
 
   Returns:
     ``base_params`` with every parameter that has an adapter in the file
-    replaced by a LoraWeight and every parameter the file holds whole
+    replaced by a LoraWeight (a DoraWeight when the config has
+    ``use_dora``) and every parameter the file holds whole
     replaced by it; other leaves are the same objects.
 
   Raises:
-    ValueError: the config uses a feature xrapture does not model (DoRA,
-      ``lora_bias``, layer replication, a PiSSA-like init, ...; all are
+    ValueError: the config uses a feature xrapture does not model
+      (``lora_bias``, layer replication, a PiSSA-like init, ...; all are
       named); the file lacks half a LoRA pair or has a tensor that name_map
       places on no Haiku parameter (all are named); a module in the file is
       not targeted by the config; factors or tensors do not fit their Haiku
@@ -549,6 +573,13 @@ def import_peft(path: str | os.PathLike, base_params: Any, name_map: NameMap) ->
   rank_pattern = config.get("rank_pattern") or {}
   alpha_pattern = config.get("alpha_pattern") or {}
   rslora = bool(config.get("use_rslora", False))
+  use_dora = bool(config.get("use_dora", False))
+  dora_problems = sorted(f"{m}.{_MAGNITUDE}" for m, g in groups.items()
+                         if ("M" in g) != use_dora)
+  if dora_problems:
+    raise ValueError(
+        f"{config_file} has use_dora={use_dora}, but {weights_file} "
+        f"{'lacks' if use_dora else 'has'} DoRA magnitudes: {dora_problems}.")
 
   flat, treedef = paths.flatten_with_paths(base_params)
   kernels = {}  # torch module -> (flat index, layer index or None)
@@ -664,13 +695,21 @@ def import_peft(path: str | os.PathLike, base_params: Any, name_map: NameMap) ->
           f"'{tpath}' has rank {rank} in the file but {r_config} in "
           f"{config_file} (r / rank_pattern); PEFT could not load it.")
     alpha = float(_pattern_value(alpha_pattern, tpath, alpha_default))
-    per_leaf.setdefault(i, {})[layer] = factors + (rank, alpha)
+    magnitude = None
+    if use_dora:
+      magnitude = np.asarray(group["M"])
+      out_features = w_shape[-1]
+      if magnitude.size != out_features or magnitude.shape[0] not in (1, out_features):
+        raise ValueError(f"'{tpath}.{_MAGNITUDE}' has shape {magnitude.shape}; Haiku "
+                         f"'{hpath}' has {out_features} output features.")
+      magnitude = magnitude.reshape(out_features)
+    per_leaf.setdefault(i, {})[layer] = factors + (rank, alpha, magnitude)
 
   for i, layers in per_leaf.items():
     hpath, _ = flat[i]
     w = leaves[i]
     if None in layers:
-      a, b, _, alpha = layers[None]
+      a, b, _, alpha, magnitude = layers[None]
     else:
       n = np.shape(w)[0]
       missing = [k for k in range(n) if k not in layers]
@@ -688,6 +727,9 @@ def import_peft(path: str | os.PathLike, base_params: Any, name_map: NameMap) ->
       a = np.stack([layers[k][0] for k in range(n)])
       b = np.stack([layers[k][1] for k in range(n)])
       alpha = layers[0][3]
+      magnitude = None if not use_dora else np.stack([layers[k][4] for k in range(n)])
     leaves[i] = LoraWeight(w, jnp.asarray(a), jnp.asarray(b), alpha=alpha,
                            rslora=rslora)
+    if use_dora:
+      leaves[i] = dora.from_lora(leaves[i], jnp.asarray(magnitude))
   return jax.tree_util.tree_unflatten(treedef, leaves)

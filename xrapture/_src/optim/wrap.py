@@ -6,6 +6,7 @@ import jax
 import optax
 
 from xrapture._src.implicit import implicit_array
+from xrapture._src.lora import dora
 from xrapture._src.lora import lora_weight
 from xrapture._src.optim import freeze
 
@@ -15,7 +16,7 @@ LoraWeight = lora_weight.LoraWeight
 def frozen_flags(lora_spec: Any, params: Any) -> Any:
   """True where frozen: ``LORA_FREEZE`` leaves and every LoraWeight's ``w``."""
   def one(rank, value):
-    if isinstance(value, LoraWeight):
+    if dora.is_adapter(value):
       return implicit_array.map_fields(lambda name, _: name == "w", value)
     return jax.tree.map(lambda _: rank == lora_weight.LORA_FREEZE, value)
   return jax.tree.map(one, lora_spec, params, is_leaf=lora_weight.is_spec_leaf)

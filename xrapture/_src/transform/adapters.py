@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 
 from xrapture._src.implicit import implicit_array
+from xrapture._src.lora import dora
 from xrapture._src.lora import lora_weight
 from xrapture._src.transform import layout as layout_lib
 from xrapture._src.transform import paths
@@ -108,9 +109,10 @@ def adapt_params(rng: jax.Array, params: Any, lora_spec: Any,
       out.append(value)
       continue
     layout = found.get(i, layout_lib.stacked(np.ndim(value)))
-    out.append(init_lora_weight(
+    lora = init_lora_weight(
         keys[i], value, rank, spec_lib.alpha_for(spec, path), layout,
-        spec.init_stddev, spec.dtype, spec.rslora))
+        spec.init_stddev, spec.dtype, spec.rslora)
+    out.append(dora.from_lora(lora) if spec.get("use_dora", False) else lora)
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -143,12 +145,13 @@ def merge_params(params: Any, destructive: bool = False) -> Any:
 def split_lora_params(params: Any, lora_spec: Any) -> Any:
   """The trainable part of ``params``, with ``EmptyNode`` elsewhere.
 
-  Every LoraWeight keeps ``a`` and ``b`` (its ``w`` becomes EmptyNode),
+  Every LoraWeight keeps ``a`` and ``b`` (its ``w`` becomes EmptyNode; a
+  DoraWeight also keeps its ``magnitude``),
   ``LORA_FULL`` leaves are kept, frozen leaves become EmptyNode. Use it to
   checkpoint only what training changed.
   """
   def one(rank, value):
-    if isinstance(value, LoraWeight):
+    if dora.is_adapter(value):
       return implicit_array.map_fields(
           lambda name, x: implicit_array.EmptyNode if name == "w" else x, value)
     return value if rank == LORA_FULL else implicit_array.EmptyNode

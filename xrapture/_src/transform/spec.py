@@ -35,6 +35,12 @@ def default_spec() -> ml_collections.ConfigDict:
     alpha_pattern: ``(regex, alpha)`` pairs, likewise (``()``).
     dropout: dropout on the LoRA path's input, drawn from the ``rng`` given
       to ``apply``; off when that rng is None (0.0).
+    use_dora: DoRA (weight-decomposed LoRA, PEFT's ``use_dora``): each
+      adapted kernel becomes a :class:`xrapture.DoraWeight`, a trainable
+      magnitude per output feature times the kernel ``w + s·b@a``
+      normalized per output feature over its in group; the magnitude starts
+      at the base kernel's norms, so the model starts equal to its base
+      (False).
   """
   spec = ml_collections.ConfigDict()
   spec.rank = 8
@@ -48,6 +54,7 @@ def default_spec() -> ml_collections.ConfigDict:
   spec.rank_pattern = ()
   spec.alpha_pattern = ()
   spec.dropout = 0.0
+  spec.use_dora = False
   spec.lock()
   return spec
 
