@@ -34,6 +34,15 @@ from xrapture._src.transform.adapters import split_lora_params
 from xrapture._src.transform.facade import XRapTure
 from xrapture._src.transform.facade import XRapTureConfig
 from xrapture._src.transform.facade import XRapTureModule
+from xrapture._src.transform.multi_adapter import adapter_params
+from xrapture._src.transform.multi_adapter import add_adapter
+from xrapture._src.transform.multi_adapter import add_weighted_adapter
+from xrapture._src.transform.multi_adapter import AdapterSet
+from xrapture._src.transform.multi_adapter import delete_adapter
+from xrapture._src.transform.multi_adapter import disable_adapters
+from xrapture._src.transform.multi_adapter import merge_adapter
+from xrapture._src.transform.multi_adapter import set_adapter
+from xrapture._src.transform.multi_adapter import unmerge_adapter
 from xrapture._src.transform.spec import default_spec
 from xrapture._src.transform.transform import LoraTransformed
 from xrapture._src.transform.transform import transform
@@ -42,12 +51,18 @@ from xrapture._src.transform.transform import transform_with_state
 __version__ = "0.1.0"
 
 __all__ = (
+    "adapter_params",
+    "AdapterSet",
+    "add_adapter",
+    "add_weighted_adapter",
     "ArrayValue",
     "aux_field",
     "count_trainable",
     "CustomRuleDroppedWarning",
     "default_handler",
     "default_spec",
+    "delete_adapter",
+    "disable_adapters",
     "DoraWeight",
     "EmptyNode",
     "export_peft",
@@ -65,14 +80,17 @@ __all__ = (
     "MaterializationError",
     "MaterializationWarning",
     "materialize_nested",
+    "merge_adapter",
     "merge_params",
     "primitive_handler",
     "save_adapter",
+    "set_adapter",
     "split_lora_params",
     "strict_mode",
     "transform",
     "transform_with_state",
     "tree_map_with_implicit",
+    "unmerge_adapter",
     "use_implicit_args",
     "wrap_optimizer",
     "XRapTure",
