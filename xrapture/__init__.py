@@ -25,6 +25,7 @@ from xrapture._src.lora.dot_general import lora_matmul
 from xrapture._src.lora.lora_weight import LORA_FREEZE
 from xrapture._src.lora.lora_weight import LORA_FULL
 from xrapture._src.lora.lora_weight import LoraWeight
+from xrapture._src.lora.mixed_lora import MixedLoraWeight
 from xrapture._src.optim.freeze import freeze_keys
 from xrapture._src.optim.freeze import freeze_subtrees
 from xrapture._src.optim.wrap import wrap_optimizer
@@ -34,6 +35,8 @@ from xrapture._src.transform.adapters import split_lora_params
 from xrapture._src.transform.facade import XRapTure
 from xrapture._src.transform.facade import XRapTureConfig
 from xrapture._src.transform.facade import XRapTureModule
+from xrapture._src.transform.mixed_batch import mixed_adapter_params
+from xrapture._src.transform.mixed_batch import with_adapter_ids
 from xrapture._src.transform.multi_adapter import adapter_params
 from xrapture._src.transform.multi_adapter import add_adapter
 from xrapture._src.transform.multi_adapter import add_weighted_adapter
@@ -82,6 +85,8 @@ __all__ = (
     "materialize_nested",
     "merge_adapter",
     "merge_params",
+    "mixed_adapter_params",
+    "MixedLoraWeight",
     "primitive_handler",
     "save_adapter",
     "set_adapter",
@@ -92,6 +97,7 @@ __all__ = (
     "tree_map_with_implicit",
     "unmerge_adapter",
     "use_implicit_args",
+    "with_adapter_ids",
     "wrap_optimizer",
     "XRapTure",
     "XRapTureConfig",

@@ -15,6 +15,7 @@ from absl.testing import flagsaver
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import memory  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import mixed_batch  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import scaling  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import step_time  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -72,6 +73,15 @@ class BenchmarksSmokeTest(absltest.TestCase):
     self.assertLess(child["opt_state_bytes"], full["opt_state_bytes"])
     ratios = memory.ratios({"full B=2": full, "xrapture B=2": child}, ["2"])
     self.assertIn("xrapture B=2: XLA step bytes", ratios)
+
+  def test_mixed_batch_agrees_with_the_loop(self):
+    out = os.path.join(self.out_dir, "mixed_batch.json")
+    with flagsaver.flagsaver(out=out, adapters=3, **_TOY):
+      mixed_batch.main([])
+    with open(out) as f:
+      results = json.load(f)
+    self.assertLess(results["agreement"]["max_abs_diff_mixed_vs_loop"], 1e-4)
+    self.assertIn("loop/mixed", results["ratios"])
 
 
 if __name__ == "__main__":
