@@ -101,6 +101,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.learning_rate.full = 1e-2
   # For the head, in the head-only method.
   config.learning_rate.head = 1e-2
+  # LoRA+ (PEFT's loraplus_lr_ratio) for the LoRA method: the adapters' `a`
+  # factors (PEFT's lora_B), DoRA magnitudes and 1-D parameters learn this many
+  # times faster; None: off.
+  config.loraplus_lr_ratio = ml_collections.config_dict.placeholder(float)
   # Linear warmup steps.
   config.warmup_steps = 20
   # AdamW decoupled weight decay.

@@ -9,6 +9,7 @@ from xrapture._src.implicit import implicit_array
 from xrapture._src.lora import dora
 from xrapture._src.lora import lora_weight
 from xrapture._src.optim import freeze
+from xrapture._src.optim import loraplus
 
 LoraWeight = lora_weight.LoraWeight
 
@@ -23,7 +24,8 @@ def frozen_flags(lora_spec: Any, params: Any) -> Any:
 
 
 def wrap_optimizer(tx: optax.GradientTransformation, lora_spec: Any,
-                   use_scalar_zeros: bool = False) -> optax.GradientTransformation:
+                   use_scalar_zeros: bool = False,
+                   loraplus_lr_ratio: float | None = None) -> optax.GradientTransformation:
   """Wraps ``tx`` to update only adapters (``a``, ``b``) and ``LORA_FULL`` leaves.
 
   Examples:
@@ -37,10 +39,16 @@ def wrap_optimizer(tx: optax.GradientTransformation, lora_spec: Any,
     lora_spec: one entry per base parameter, as ``model.spec(base_params)``
       returns (a prefix of the adapted tree).
     use_scalar_zeros: frozen leaves get scalar zero updates.
+    loraplus_lr_ratio: LoRA+ as PEFT's ``create_loraplus_optimizer``: the
+      updates of every adapter's ``a`` (PEFT's ``lora_B``), DoRA
+      ``magnitude`` and trainable 1-D leaf are multiplied by this ratio (for
+      Adam-like optimizers, their learning rate is); None: off.
 
   Returns:
     An optimizer whose state holds nothing for ``w`` and frozen leaves, and
     whose updates for them are zeros.
   """
+  if loraplus_lr_ratio is not None:
+    tx = optax.chain(tx, loraplus.scale_loraplus(loraplus_lr_ratio))
   return freeze.freeze_subtrees(
       tx, lambda params: frozen_flags(lora_spec, params), use_scalar_zeros)
