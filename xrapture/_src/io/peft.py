@@ -45,6 +45,7 @@ from xrapture._src.io import atomic
 from xrapture._src.lora import dora
 from xrapture._src.lora import lora_weight
 from xrapture._src.transform import paths
+from xrapture._src.transform import pissa
 from xrapture._src.transform import spec as spec_lib
 
 LoraWeight = lora_weight.LoraWeight
@@ -293,7 +294,8 @@ def export_peft(path: str | os.PathLike,
                 spec: ml_collections.ConfigDict | None,
                 name_map: NameMap,
                 *,
-                base_model_name_or_path: str | None = None) -> None:
+                base_model_name_or_path: str | None = None,
+                initial: Any = None) -> None:
   """Writes the LoRA adapters of ``params`` as a HuggingFace PEFT adapter.
 
   ``peft.PeftModel.from_pretrained(torch_model, path)`` then computes what
@@ -344,6 +346,12 @@ def export_peft(path: str | os.PathLike,
       an ``nn.Embedding``, another 2-D kernel an ``nn.Linear``, a kernel
       with more dimensions an ``nn.ConvNd``.
     base_model_name_or_path: recorded in ``adapter_config.json``.
+    initial: for adapters initialized with PiSSA (``spec.init = "pissa"``):
+      the params ``model.adapt`` returned, before training. Each adapter is
+      then written as plain LoRA relative to the original base
+      (``w_residual + s·b₀@a₀``), as PEFT's
+      ``save_pretrained(path_initial_model_for_weight_conversion=...)``:
+      rank ``2r`` factors ``[b | b₀]``, ``[a; -a₀]``, alpha doubled.
 
   Raises:
     ValueError: ``params`` hold no LoraWeight; a LoraWeight has no torch
@@ -351,7 +359,9 @@ def export_peft(path: str | os.PathLike,
       parameters in full (PEFT's file would lack them); adapters disagree on
       rsLoRA or mix LoRA and DoRA (PEFT has one ``use_rslora`` and one
       ``use_dora``); a conv adapter is not in PEFT's
-      layout; a stacked kernel's list has the wrong length.
+      layout; a stacked kernel's list has the wrong length; the spec says
+      PiSSA but ``initial`` is missing (the file would not fit the original
+      base), or ``initial`` is not these params' starting point.
   """
   flat, _ = paths.flatten_with_paths(params)
   loras = [(p, v) for p, v in flat if dora.is_adapter(v)]
@@ -371,6 +381,15 @@ def export_peft(path: str | os.PathLike,
     raise ValueError("PEFT has one use_dora for all modules; these adapters mix "
                      "LoRA and DoRA: " + str([(p, type(v).__name__) for p, v in loras])
                      + ". Export them as two adapters.")
+  init = spec.get("init", "default") if spec is not None else "default"
+  if init == "pissa" and initial is None:
+    raise ValueError(
+        "These adapters were initialized with PiSSA (spec.init = 'pissa'): their "
+        "base params are the residual, not the original base a PEFT user has. Pass "
+        "initial=<the params model.adapt returned> to write plain LoRA relative to "
+        "the original base (PEFT's path_initial_model_for_weight_conversion).")
+  if initial is not None:
+    loras = _relative_to_original(loras, initial)
   rslora = {v.rslora for _, v in loras}
   if len(rslora) > 1:
     raise ValueError("PEFT has one use_rslora for all modules; these adapters "
@@ -416,6 +435,8 @@ def export_peft(path: str | os.PathLike,
 
   if spec is not None:
     r, alpha, dropout = int(spec.rank), float(spec.alpha), float(spec.dropout)
+    if initial is not None:   # PEFT's conversion doubles r and alpha
+      r, alpha = 2 * r, alpha * (2 ** 0.5 if spec.rslora else 2.0)
   else:
     r, alpha, dropout = _most_common(list(ranks.values())), _most_common(
         list(alphas.values())), 0.0
@@ -444,6 +465,22 @@ def export_peft(path: str | os.PathLike,
       "layer_replication": None,
   }
   _write_dir(os.fspath(path), tensors, config)
+
+
+def _relative_to_original(loras, initial):
+  """PiSSA adapters as plain LoRA on the original base (rank 2r)."""
+  by_path = dict(paths.flatten_with_paths(initial)[0])
+  out = []
+  for hpath, lora in loras:
+    if isinstance(lora, dora.DoraWeight):
+      raise ValueError(f"'{hpath}' is a DoRA adapter: the conversion to plain LoRA "
+                       "relative to the original base (initial=...) is for LoRA "
+                       "adapters (PEFT converts lora_A/lora_B only).")
+    try:
+      out.append((hpath, pissa.to_plain_lora(lora, by_path.get(hpath))))
+    except ValueError as e:
+      raise ValueError(f"initial params for '{hpath}': {e}") from e
+  return out
 
 
 # ----------------------------------------------------------------------------

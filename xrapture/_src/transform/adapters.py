@@ -13,6 +13,7 @@ from xrapture._src.lora import dora
 from xrapture._src.lora import lora_weight
 from xrapture._src.transform import layout as layout_lib
 from xrapture._src.transform import paths
+from xrapture._src.transform import pissa
 from xrapture._src.transform import spec as spec_lib
 
 LoraWeight = lora_weight.LoraWeight
@@ -112,6 +113,7 @@ def adapt_params(rng: jax.Array, params: Any, lora_spec: Any,
     lora = init_lora_weight(
         keys[i], value, rank, spec_lib.alpha_for(spec, path), layout,
         spec.init_stddev, spec.dtype, spec.rslora)
+    lora = pissa.initialize(lora, spec.get("init", "default"))
     out.append(dora.from_lora(lora) if spec.get("use_dora", False) else lora)
   return jax.tree_util.tree_unflatten(treedef, out)
 
