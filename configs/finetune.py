@@ -87,6 +87,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.learning_rate.full = 1e-2
   # For the head, in the head-only method.
   config.learning_rate.head = 1e-2
+  # LoRA+ (PEFT's loraplus_lr_ratio) for the LoRA method: the adapters' `a`
+  # factors (PEFT's lora_B), DoRA magnitudes and 1-D parameters learn this many
+  # times faster; None: off.
+  config.loraplus_lr_ratio = ml_collections.config_dict.placeholder(float)
   # num_steps, batch_size, seq_len, warmup, weight decay, clipping, eval,
   # checkpoint and log cadence (configs/common.py), per method.
   common.add_schedule_fields(config, num_steps=300, warmup_steps=20,

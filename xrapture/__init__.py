@@ -25,9 +25,11 @@ from xrapture._src.io.adapter import save_adapter
 from xrapture._src.io.peft import export_peft
 from xrapture._src.io.peft import import_peft
 from xrapture._src.lora import dot_general as _dot_general
+from xrapture._src.lora.dora import DoraWeight
 from xrapture._src.lora.lora_weight import LORA_FREEZE
 from xrapture._src.lora.lora_weight import LORA_FULL
 from xrapture._src.lora.lora_weight import LoraWeight
+from xrapture._src.lora.mixed_lora import MixedLoraWeight
 from xrapture._src.optim.freeze import freeze_keys
 from xrapture._src.optim.freeze import freeze_subtrees
 from xrapture._src.optim.wrap import wrap_optimizer
@@ -40,6 +42,17 @@ from xrapture._src.transform.adapters import split_lora_params
 from xrapture._src.transform.facade import XRapTure
 from xrapture._src.transform.facade import XRapTureConfig
 from xrapture._src.transform.facade import XRapTureModule
+from xrapture._src.transform.mixed_batch import mixed_adapter_params
+from xrapture._src.transform.mixed_batch import with_adapter_ids
+from xrapture._src.transform.multi_adapter import adapter_params
+from xrapture._src.transform.multi_adapter import add_adapter
+from xrapture._src.transform.multi_adapter import add_weighted_adapter
+from xrapture._src.transform.multi_adapter import AdapterSet
+from xrapture._src.transform.multi_adapter import delete_adapter
+from xrapture._src.transform.multi_adapter import disable_adapters
+from xrapture._src.transform.multi_adapter import merge_adapter
+from xrapture._src.transform.multi_adapter import set_adapter
+from xrapture._src.transform.multi_adapter import unmerge_adapter
 from xrapture._src.transform.spec import default_spec
 from xrapture._src.transform.transform import LoraTransformed
 from xrapture._src.transform.transform import transform
@@ -47,12 +60,19 @@ from xrapture._src.transform.transform import transform_with_state
 from xrapture._src.version import __version__
 
 __all__ = (
+    "adapter_params",
+    "AdapterSet",
+    "add_adapter",
+    "add_weighted_adapter",
     "aux_field",
     "count_trainable",
     "CustomRuleDroppedWarning",
     "default_handler",
     "default_spec",
+    "delete_adapter",
     "dequantize",
+    "disable_adapters",
+    "DoraWeight",
     "EmptyNode",
     "export_peft",
     "freeze_keys",
@@ -69,17 +89,23 @@ __all__ = (
     "MaterializationError",
     "MaterializationWarning",
     "materialize_nested",
+    "merge_adapter",
     "merge_params",
+    "mixed_adapter_params",
+    "MixedLoraWeight",
     "primitive_handler",
     "quantize_array",
     "QuantizedArray",
     "save_adapter",
+    "set_adapter",
     "split_lora_params",
     "strict_mode",
     "transform",
     "transform_with_state",
     "tree_map_with_implicit",
+    "unmerge_adapter",
     "use_implicit_args",
+    "with_adapter_ids",
     "wrap_optimizer",
     "XRapTure",
     "XRapTureConfig",

@@ -17,6 +17,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import memory  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import quant  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import mixed_batch  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import scaling  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import step_time  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -79,6 +80,15 @@ class BenchmarksSmokeTest(absltest.TestCase):
     self.assertEqual(kinds["fp32"]["bits_per_param"], 32)
     self.assertLess(kinds["nf4+dq"]["bytes"], kinds["nf4"]["bytes"])
     self.assertLess(kinds["nf4"]["bytes"], kinds["int8"]["bytes"])
+
+  def test_mixed_batch_agrees_with_the_loop(self):
+    out = os.path.join(self.out_dir, "mixed_batch.json")
+    with flagsaver.flagsaver(out=out, adapters=3, **_TOY):
+      mixed_batch.main([])
+    with open(out) as f:
+      results = json.load(f)
+    self.assertLess(results["agreement"]["max_abs_diff_mixed_vs_loop"], 1e-4)
+    self.assertIn("loop/mixed", results["ratios"])
 
 
 if __name__ == "__main__":

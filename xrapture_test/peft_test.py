@@ -541,7 +541,6 @@ class PeftCompatTest(_Base):
     self.assertEqual(changed, bias == "all")
 
   @parameterized.named_parameters(
-      ("dora", dict(use_dora=True), "use_dora"),
       ("lora_bias", dict(lora_bias=True), "lora_bias"),
       ("pissa", dict(init_lora_weights="pissa"), "init_lora_weights='pissa'"),
   )

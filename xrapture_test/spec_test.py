@@ -11,7 +11,7 @@ from xrapture._src.transform import spec as spec_lib
 
 _FIELDS = dict(rank=8, alpha=16.0, targets=(".*/w",), full=(), tune_vectors=False,
                rslora=False, init_stddev=0.01, dtype=None, rank_pattern=(),
-               alpha_pattern=(), dropout=0.0)
+               alpha_pattern=(), dropout=0.0, init="default", use_dora=False)
 
 
 class DefaultSpecTest(parameterized.TestCase):

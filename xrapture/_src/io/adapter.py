@@ -1,6 +1,7 @@
 """save_adapter / load_adapter: only what training changed, in one safetensors file.
 
-The file holds the adapters' ``a`` and ``b`` and every ``LORA_FULL`` leaf as
+The file holds the adapters' ``a`` and ``b`` (and a DoRA adapter's
+``magnitude``) and every ``LORA_FULL`` leaf as
 tensors, and in its header (safetensors metadata) a JSON record of each
 entry's kind, rank, alpha, layout, base shape and dtype, the versions that
 wrote it, and checksums of all of it (:mod:`integrity`); 0.1.0's files have
@@ -24,6 +25,7 @@ from xrapture._src import pytypes
 from xrapture._src.io import atomic
 from xrapture._src.io import integrity
 from xrapture._src.io import multihost
+from xrapture._src.lora import dora
 from xrapture._src.lora import lora_weight
 from xrapture._src.transform import paths
 
@@ -110,6 +112,8 @@ def _layout(x: Any) -> str | None:
 
 # Fields an entry may lack: files from 0.1.0 have no layout (read as 0.1.0's).
 _OPTIONAL_FIELDS = {"lora": {"layout": _layout}}
+# DoRA entries (xrapture.DoraWeight): a LoRA entry plus the magnitude vector.
+_FIELDS["dora"] = dict(_FIELDS["lora"], magnitude_dtype=_float_dtype, layout=_layout)
 
 
 def _stored_dtype(name: str) -> np.dtype:
@@ -121,6 +125,9 @@ def _tensor_names(name: str, entry: dict[str, Any]) -> dict[str, str]:
   """Tensor key in the file -> the entry field holding its dtype."""
   if entry["kind"] == "lora":
     return {name + "::a": "a_dtype", name + "::b": "b_dtype"}
+  if entry["kind"] == "dora":
+    return {name + "::a": "a_dtype", name + "::b": "b_dtype",
+            name + "::magnitude": "magnitude_dtype"}
   return {name: "base_dtype"}
 
 
@@ -180,7 +187,7 @@ def save_adapter(path: str, params: pytypes.Params, lora_spec: pytypes.LoraSpec)
         "parameters; pass model.spec(base_params) for these params.")
   tensors, entries, not_adapted = {}, {}, []
   for (path_, value), rank in zip(flat_params, ranks):
-    if isinstance(value, LoraWeight):
+    if dora.is_adapter(value):
       a, a_dtype = _to_numpy(value.a)
       b, b_dtype = _to_numpy(value.b)
       tensors[path_ + "::a"], tensors[path_ + "::b"] = a, b
@@ -189,6 +196,11 @@ def save_adapter(path: str, params: pytypes.Params, lora_spec: pytypes.LoraSpec)
           rslora=bool(value.rslora), layout=lora_weight.layout_of(value),
           base_shape=list(value.shape),
           base_dtype=jnp.dtype(value.dtype).name, a_dtype=a_dtype, b_dtype=b_dtype)
+      if isinstance(value, dora.DoraWeight):
+        m, m_dtype = _to_numpy(value.magnitude)
+        tensors[path_ + "::magnitude"] = m
+        entries[path_].update(kind="dora", magnitude_dtype=m_dtype,
+                              layout=value.layout)
     elif rank == lora_weight.LORA_FULL:
       arr, dtype = _to_numpy(value)
       tensors[path_] = arr
@@ -271,7 +283,7 @@ def _check_entries(path: str, header: dict[str, Any],
     if kind == "full" and list(tensors[name].shape) != entry["base_shape"]:
       raise ValueError(f"{where}: tensor '{name}' has shape {tensors[name].shape}, "
                        f"the entry's base_shape is {tuple(entry['base_shape'])}.")
-    if kind == "lora":
+    if kind in ("lora", "dora"):
       w = jax.ShapeDtypeStruct(tuple(entry["base_shape"]), entry["base_dtype"])
       try:
         lora = _lora_from_entry(entry, w, tensors[name + "::a"], tensors[name + "::b"])
@@ -281,6 +293,12 @@ def _check_entries(path: str, header: dict[str, Any],
       if lora.rank != entry["rank"]:
         raise ValueError(f"{where}: factors of rank {lora.rank}, the entry's rank is "
                          f"{entry['rank']}.")
+      if kind == "dora":
+        stacked, _, out = lora_weight.groups(lora_weight.layout_of(lora))
+        want = tuple(entry["base_shape"][d] for d in stacked + out)
+        if tuple(tensors[name + "::magnitude"].shape) != want:
+          raise ValueError(f"{where}: magnitude of shape "
+                           f"{tuple(tensors[name + '::magnitude'].shape)}, expected {want}.")
     owned.update(keys)
   stray = sorted(set(tensors) - owned)
   if stray:
@@ -372,7 +390,7 @@ def load_adapter(path: str, base_params: pytypes.Params) -> pytypes.Params:
       problems.append(f"'{name}' is in the file but not in these base params")
       continue
     base = by_path[name]
-    base = base.w if isinstance(base, LoraWeight) else base
+    base = base.w if dora.is_adapter(base) else base
     shape, dtype = tuple(np.shape(base)), jnp.dtype(base.dtype).name
     if shape != tuple(entry["base_shape"]) or dtype != entry["base_dtype"]:
       problems.append(f"'{name}' was {tuple(entry['base_shape'])} {entry['base_dtype']} "
@@ -383,7 +401,7 @@ def load_adapter(path: str, base_params: pytypes.Params) -> pytypes.Params:
         + "\n  ".join(problems) + "\nBase parameters:\n" + paths.describe(base_params))
   out = []
   for name, base in flat:
-    if isinstance(base, LoraWeight):
+    if dora.is_adapter(base):
       base = base.w
     entry = entries.get(name)
     if entry is None:
@@ -392,6 +410,12 @@ def load_adapter(path: str, base_params: pytypes.Params) -> pytypes.Params:
       a = _from_numpy(tensors[name + "::a"], entry["a_dtype"])
       b = _from_numpy(tensors[name + "::b"], entry["b_dtype"])
       out.append(_lora_from_entry(entry, base, a, b))
+    elif entry["kind"] == "dora":
+      a = _from_numpy(tensors[name + "::a"], entry["a_dtype"])
+      b = _from_numpy(tensors[name + "::b"], entry["b_dtype"])
+      m = _from_numpy(tensors[name + "::magnitude"], entry["magnitude_dtype"])
+      out.append(dora.DoraWeight(base, a, b, m, alpha=entry["alpha"],
+                                 rslora=entry["rslora"], layout=entry["layout"]))
     else:
       out.append(_from_numpy(tensors[name], entry["base_dtype"]))
   return jax.tree_util.tree_unflatten(treedef, out)

@@ -16,6 +16,10 @@ aᵀ @ bᵀ``::
   nn.ConvNd      lora_A.weight [r, in, *k] = b [*k, in, r] with axes reversed
                  lora_B.weight [out, r, 1..] = a [1.., r, out] with axes reversed
 
+DoRA adapters (:class:`xrapture.DoraWeight`) add PEFT's
+``<module>.lora_magnitude_vector``: ``[out]`` for ``nn.Linear`` and
+``nn.Embedding``, ``[1, out, 1..]`` for ``nn.ConvNd``, and ``"use_dora": true``.
+
 ``hk.Embed``'s table ``[V, D]`` and ``nn.Embedding``'s ``[V, D]`` have the same
 layout, and PEFT's embedding update is ``s · Aᵀ @ Bᵀ``, hence the same rule.
 For convolutions PEFT's ``lora_A`` is a conv with the base layer's window and
@@ -40,8 +44,10 @@ import safetensors.numpy
 
 from xrapture._src.io import atomic
 from xrapture._src.io import multihost
+from xrapture._src.lora import dora
 from xrapture._src.lora import lora_weight
 from xrapture._src.transform import paths
+from xrapture._src.transform import pissa
 from xrapture._src.transform import spec as spec_lib
 
 LoraWeight = lora_weight.LoraWeight
@@ -53,6 +59,7 @@ _PICKLE_NAME = "adapter_model.bin"  # torch.save format, which we do not read
 _PREFIX = "base_model.model."
 _LINEAR = ("lora_A.weight", "lora_B.weight")
 _EMBEDDING = ("lora_embedding_A", "lora_embedding_B")
+_MAGNITUDE = "lora_magnitude_vector"
 
 # A torch module path, or one per index of the kernel's leading (layer) axis
 # for kernels stacked by hk.layer_stack.
@@ -62,7 +69,6 @@ NameMap = Union[Mapping[str, TorchPath], Callable[[str], TorchPath | None]]
 # adapter_config.json fields whose non-default values change what the adapter
 # computes in ways xrapture does not model. Value: the default that is fine.
 _UNSUPPORTED = {
-    "use_dora": False,             # DoRA: a learned magnitude vector
     "lora_bias": False,            # a bias on lora_B
     "layer_replication": None,     # duplicated layers
     "trainable_token_indices": None,
@@ -315,7 +321,7 @@ def _json_number(x: float) -> int | float:
 def _full_trained(flat: list[tuple[str, Any]], spec) -> list[str]:
   out = []
   for path, value in flat:
-    if isinstance(value, LoraWeight):
+    if dora.is_adapter(value):
       continue
     if spec_lib.matches_any(spec.full, path):
       out.append(path)
@@ -363,7 +369,8 @@ def export_peft(path: str | os.PathLike,
                 name_map: NameMap,
                 *,
                 base_model_name_or_path: str | None = None,
-                linear: Sequence[str] = ()) -> None:
+                linear: Sequence[str] = (),
+                initial: Any = None) -> None:
   """Writes the LoRA adapters of ``params`` as a HuggingFace PEFT adapter.
 
   ``peft.PeftModel.from_pretrained(torch_model, path)`` then computes what
@@ -404,7 +411,8 @@ def export_peft(path: str | os.PathLike,
 
   Args:
     path: the adapter directory.
-    params: adapted params (with LoraWeights).
+    params: adapted params (with LoraWeights, or DoraWeights: then
+      ``use_dora`` is true and each module gets its magnitude).
     spec: the spec the model was built with; gives ``r``, ``lora_alpha`` and
       ``lora_dropout``, and parameters it trains in full are refused. None:
       the most common rank and alpha among the adapters, dropout 0.
@@ -426,19 +434,28 @@ def export_peft(path: str | os.PathLike,
     linear: regexes of Haiku paths whose kernels map to ``nn.Linear`` though
       their layout is a conv's (a multi-axis output projection
       ``[heads, head_dim, d]`` has layout ``'iio'``, as a Conv1D has).
+    initial: for adapters initialized with PiSSA (``spec.init = "pissa"``):
+      the params ``model.adapt`` returned, before training. Each adapter is
+      then written as plain LoRA relative to the original base
+      (``w_residual + s·b₀@a₀``), as PEFT's
+      ``save_pretrained(path_initial_model_for_weight_conversion=...)``:
+      rank ``2r`` factors ``[b | b₀]``, ``[a; -a₀]``, alpha doubled.
 
   Raises:
     ValueError: ``params`` hold no LoraWeight; a LoraWeight has no torch
       module (all are named) or shares one with another; the spec trains
       parameters in full (PEFT's file would lack them); adapters disagree on
-      rsLoRA (PEFT has one ``use_rslora``); a conv adapter is not in PEFT's
+      rsLoRA or mix LoRA and DoRA (PEFT has one ``use_rslora`` and one
+      ``use_dora``); a conv adapter is not in PEFT's
       layout; a stacked kernel's list has the wrong length; an expert stack
       has more than one stacked axis, or shares its torch module with
       another, or the spec has LoRA dropout (PEFT's ``target_parameters``
-      has none).
+      has none); the spec says PiSSA but ``initial`` is missing (the file
+      would not fit the original base), or ``initial`` is not these params'
+      starting point.
   """
   flat, _ = paths.flatten_with_paths(params)
-  loras = [(p, v) for p, v in flat if isinstance(v, LoraWeight)]
+  loras = [(p, v) for p, v in flat if dora.is_adapter(v)]
   if not loras:
     raise ValueError("params hold no LoraWeight: nothing to export. Pass the "
                      "params returned by model.adapt (and trained).")
@@ -450,6 +467,20 @@ def export_peft(path: str | os.PathLike,
           f"parameters in full (spec.full / spec.tune_vectors): {full}. "
           "Exporting would drop their training. If they were not trained, pass "
           "a spec with full=() and tune_vectors=False.")
+  use_dora = {isinstance(v, dora.DoraWeight) for _, v in loras}
+  if len(use_dora) > 1:
+    raise ValueError("PEFT has one use_dora for all modules; these adapters mix "
+                     "LoRA and DoRA: " + str([(p, type(v).__name__) for p, v in loras])
+                     + ". Export them as two adapters.")
+  init = spec.get("init", "default") if spec is not None else "default"
+  if init == "pissa" and initial is None:
+    raise ValueError(
+        "These adapters were initialized with PiSSA (spec.init = 'pissa'): their "
+        "base params are the residual, not the original base a PEFT user has. Pass "
+        "initial=<the params model.adapt returned> to write plain LoRA relative to "
+        "the original base (PEFT's path_initial_model_for_weight_conversion).")
+  if initial is not None:
+    loras = _relative_to_original(loras, initial)
   rslora = {v.rslora for _, v in loras}
   if len(rslora) > 1:
     raise ValueError("PEFT has one use_rslora for all modules; these adapters "
@@ -466,17 +497,20 @@ def export_peft(path: str | os.PathLike,
     shape, layout = tuple(lora.shape), lora_weight.layout_of(lora)
     # Arrays spanning other processes are gathered (multi-process runs).
     a_all, b_all = multihost.to_numpy(lora.a), multihost.to_numpy(lora.b)
+    magnitude = getattr(lora, "magnitude", None)
+    m_all = None if magnitude is None else multihost.to_numpy(magnitude)
     if isinstance(mapped, str):
-      layers = [(targets[0], shape, layout, a_all, b_all)]
+      layers = [(targets[0], shape, layout, a_all, b_all, m_all)]
     else:
       if len(shape) < 3 or shape[0] != len(targets) or layout[0] != STACK:
         raise ValueError(
             f"name_map gives {len(targets)} torch modules for '{hpath}', a "
             f"kernel of shape {shape} (layout {layout!r}): a list needs one module "
             "per index of the leading stacked (layer) axis.")
-      layers = [(t, shape[1:], layout[1:], a_all[i], b_all[i])
+      layers = [(t, shape[1:], layout[1:], a_all[i], b_all[i],
+                 None if m_all is None else m_all[i])
                 for i, t in enumerate(targets)]
-    for tpath, w_shape, lay, a, b in layers:
+    for tpath, w_shape, lay, a, b, m in layers:
       # Stacked axes of size 1 (a 1x1 conv's window in 0.1.0's form) are in axes.
       unit = "".join(IN if c == STACK and n == 1 else c for c, n in zip(lay, w_shape))
       if unit != lay:
@@ -502,6 +536,13 @@ def export_peft(path: str | os.PathLike,
       names = _EMBEDDING if kind == "embedding" else _LINEAR
       tensors[f"{_PREFIX}{module}.{names[0]}"] = np.ascontiguousarray(A)
       tensors[f"{_PREFIX}{module}.{names[1]}"] = np.ascontiguousarray(B)
+      if m is not None:   # DoRA: PEFT's conv magnitude is [1, out, 1..], else [out]
+        m = np.asarray(m)
+        if kind == "conv":
+          m = m.reshape((1, -1) + (1,) * (len(w_shape) - 2))
+        else:
+          m = m.reshape(-1)
+        tensors[f"{_PREFIX}{module}.{_MAGNITUDE}"] = np.ascontiguousarray(m)
       ranks[tpath] = int(lora.rank)
       alphas[tpath] = float(lora.alpha)
   if parameters and spec is not None and float(spec.dropout) > 0.0:
@@ -512,6 +553,8 @@ def export_peft(path: str | os.PathLike,
 
   if spec is not None:
     r, alpha, dropout = int(spec.rank), float(spec.alpha), float(spec.dropout)
+    if initial is not None:   # PEFT's conversion doubles r and alpha
+      r, alpha = 2 * r, alpha * (2 ** 0.5 if spec.rslora else 2.0)
   else:
     r, alpha, dropout = _most_common(list(ranks.values())), _most_common(
         list(alphas.values())), 0.0
@@ -533,7 +576,7 @@ def export_peft(path: str | os.PathLike,
       "fan_in_fan_out": False,
       "bias": "none",
       "lora_bias": False,
-      "use_dora": False,
+      "use_dora": use_dora.pop(),
       "modules_to_save": None,
       "init_lora_weights": True,
       "layers_to_transform": None,
@@ -542,6 +585,22 @@ def export_peft(path: str | os.PathLike,
   }
   multihost.write_once(lambda: _write_dir(os.fspath(path), tensors, config),
                        os.fspath(path))
+
+
+def _relative_to_original(loras, initial):
+  """PiSSA adapters as plain LoRA on the original base (rank 2r)."""
+  by_path = dict(paths.flatten_with_paths(initial)[0])
+  out = []
+  for hpath, lora in loras:
+    if isinstance(lora, dora.DoraWeight):
+      raise ValueError(f"'{hpath}' is a DoRA adapter: the conversion to plain LoRA "
+                       "relative to the original base (initial=...) is for LoRA "
+                       "adapters (PEFT converts lora_A/lora_B only).")
+    try:
+      out.append((hpath, pissa.to_plain_lora(lora, by_path.get(hpath))))
+    except ValueError as e:
+      raise ValueError(f"initial params for '{hpath}': {e}") from e
+  return out
 
 
 # ----------------------------------------------------------------------------
@@ -616,6 +675,9 @@ def _parse_keys(tensors: Mapping[str, np.ndarray], where: str
       outside.append(key)
       continue
     rest = key[len(_PREFIX):]
+    if rest.endswith("." + _MAGNITUDE):     # DoRA
+      groups.setdefault(rest[:-len(_MAGNITUDE) - 1], {})["M"] = value
+      continue
     found = None
     for kind, names in (("linear", _LINEAR), ("embedding", _EMBEDDING)):
       for part, name in zip("AB", names):
@@ -625,8 +687,8 @@ def _parse_keys(tensors: Mapping[str, np.ndarray], where: str
       others[rest] = value
       continue
     module, kind, part = found
-    group = groups.setdefault(module, {"kind": kind})
-    if group["kind"] != kind:
+    group = groups.setdefault(module, {})
+    if group.setdefault("kind", kind) != kind:
       outside.append(key)
       continue
     group[part] = value
@@ -634,10 +696,11 @@ def _parse_keys(tensors: Mapping[str, np.ndarray], where: str
     raise ValueError(f"{where} has keys xrapture cannot read: {sorted(outside)}. "
                      f"Expected '{_PREFIX}<module>.lora_A.weight' / '.lora_B.weight' "
                      "or '.lora_embedding_A' / '.lora_embedding_B'.")
-  incomplete = [f"{m} (only {'A' if 'A' in g else 'B'})" for m, g in groups.items()
-                if "A" not in g or "B" not in g]
+  incomplete = [f"{m} (only {'/'.join(p for p in 'ABM' if p in g)})"
+                for m, g in groups.items() if "A" not in g or "B" not in g]
   if incomplete:
-    raise ValueError(f"{where} is missing lora_A or lora_B for: {sorted(incomplete)}.")
+    raise ValueError(f"{where} is missing lora_A or lora_B for: {sorted(incomplete)} "
+                     f"(M: {_MAGNITUDE}).")
   return groups, others
 
 
@@ -717,7 +780,8 @@ def import_peft(path: str | os.PathLike, base_params: Any, name_map: NameMap,
 
   Returns:
     ``base_params`` with every parameter that has an adapter in the file
-    replaced by a LoraWeight and every parameter the file holds whole
+    replaced by a LoraWeight (a DoraWeight when the config has
+    ``use_dora``) and every parameter the file holds whole
     replaced by it; other leaves are the same objects.
 
   A config field that PEFT 0.21.2 does not have (from a newer PEFT) is
@@ -726,7 +790,7 @@ def import_peft(path: str | os.PathLike, base_params: Any, name_map: NameMap,
   Raises:
     ValueError: a file is truncated or corrupt, or the directory holds only
       ``adapter_model.bin`` (the message names the file); the config uses a
-      feature xrapture does not model (DoRA,
+      feature xrapture does not model (
       ``lora_bias``, layer replication, a PiSSA-like init, ...; all are
       named); the file lacks half a LoRA pair or has a tensor that name_map
       places on no Haiku parameter (all are named); a module in the file is
@@ -743,6 +807,13 @@ def import_peft(path: str | os.PathLike, base_params: Any, name_map: NameMap,
   rank_pattern = config.get("rank_pattern") or {}
   alpha_pattern = config.get("alpha_pattern") or {}
   rslora = bool(config.get("use_rslora", False))
+  use_dora = bool(config.get("use_dora", False))
+  dora_problems = sorted(f"{m}.{_MAGNITUDE}" for m, g in groups.items()
+                         if ("M" in g) != use_dora)
+  if dora_problems:
+    raise ValueError(
+        f"{config_file} has use_dora={use_dora}, but {weights_file} "
+        f"{'lacks' if use_dora else 'has'} DoRA magnitudes: {dora_problems}.")
 
   flat, treedef = paths.flatten_with_paths(base_params)
   leaves = [v for _, v in flat]
@@ -886,13 +957,21 @@ def import_peft(path: str | os.PathLike, base_params: Any, name_map: NameMap,
           f"'{tpath}' has rank {rank} in the file but {r_config} in "
           f"{config_file} (r / rank_pattern); PEFT could not load it.")
     alpha = float(_pattern_value(alpha_pattern, tpath, alpha_default))
-    per_leaf.setdefault(i, {})[layer] = factors + (rank, alpha)
+    magnitude = None
+    if use_dora:
+      magnitude = np.asarray(group["M"])
+      out_features = w_shape[-1]
+      if magnitude.size != out_features or magnitude.shape[0] not in (1, out_features):
+        raise ValueError(f"'{tpath}.{_MAGNITUDE}' has shape {magnitude.shape}; Haiku "
+                         f"'{hpath}' has {out_features} output features.")
+      magnitude = magnitude.reshape(out_features)
+    per_leaf.setdefault(i, {})[layer] = factors + (rank, alpha, magnitude)
 
   for i, layers in per_leaf.items():
     hpath, _ = flat[i]
     w = leaves[i].w if isinstance(leaves[i], LoraWeight) else leaves[i]
     if None in layers:
-      a, b, _, alpha = layers[None]
+      a, b, _, alpha, magnitude = layers[None]
     else:
       n = np.shape(w)[0]
       missing = [k for k in range(n) if k not in layers]
@@ -910,6 +989,9 @@ def import_peft(path: str | os.PathLike, base_params: Any, name_map: NameMap,
       a = np.stack([layers[k][0] for k in range(n)])
       b = np.stack([layers[k][1] for k in range(n)])
       alpha = layers[0][3]
+      magnitude = None if not use_dora else np.stack([layers[k][4] for k in range(n)])
     leaves[i] = LoraWeight(w, jnp.asarray(a), jnp.asarray(b), alpha=alpha,
                            rslora=rslora, layout=layouts_found[i])
+    if use_dora:
+      leaves[i] = dora.from_lora(leaves[i], jnp.asarray(magnitude))
   return jax.tree_util.tree_unflatten(treedef, leaves)

@@ -11,9 +11,11 @@ import numpy as np
 from xrapture._src import pytypes
 from xrapture._src.implicit import implicit_array
 from xrapture._src.implicit import registry
+from xrapture._src.lora import dora
 from xrapture._src.lora import lora_weight
 from xrapture._src.transform import layout as layout_lib
 from xrapture._src.transform import paths
+from xrapture._src.transform import pissa
 from xrapture._src.transform import spec as spec_lib
 
 LoraWeight = lora_weight.LoraWeight
@@ -187,9 +189,11 @@ def adapt_params(rng: jax.Array, params: Any, lora_spec: Any,
       out.append(value)
       continue
     layout = found.get(i) or layout_lib.default(np.ndim(value))
-    out.append(init_lora_weight(
+    lora = init_lora_weight(
         keys[i], value, rank, spec_lib.alpha_for(spec, path), layout,
-        spec.init_stddev, spec.dtype, spec.rslora))
+        spec.init_stddev, spec.dtype, spec.rslora)
+    lora = pissa.initialize(lora, spec.get("init", "default"))
+    out.append(dora.from_lora(lora) if spec.get("use_dora", False) else lora)
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -230,12 +234,13 @@ def merge_params(params: pytypes.Params, destructive: bool = False) -> pytypes.P
 def split_lora_params(params: pytypes.Params, lora_spec: pytypes.LoraSpec) -> pytypes.Params:
   """The trainable part of ``params``, with ``EmptyNode`` elsewhere.
 
-  Every LoraWeight keeps ``a`` and ``b`` (its ``w`` becomes EmptyNode),
+  Every LoraWeight keeps ``a`` and ``b`` (its ``w`` becomes EmptyNode; a
+  DoraWeight also keeps its ``magnitude``),
   ``LORA_FULL`` leaves are kept, frozen leaves become EmptyNode. Use it to
   checkpoint only what training changed.
   """
   def one(rank, value):
-    if isinstance(value, LoraWeight):
+    if dora.is_adapter(value):
       return implicit_array.map_fields(
           lambda name, x: implicit_array.EmptyNode if name == "w" else x, value)
     return value if rank == LORA_FULL else implicit_array.EmptyNode

@@ -26,6 +26,8 @@ from xrapture._src.implicit import interpreter
 from xrapture._src.lora import lora_weight
 from xrapture._src.optim import freeze
 from xrapture._src.transform import adapters
+from xrapture._src.transform import layout as layout_lib
+from xrapture._src.transform import multi_adapter
 from xrapture._src.transform import paths
 
 LORA_FREEZE = lora_weight.LORA_FREEZE
@@ -87,6 +89,17 @@ class XRapTure:
   def merge_parameters(lora_parameters: Any, destructive: bool = True) -> Any:
     """Dense params: every LoraWeight becomes ``w + scale · b @ a``."""
     return adapters.merge_params(lora_parameters, destructive=destructive)
+
+  # Several adapters over one base: the functional API of xrapture.AdapterSet.
+  # `XRapTure.add_adapter(multi_adapter.AdapterSet(base), "fr", lora_parameters)`.
+  add_adapter = staticmethod(multi_adapter.add_adapter)
+  set_adapter = staticmethod(multi_adapter.set_adapter)
+  disable_adapters = staticmethod(multi_adapter.disable_adapters)
+  delete_adapter = staticmethod(multi_adapter.delete_adapter)
+  adapter_params = staticmethod(multi_adapter.adapter_params)
+  add_weighted_adapter = staticmethod(multi_adapter.add_weighted_adapter)
+  merge_adapter = staticmethod(multi_adapter.merge_adapter)
+  unmerge_adapter = staticmethod(multi_adapter.unmerge_adapter)
 
   def base_decision_function(self, path, params: Any = None) -> int:
     """``LORA_FULL``, ``lora_dim`` or ``LORA_FREEZE`` for the parameter at ``path``.

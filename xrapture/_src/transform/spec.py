@@ -47,6 +47,17 @@ def default_spec() -> ml_collections.ConfigDict:
     alpha_pattern: ``(regex, alpha)`` pairs, likewise (``()``).
     dropout: dropout on the LoRA path's input, drawn from the ``rng`` given
       to ``apply``; off when that rng is None (0.0).
+    init: how adapters start: ``"default"`` (``b = 0``, ``a`` as
+      ``init_stddev`` says) or ``"pissa"`` (PEFT's PiSSA: the adapter holds
+      the top-``rank`` singular directions of each kernel's grouped matrix,
+      the kernel keeps the residual; export with
+      ``export_peft(..., initial=<params adapt returned>)``) (``"default"``).
+    use_dora: DoRA (weight-decomposed LoRA, PEFT's ``use_dora``): each
+      adapted kernel becomes a :class:`xrapture.DoraWeight`, a trainable
+      magnitude per output feature times the kernel ``w + s·b@a``
+      normalized per output feature over its in group; the magnitude starts
+      at the base kernel's norms, so the model starts equal to its base
+      (False).
 
   Examples:
     >>> import xrapture
@@ -71,6 +82,8 @@ def default_spec() -> ml_collections.ConfigDict:
   spec.rank_pattern = ()
   spec.alpha_pattern = ()
   spec.dropout = 0.0
+  spec.init = "default"
+  spec.use_dora = False
   spec.lock()
   return spec
 

@@ -1,0 +1,184 @@
+"""Tests for PiSSA initialization and its export rule (xrapture/_src/transform/pissa.py).
+
+References: numpy's SVD of the grouped matrix; real PEFT's
+``init_lora_weights="pissa"`` on a torch twin; and the converted export
+loaded by ``peft.PeftModel.from_pretrained`` on the ORIGINAL torch base.
+"""
+
+import json
+import os
+import tempfile
+import warnings
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import xrapture
+from xrapture._src.lora import lora_weight
+from xrapture._src.testing import reference
+from xrapture._src.transform import pissa
+
+try:
+  import peft  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from torch import nn  # pylint: disable=g-import-not-at-top
+except ImportError:
+  peft = torch = nn = None
+
+IN, HIDDEN, OUT = 7, 9, 5
+
+
+def _np_delta(lora):
+  return reference.delta(lora, np.asarray(lora.a, np.float64),
+                         np.asarray(lora.b, np.float64), np)
+
+
+class PissaInitTest(parameterized.TestCase):
+
+  @parameterized.parameters(("io", (12, 10), 3), ("iio", (3, 4, 10), 4),
+                            ("sio", (2, 12, 10), 3), ("oii", (10, 3, 4), 2))
+  def test_top_r_part_and_residual(self, layout, shape, r):
+    w = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)
+    a_shape, b_shape = lora_weight.factor_shapes(shape, layout, r)
+    lora = xrapture.LoraWeight(w, jnp.zeros(a_shape), jnp.zeros(b_shape), alpha=2.0,
+                               layout=layout)
+    init = pissa.pissa_init(lora)
+    delta = _np_delta(init)
+    # w keeps the residual: residual + update is the original kernel.
+    np.testing.assert_allclose(np.asarray(init.w, np.float64) + delta, w, atol=2e-5)
+    # The update is the top-r part of the grouped matrix's SVD (numpy's).
+    groups = lora_weight.groups(layout)
+    order = sum(groups, ())
+    s_shape = tuple(shape[d] for d in groups[0])
+    m, n = lora.grouped_shape
+    grouped = np.transpose(np.asarray(w, np.float64), order).reshape(s_shape + (m, n))
+    u, s, vh = np.linalg.svd(grouped, full_matrices=False)
+    top = np.einsum("...ik,...k,...kj->...ij", u[..., :r], s[..., :r], vh[..., :r, :])
+    got = np.transpose(delta, order).reshape(s_shape + (m, n))
+    np.testing.assert_allclose(got, top, atol=2e-5)
+    # b and a are U_r·sqrt(S_r/s) and sqrt(S_r/s)·V_rᵀ: orthogonal, equal norms.
+    b = np.asarray(init.b, np.float64).reshape(s_shape + (m, r))
+    a = np.asarray(init.a, np.float64).reshape(s_shape + (r, n))
+    want = np.einsum("...k,kl->...kl", s[..., :r] / init.get_scale(), np.eye(r))
+    np.testing.assert_allclose(np.swapaxes(b, -1, -2) @ b, want, atol=1e-4)
+    np.testing.assert_allclose(a @ np.swapaxes(a, -1, -2), want, atol=1e-4)
+
+  def test_transform_starts_equal_to_the_base(self):
+    spec = xrapture.default_spec()
+    spec.rank, spec.init = 2, "pissa"
+    forward = lambda x: hk.Linear(OUT)(jnp.tanh(hk.Linear(HIDDEN)(x)))
+    model = xrapture.transform(forward, spec)
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(3, IN)), jnp.float32)
+    base = model.init(jax.random.PRNGKey(0), x)
+    params = model.adapt(jax.random.PRNGKey(1), base)
+    np.testing.assert_allclose(model.apply(params, None, x),
+                               hk.transform(forward).apply(base, None, x), atol=1e-5)
+    self.assertGreater(np.abs(params["linear"]["w"].w - base["linear"]["w"]).max(), 0.1)
+    spec.init = "olora"
+    with self.assertRaisesRegex(ValueError, r"spec.init must be one of \('default', 'pissa'\)"):
+      xrapture.transform(forward, spec).adapt(jax.random.PRNGKey(1), base)
+
+
+def _forward(x):
+  return hk.Linear(OUT, name="head")(jnp.tanh(hk.Linear(HIDDEN, name="up")(x)))
+
+
+_NAME_MAP = {"up/w": "up", "head/w": "head"}
+
+
+@absltest.skipIf(peft is None, "torch and peft are not importable")
+class PissaPeftTest(absltest.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    rng = np.random.default_rng(0)
+    self.x = rng.normal(size=(6, IN)).astype(np.float32)
+    self.y = rng.normal(size=(6, OUT)).astype(np.float32)
+    self.base = hk.transform(_forward).init(jax.random.PRNGKey(0), self.x)
+    self.spec = xrapture.default_spec()
+    self.spec.rank, self.spec.alpha, self.spec.init = 2, 3.0, "pissa"
+    self.model = xrapture.transform(_forward, self.spec)
+    tmp = tempfile.TemporaryDirectory()
+    self.addCleanup(tmp.cleanup)
+    self.tmp = tmp.name
+
+  def _torch(self):
+    model = nn.Sequential()
+    model.up, model.act, model.head = nn.Linear(IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, OUT)
+    b = self.base
+    state = {"up.weight": b["up"]["w"].T, "up.bias": b["up"]["b"],
+             "head.weight": b["head"]["w"].T, "head.bias": b["head"]["b"]}
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
+    return model.eval()
+
+  def test_init_matches_peft(self):
+    model = peft.get_peft_model(self._torch(), peft.LoraConfig(
+        r=2, lora_alpha=3, target_modules=["up", "head"], init_lora_weights="pissa"))
+    params = self.model.adapt(jax.random.PRNGKey(1), self.base)
+    for name in ("up", "head"):
+      layer = getattr(model.base_model.model, name)
+      residual = layer.base_layer.weight.detach().numpy().T
+      np.testing.assert_allclose(params[name]["w"].w, residual, atol=1e-5)
+      update = (layer.scaling["default"] * layer.lora_B["default"].weight
+                @ layer.lora_A["default"].weight).detach().numpy().T
+      np.testing.assert_allclose(_np_delta(params[name]["w"]), update, atol=1e-5)
+
+  def test_trained_export_loads_on_the_original_base(self):
+    initial = self.model.adapt(jax.random.PRNGKey(1), self.base)
+    lora_spec = self.model.spec(self.base)
+    tx = xrapture.wrap_optimizer(optax.adam(3e-2), lora_spec)
+    params, state = initial, tx.init(initial)
+    loss = lambda p: jnp.mean((self.model.apply(p, None, self.x) - self.y) ** 2)
+    for _ in range(2):
+      grads = jax.grad(loss)(params)
+      updates, state = tx.update(grads, state, params)
+      params = optax.apply_updates(params, updates)
+    want = np.asarray(self.model.apply(params, None, self.x))
+    base_out = np.asarray(hk.transform(_forward).apply(self.base, None, self.x))
+    self.assertGreater(np.abs(want - base_out).max(), 1e-3)   # training moved it
+
+    with self.assertRaisesRegex(ValueError, "PiSSA.*initial="):
+      xrapture.export_peft(self.tmp + "/x", params, self.spec, _NAME_MAP)
+    plain_spec = xrapture.default_spec()
+    plain_spec.rank = 2
+    wrong = xrapture.transform(_forward, plain_spec).adapt(jax.random.PRNGKey(1), self.base)
+    with self.assertRaisesRegex(ValueError, "initial params for 'head/w'.*does not belong"):
+      xrapture.export_peft(self.tmp + "/x", params, self.spec, _NAME_MAP, initial=wrong)
+
+    path = os.path.join(self.tmp, "converted")
+    xrapture.export_peft(path, params, self.spec, _NAME_MAP, initial=initial)
+    with open(os.path.join(path, "adapter_config.json")) as f:
+      config = json.load(f)
+    self.assertEqual((config["r"], config["lora_alpha"], config["init_lora_weights"]),
+                     (4, 6, True))
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      loaded = peft.PeftModel.from_pretrained(self._torch(), path).eval()
+    with torch.no_grad():
+      got = loaded(torch.from_numpy(self.x)).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # Positive control: the trained factors alone on the original base differ.
+    unconverted = os.path.join(self.tmp, "unconverted")
+    xrapture.export_peft(unconverted, params, None, _NAME_MAP)
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      wrong_model = peft.PeftModel.from_pretrained(self._torch(), unconverted).eval()
+    with torch.no_grad():
+      self.assertGreater(np.abs(wrong_model(torch.from_numpy(self.x)).numpy() - want).max(),
+                         1e-2)
+    # And import_peft of the converted file onto the original base reproduces it.
+    back = xrapture.import_peft(path, self.base, _NAME_MAP)
+    np.testing.assert_allclose(
+        xrapture.use_implicit_args(hk.transform(_forward).apply)(back, None, self.x),
+        want, atol=1e-5)
+
+
+if __name__ == "__main__":
+  absltest.main()
