@@ -60,6 +60,7 @@ setup(
         # that lies on the CI machines' disk: an open range pulls a multi-GB
         # CUDA build.
         'peft': [
+            'bitsandbytes',
             'peft',
             'torch==2.13.0',
         ],

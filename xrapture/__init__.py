@@ -2,6 +2,7 @@
 
 from xrapture._src import implicit as _implicit  # registers higher-order rules
 from xrapture._src import lora as _lora  # registers LoraWeight handlers
+from xrapture._src import quant as _quant  # registers QuantizedArray handlers
 from xrapture._src.implicit.implicit_array import ArrayValue
 from xrapture._src.implicit.implicit_array import aux_field
 from xrapture._src.implicit.implicit_array import EmptyNode
@@ -27,6 +28,9 @@ from xrapture._src.lora.lora_weight import LoraWeight
 from xrapture._src.optim.freeze import freeze_keys
 from xrapture._src.optim.freeze import freeze_subtrees
 from xrapture._src.optim.wrap import wrap_optimizer
+from xrapture._src.quant.quantize import quantize_array
+from xrapture._src.quant.quantized_array import dequantize
+from xrapture._src.quant.quantized_array import QuantizedArray
 from xrapture._src.transform.adapters import count_trainable
 from xrapture._src.transform.adapters import merge_params
 from xrapture._src.transform.adapters import split_lora_params
@@ -47,6 +51,7 @@ __all__ = (
     "CustomRuleDroppedWarning",
     "default_handler",
     "default_spec",
+    "dequantize",
     "EmptyNode",
     "export_peft",
     "freeze_keys",
@@ -65,6 +70,8 @@ __all__ = (
     "materialize_nested",
     "merge_params",
     "primitive_handler",
+    "quantize_array",
+    "QuantizedArray",
     "save_adapter",
     "split_lora_params",
     "strict_mode",

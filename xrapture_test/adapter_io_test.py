@@ -1,10 +1,12 @@
 """Tests for xrapture.save_adapter / xrapture.load_adapter (xrapture/_src/io/adapter.py)."""
 
+import errno
 import functools
 import json
 import os
 import tempfile
 from unittest import mock
+import warnings
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -16,6 +18,7 @@ import safetensors
 import safetensors.numpy
 import xrapture
 from xrapture._src.io import adapter
+from xrapture._src.io import integrity
 
 _X = np.random.default_rng(0).normal(size=(2, 8, 4)).astype(np.float32)
 
@@ -75,6 +78,56 @@ def _flat(tree):
   return {jax.tree_util.keystr(p): v for p, v in flat}
 
 
+def _assert_restored(test, loaded, trained, base):
+  """Bit-identical a, b and full leaves; w the base's own array."""
+  got, want, base_flat = _flat(loaded), _flat(trained), _flat(base)
+  test.assertEqual(set(got), set(want))
+  for key, value in want.items():
+    if isinstance(value, xrapture.LoraWeight):
+      restored = got[key]
+      test.assertIsInstance(restored, xrapture.LoraWeight)
+      test.assertIs(restored.w, base_flat[key])
+      for field in ("a", "b"):
+        x, y = getattr(restored, field), getattr(value, field)
+        test.assertEqual(x.dtype, y.dtype, key + field)
+        test.assertEqual(x.shape, y.shape, key + field)
+        # Bit-identical (compare the raw bits, also for bfloat16).
+        np.testing.assert_array_equal(
+            np.asarray(x).view(np.uint8), np.asarray(y).view(np.uint8), key + field)
+      test.assertEqual((restored.alpha, restored.rslora), (value.alpha, value.rslora))
+    else:
+      test.assertEqual(got[key].dtype, value.dtype, key)
+      np.testing.assert_array_equal(
+          np.asarray(got[key]).view(np.uint8), np.asarray(value).view(np.uint8), key)
+
+
+def _rewrite(path, edit=None, rechecksum=False):
+  """Rewrites the adapter file at ``path`` after ``edit(header, tensors)``.
+
+  Args:
+    path: a file save_adapter wrote.
+    edit: changes header and tensors in place.
+    rechecksum: recompute the checksum after the edit (a consistent file
+      with wrong content, as a buggy writer would make); else keep the saved
+      one (as a damaged or hand-edited file has it).
+  """
+  with safetensors.safe_open(path, framework="numpy") as f:
+    header = json.loads(f.metadata()["xrapture"])
+    tensors = {k: f.get_tensor(k) for k in f.keys()}
+  if edit is not None:
+    edit(header, tensors)
+  if rechecksum:
+    header.pop(integrity.KEY, None)
+    header[integrity.KEY] = integrity.record(header, tensors)
+  with open(path, "wb") as f:
+    f.write(safetensors.numpy.save(tensors, metadata={"xrapture": json.dumps(header)}))
+
+
+def _without_checksum(header, tensors):
+  del tensors
+  header.pop(integrity.KEY)
+
+
 class AdapterFileTest(parameterized.TestCase):
 
   def _path(self, name="adapter.safetensors"):
@@ -84,25 +137,7 @@ class AdapterFileTest(parameterized.TestCase):
     return os.path.join(tmp.name, name)
 
   def assert_restored(self, loaded, trained, base):
-    got, want, base_flat = _flat(loaded), _flat(trained), _flat(base)
-    self.assertEqual(set(got), set(want))
-    for key, value in want.items():
-      if isinstance(value, xrapture.LoraWeight):
-        restored = got[key]
-        self.assertIsInstance(restored, xrapture.LoraWeight)
-        self.assertIs(restored.w, base_flat[key])
-        for field in ("a", "b"):
-          x, y = getattr(restored, field), getattr(value, field)
-          self.assertEqual(x.dtype, y.dtype, key + field)
-          self.assertEqual(x.shape, y.shape, key + field)
-          # Bit-identical (compare the raw bits, also for bfloat16).
-          np.testing.assert_array_equal(
-              np.asarray(x).view(np.uint8), np.asarray(y).view(np.uint8), key + field)
-        self.assertEqual((restored.alpha, restored.rslora), (value.alpha, value.rslora))
-      else:
-        self.assertEqual(got[key].dtype, value.dtype, key)
-        np.testing.assert_array_equal(
-            np.asarray(got[key]).view(np.uint8), np.asarray(value).view(np.uint8), key)
+    _assert_restored(self, loaded, trained, base)
 
   @parameterized.named_parameters(
       ("f32", {}, None),
@@ -234,10 +269,7 @@ class AdapterFileTest(parameterized.TestCase):
     _, base, trained, lora_spec = _trained()
     path = self._path()
     xrapture.save_adapter(path, trained, lora_spec)
-    header, tensors = adapter.read_adapter(path)
-    del tensors["conv/w::b"]
-    with open(path, "wb") as f:
-      f.write(safetensors.numpy.save(tensors, metadata={"xrapture": json.dumps(header)}))
+    _rewrite(path, lambda header, tensors: tensors.pop("conv/w::b"))
     with self.assertRaisesRegex(ValueError, r"'conv/w'.*conv/w::b.*missing"):
       xrapture.load_adapter(path, base)
 
@@ -263,6 +295,262 @@ class AdapterFileTest(parameterized.TestCase):
       self.assertEqual(f.read(), old)
     self.assertEqual(os.listdir(os.path.dirname(path)), ["adapter.safetensors"])
     self.assert_restored(xrapture.load_adapter(path, base), trained, base)
+
+
+class AdapterIntegrityTest(parameterized.TestCase):
+  """Damaged or edited files are refused, naming the file and what differs."""
+
+  def _saved(self, **overrides):
+    tmp = tempfile.TemporaryDirectory()
+    self.addCleanup(tmp.cleanup)
+    path = os.path.join(tmp.name, "adapter.safetensors")
+    _, base, trained, lora_spec = _trained(**overrides)
+    xrapture.save_adapter(path, trained, lora_spec)
+    return path, base, trained
+
+  def assert_refused(self, path, base, *patterns):
+    with self.assertRaises(ValueError) as ctx:
+      xrapture.load_adapter(path, base)
+    message = str(ctx.exception)
+    self.assertIn(path, message)
+    for pattern in patterns:
+      self.assertRegex(message, pattern)
+
+  def test_saved_file_verifies_and_loads_silently(self):
+    path, base, trained = self._saved()
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")
+      loaded = xrapture.load_adapter(path, base)
+    _assert_restored(self, loaded, trained, base)
+
+  @parameterized.parameters("conv/w::a", "conv/w::b", "head/w", "layer_norm/scale")
+  def test_changed_tensor_data(self, key):
+    path, base, _ = self._saved()
+
+    def flip(header, tensors):
+      del header
+      arr = tensors[key].copy()
+      arr.reshape(-1).view(np.uint32)[0] ^= 1 << 3  # one low mantissa bit
+      tensors[key] = arr
+    _rewrite(path, flip)
+    self.assert_refused(path, base, "does not match its checksum",
+                        rf"tensors '{key}' differ")
+
+  @parameterized.parameters(("alpha", 5.0), ("rslora", True), ("alpha", 4.000000001))
+  def test_edited_header_field(self, field, value):
+    # An entry whose numbers still make sense: only the checksum can tell.
+    path, base, _ = self._saved()
+
+    def edit(header, tensors):
+      del tensors
+      header["entries"]["conv/w"][field] = value
+    _rewrite(path, edit)
+    self.assert_refused(path, base, "does not match its checksum",
+                        r"header entries 'conv/w' differ")
+
+  def test_every_entry_field_is_covered_also_new_ones(self):
+    # A field added to entries later (a kernel layout, say) is covered too.
+    path, base, trained = self._saved()
+
+    def add(header, tensors):
+      del tensors
+      header["entries"]["conv/w"]["layout"] = "window"
+    _rewrite(path, add, rechecksum=True)
+    _assert_restored(self, xrapture.load_adapter(path, base), trained, base)
+
+    def change(header, tensors):
+      del tensors
+      header["entries"]["conv/w"]["layout"] = "stacked"
+    _rewrite(path, change)
+    self.assert_refused(path, base, r"header entries 'conv/w' differ")
+
+  def test_header_fields_outside_entries_are_covered(self):
+    path, base, _ = self._saved()
+    _rewrite(path, lambda header, tensors: header.update(xrapture_version="9.9.9"))
+    self.assert_refused(path, base, "header fields .*'xrapture_version'")
+
+  def test_removed_entry_and_tensors(self):
+    path, base, _ = self._saved()
+
+    def remove(header, tensors):
+      del header["entries"]["head/w"], tensors["head/w"]
+    _rewrite(path, remove)
+    self.assert_refused(path, base, r"entries 'head/w' were saved but are gone",
+                        r"tensors 'head/w' were saved but are gone")
+
+  def test_damaged_checksum_record(self):
+    path, base, _ = self._saved()
+
+    def damage(header, tensors):
+      del tensors
+      header[integrity.KEY]["algorithm"] = "md5"
+    _rewrite(path, damage)
+    self.assert_refused(path, base, "checksum record itself is damaged")
+
+  @parameterized.named_parameters(
+      ("full_leaf_as_float16", "head/w", lambda x: x.astype(np.float16),
+       r"'head/w' is stored as float16, but its 'base_dtype' 'float32' needs float32"),
+      ("full_leaf_too_short", "head/w", lambda x: x[:-1],
+       r"'head/w' has shape \(5, 3\), the entry's base_shape is \(6, 3\)"),
+      ("factor_of_another_rank", "conv/w::b", lambda x: x[..., :1],
+       r"'conv/w'.*rank must agree"),
+      ("factor_too_long", "conv/w::a", lambda x: np.concatenate([x, x], -1),
+       r"'conv/w': its factors do not fit base_shape"),
+  )
+  def test_tensor_does_not_fit_its_entry(self, key, change, pattern):
+    # Even with a matching checksum (a buggy writer), tensors must fit entries.
+    path, base, _ = self._saved()
+
+    def edit(header, tensors):
+      del header
+      tensors[key] = np.ascontiguousarray(change(tensors[key]))
+    _rewrite(path, edit, rechecksum=True)
+    self.assert_refused(path, base, pattern)
+
+  def test_rank_field_must_match_the_factors(self):
+    path, base, _ = self._saved()
+
+    def edit(header, tensors):
+      del tensors
+      header["entries"]["conv/w"]["rank"] = 3
+    _rewrite(path, edit, rechecksum=True)
+    self.assert_refused(path, base, r"'conv/w': factors of rank 2, the entry's rank is 3")
+
+  @parameterized.named_parameters(
+      ("kind", "kind", "lorb", r"kind 'lorb'; expected one of \['full', 'lora'\]"),
+      ("alpha_nan", "alpha", float("nan"), r"field 'alpha' = nan is not a finite number"),
+      ("rank_string", "rank", "2", r"field 'rank' = '2' is not an integer >= 1"),
+      ("dtype", "a_dtype", "flaot32", r"field 'a_dtype' = 'flaot32' is not a floating"),
+      ("shape", "base_shape", [3, "x"], r"field 'base_shape' .* is not a shape"),
+  )
+  def test_malformed_entry_field(self, field, value, pattern):
+    path, base, _ = self._saved()
+
+    def edit(header, tensors):
+      del tensors
+      header["entries"]["conv/w"][field] = value
+    _rewrite(path, edit, rechecksum=True)
+    self.assert_refused(path, base, "header entry 'conv/w'", pattern)
+
+  def test_missing_entry_field(self):
+    # Was a raw KeyError('alpha') without the path.
+    path, base, _ = self._saved()
+    _rewrite(path, lambda header, tensors: header["entries"]["conv/w"].pop("alpha"),
+             rechecksum=True)
+    self.assert_refused(path, base, r"'conv/w' lacks fields \['alpha'\]")
+
+  @parameterized.named_parameters(
+      ("not_json", "{\"format\": \"xrapture-adapter\", ", "not valid JSON"),
+      ("not_a_record", "[1, 2]", "not a record"),
+      ("no_entries", json.dumps({"format": "xrapture-adapter", "format_version": 1}),
+       "no 'entries' record"),
+      ("entry_not_a_record",
+       json.dumps({"format": "xrapture-adapter", "format_version": 1, "entries": {"x": 3}}),
+       "header entry 'x' is not a record"),
+  )
+  def test_unreadable_header(self, text, pattern):
+    # Were raw JSONDecodeError / AttributeError / KeyError without the path.
+    path, base, _ = self._saved()
+    with safetensors.safe_open(path, framework="numpy") as f:
+      tensors = {k: f.get_tensor(k) for k in f.keys()}
+    with open(path, "wb") as f:
+      f.write(safetensors.numpy.save(tensors, metadata={"xrapture": text}))
+    self.assert_refused(path, base, pattern)
+
+  def test_stray_tensor(self):
+    path, base, _ = self._saved()
+    _rewrite(path, lambda header, tensors: tensors.update(extra=np.zeros(2, np.float32)),
+             rechecksum=True)
+    self.assert_refused(path, base, r"tensors \['extra'\] that no header entry lists")
+
+  def test_file_without_checksum_loads_with_a_warning(self):
+    # Files from xrapture 0.1.0 have no checksum; they keep loading.
+    path, base, trained = self._saved(dtype="bfloat16")
+    _rewrite(path, _without_checksum)
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      loaded = xrapture.load_adapter(path, base)
+    _assert_restored(self, loaded, trained, base)
+    messages = [str(w.message) for w in caught]
+    self.assertLen(messages, 1)
+    self.assertIn(path, messages[0])
+    self.assertIn("no checksum", messages[0])
+
+  def test_file_without_checksum_is_still_checked(self):
+    path, base, _ = self._saved()
+
+    def edit(header, tensors):
+      header.pop(integrity.KEY)
+      tensors["head/w"] = tensors["head/w"].astype(np.float16)
+    _rewrite(path, edit)
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      self.assert_refused(path, base, r"'head/w' is stored as float16")
+
+  @parameterized.parameters("checksun", "entries2")
+  def test_unknown_field_without_checksum(self, name):
+    # One flipped bit in "checksum" drops the record: the odd field tells.
+    path, base, _ = self._saved()
+
+    def edit(header, tensors):
+      del tensors
+      header[name] = header.pop(integrity.KEY)
+    _rewrite(path, edit)
+    self.assert_refused(path, base, rf"no checksum but header fields \['{name}'\]")
+
+
+class SaveAdapterErrorsTest(parameterized.TestCase):
+
+  def _path(self):
+    tmp = tempfile.TemporaryDirectory()
+    self.addCleanup(tmp.cleanup)
+    return os.path.join(tmp.name, "adapter.safetensors")
+
+  def test_base_params_are_refused(self):
+    _, base, _, lora_spec = _trained()
+    path = self._path()
+    with self.assertRaisesRegex(ValueError, r"(?s)'conv/w'.*plain arrays.*model.adapt"):
+      xrapture.save_adapter(path, base, lora_spec)
+    self.assertFalse(os.path.exists(path))
+
+  def test_nothing_to_save_is_refused(self):
+    _, base, _, _ = _trained(full=(), tune_vectors=False)
+    frozen = jax.tree.map(lambda _: xrapture.LORA_FREEZE, base)
+    path = self._path()
+    with self.assertRaisesRegex(ValueError, "would be empty"):
+      xrapture.save_adapter(path, base, frozen)
+    self.assertFalse(os.path.exists(path))
+
+  @parameterized.parameters(errno.ENOSPC, errno.EACCES, errno.EROFS)
+  def test_write_errors_name_the_file(self, code):
+    _, base, trained, lora_spec = _trained()
+    path = self._path()
+    xrapture.save_adapter(path, trained, lora_spec)
+    with open(path, "rb") as f:
+      old = f.read()
+
+    class Failing:
+      def __init__(self, *args, **kwargs):
+        del args, kwargs
+
+      def __enter__(self):
+        return self
+
+      def __exit__(self, *exc):
+        return False
+
+      def write(self, data):
+        raise OSError(code, os.strerror(code))
+
+    with mock.patch.object(adapter.atomic, "open", Failing, create=True):
+      with self.assertRaises(OSError) as ctx:
+        xrapture.save_adapter(path, trained, lora_spec)
+    self.assertEqual(ctx.exception.errno, code)
+    self.assertIn(path, str(ctx.exception))
+    self.assertIn(os.strerror(code), str(ctx.exception))
+    with open(path, "rb") as f:
+      self.assertEqual(f.read(), old)
+    self.assertEqual(os.listdir(os.path.dirname(path)), ["adapter.safetensors"])
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import warnings
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -108,6 +109,40 @@ class LoraSpecTest(parameterized.TestCase):
         _params(), _spec(rank_pattern=((".*linear_1/w", 0),)))
     self.assertEqual(spec["mlp/~/linear_1"]["w"], FREEZE)
     self.assertEqual(spec["mlp/~/linear_0"]["w"], 2)
+
+  @parameterized.parameters(0, -2)
+  def test_rank_below_one_names_the_rank(self, rank):
+    # Was "targets match no parameter": the rank is the problem.
+    with self.assertRaisesRegex(ValueError, rf"spec.rank = {rank} must be an integer >= 1"):
+      adapters.lora_spec_from_config(_params(), _spec(rank=rank))
+
+  @parameterized.parameters(
+      ("targets", ("(",)), ("full", ("[a",)), ("rank_pattern", (("(", 2),)),
+      ("alpha_pattern", (("(", 2.0),)))
+  def test_bad_regex_names_the_field(self, field, value):
+    # Was a bare re.error.
+    with self.assertRaisesRegex(ValueError, rf"spec.{field}\[0\].* is not a valid regex"):
+      adapters.lora_spec_from_config(_params(), _spec(**{field: value}))
+
+  @parameterized.named_parameters(
+      ("alpha_zero", "alpha", 0.0), ("alpha_nan", "alpha", float("nan")),
+      ("alpha_inf", "alpha", float("inf")), ("init_stddev_zero", "init_stddev", 0.0),
+      ("init_stddev_nan", "init_stddev", float("nan")), ("dtype_int8", "dtype", "int8"),
+      ("dropout", "dropout", 1.5))
+  def test_adapt_refuses_degenerate_values(self, field, value):
+    # These were accepted and trained nothing (alpha, init_stddev), failed
+    # inside jax.grad (dtype) or at the first step (dropout).
+    spec = _spec(**{field: value})
+    model = xrapture.transform(lambda x: hk.Linear(3)(x), spec)
+    x = jnp.ones((2, 4))
+    base = model.init(jax.random.PRNGKey(0), x)
+    with self.assertRaisesRegex(ValueError, rf"spec.{field} = "):
+      model.adapt(jax.random.PRNGKey(1), base)
+    with self.assertRaisesRegex(ValueError, rf"spec.{field} = "):
+      model.spec(base)
+    setattr(spec, field, getattr(xrapture.default_spec(), field))  # positive control
+    self.assertIsInstance(model.adapt(jax.random.PRNGKey(1), base)["linear"]["w"],
+                          LoraWeight)
 
   @parameterized.parameters("targets", "full")
   def test_integer_params(self, field):

@@ -15,6 +15,7 @@ from absl.testing import flagsaver
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import memory  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import quant  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import scaling  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import step_time  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -72,6 +73,16 @@ class BenchmarksSmokeTest(absltest.TestCase):
     self.assertLess(child["opt_state_bytes"], full["opt_state_bytes"])
     ratios = memory.ratios({"full B=2": full, "xrapture B=2": child}, ["2"])
     self.assertIn("xrapture B=2: XLA step bytes", ratios)
+
+  def test_quant_table(self):
+    out = os.path.join(self.out_dir, "quant.json")
+    with flagsaver.flagsaver(out=out, d_in=64, d_out=32, rounds=1, warmup=0):
+      quant.main([])
+    with open(out) as f:
+      kinds = json.load(f)["kinds"]
+    self.assertEqual(kinds["fp32"]["bits_per_param"], 32)
+    self.assertLess(kinds["nf4+dq"]["bytes"], kinds["nf4"]["bytes"])
+    self.assertLess(kinds["nf4"]["bytes"], kinds["int8"]["bytes"])
 
 
 if __name__ == "__main__":

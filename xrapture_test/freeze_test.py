@@ -131,6 +131,25 @@ class FreezeSubtreesTest(parameterized.TestCase):
     chex_equal = lambda a, b: np.testing.assert_array_equal(a, b)
     jax.tree.map(chex_equal, new["linear"], params["linear"])
 
+  @parameterized.product(use_scalar_zeros=(False, True), pass_params=(False, True))
+  def test_frozen_integer_leaves_with_float0_gradients(self, use_scalar_zeros,
+                                                       pass_params):
+    # jax.grad(allow_int=True) gives integer leaves float0 gradients, which
+    # support no arithmetic; optax.apply_updates must still work.
+    params = {"scale": _rand(0, N), "step": jnp.arange(3, dtype=jnp.int32)}
+    loss = lambda p: jnp.sum(p["scale"] ** 2) + 0.0 * p["step"].sum()
+    grads = jax.grad(loss, allow_int=True)(params)
+    self.assertEqual(grads["step"].dtype, jax.dtypes.float0)
+    tx = xrapture.freeze_subtrees(optax.adam(0.1), {"scale": False, "step": True},
+                                  use_scalar_zeros=use_scalar_zeros)
+    state = tx.init(params)
+    updates, _ = tx.update(grads, state, params if pass_params else None)
+    new = optax.apply_updates(params, updates)
+    np.testing.assert_array_equal(new["step"], np.arange(3))
+    self.assertEqual(new["step"].dtype, jnp.int32)
+    np.testing.assert_allclose(new["scale"], params["scale"] - 0.1 * np.sign(params["scale"]),
+                               rtol=1e-5, atol=1e-6)
+
 
 if __name__ == "__main__":
   absltest.main()

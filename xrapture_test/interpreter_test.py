@@ -1,11 +1,13 @@
 """Tests for use_implicit_args (xrapture/_src/implicit/interpreter.py)."""
 
+import dataclasses
 import doctest
 import warnings
 
 from absl.testing import absltest
 from absl.testing import parameterized
 import chex
+import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +17,16 @@ from xrapture._src.implicit import registry
 from xrapture._src.testing import reference
 
 M, N, R = 48, 40, 4
+
+
+@dataclasses.dataclass
+class Mode:  # unhashable: eq=True without frozen=True sets __hash__ = None
+  temperature: float
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenMode:
+  temperature: float
 
 
 def _rand(seed, *shape):
@@ -67,6 +79,79 @@ class UseImplicitArgsTest(parameterized.TestCase):
     self.assertEqual(fn(x, lora, 5).shape, (3, 5))
     self.assertEqual(fn(x, lora, 7).shape, (3, 7))
     self.assertEqual(fn.cache_size(), 2)
+
+  @parameterized.named_parameters(
+      ("positional", lambda fn, x, w: fn(x, w, Mode(2.0)), r"args\[2\]"),
+      ("keyword", lambda fn, x, w: fn(x, w, mode=Mode(2.0)), r"kwargs\['mode'\]"),
+      ("nested", lambda fn, x, w: fn(x, w, {"m": [Mode(2.0)]}), r"args\[2\]\['m'\]\[0\]"))
+  def test_unhashable_static_argument_is_refused(self, call, where):
+    fn = xrapture.use_implicit_args(lambda x, w, mode: x @ w)
+    with self.assertRaises(TypeError) as ctx:
+      call(fn, _rand(0, 3, M), _lora())
+    message = str(ctx.exception)
+    self.assertRegex(message, where)
+    self.assertIn("interpreter_test.Mode", message)  # the type
+    self.assertIn("unhashable", message)
+    self.assertIn("frozen=True", message)  # the fixes
+    self.assertIn("register_dataclass", message)
+    self.assertEqual(fn.cache_size(), 0)
+
+  def test_unhashable_argument_through_transform(self):
+    # The issue's reproducer: a plain dataclass selected a stale trace once
+    # Python reused its id(); now it is refused, and a frozen one is exact.
+    def forward(x, mode):
+      return hk.Linear(16)(x) / mode.temperature
+
+    model = xrapture.transform(forward)
+    x = jnp.ones([2, 16])
+    base = model.init(jax.random.PRNGKey(0), x, FrozenMode(1.0))
+    params = model.adapt(jax.random.PRNGKey(1), base)
+    with self.assertRaisesRegex(TypeError, r"args\[3\] .*Mode"):
+      model.apply(params, None, x, Mode(1.0))
+    plain = hk.transform(forward)
+    for _ in range(5):  # fresh objects each time, as in a training loop
+      for t in (1.0, 2.0, 4.0, 8.0):
+        np.testing.assert_allclose(
+            model.apply(params, None, x, FrozenMode(t)),
+            plain.apply(base, None, x, FrozenMode(t)), rtol=1e-6)
+
+  def test_array_arguments_stay_dynamic(self):
+    traces = []
+    fn = xrapture.use_implicit_args(
+        lambda x, w, s: traces.append(None) or (x @ w) * s)
+    lora, x = _lora(), _rand(1, 3, M)
+    for s in (np.float32(2.0), np.array(3.0, np.float32), jnp.float32(4.0)):
+      np.testing.assert_allclose(fn(x, lora, s), (x @ reference.dense_value(lora)) * s,
+                                 rtol=1e-5, atol=1e-5)
+    self.assertLen(traces, 1)
+
+  def test_cache_is_bounded_and_evicted_entries_retrace(self):
+    traces = []
+
+    def f(x, w, n):
+      traces.append(n)
+      return (x @ w)[:, :n]
+
+    fn = xrapture.use_implicit_args(f, max_traces=2)
+    lora, x = _lora(), _rand(1, 3, M)
+    dense = x @ reference.dense_value(lora)
+    for n in (1, 2, 3, 2, 1):
+      np.testing.assert_allclose(fn(x, lora, n), dense[:, :n], rtol=1e-5, atol=1e-5)
+      self.assertLessEqual(fn.cache_size(), 2)
+    # 2 was used most recently before 1 came back: only 1 was evicted.
+    self.assertEqual(traces, [1, 2, 3, 1])
+
+  def test_default_cache_bound(self):
+    fn = xrapture.use_implicit_args(lambda x, n: x * n)
+    x = jnp.ones(2)
+    for n in range(interpreter.DEFAULT_MAX_TRACES + 3):
+      fn(x, n)
+    self.assertEqual(fn.cache_size(), interpreter.DEFAULT_MAX_TRACES)
+    np.testing.assert_array_equal(fn(x, 0), x * 0)  # evicted, traced again
+
+  def test_max_traces_must_be_positive(self):
+    with self.assertRaisesRegex(ValueError, "max_traces"):
+      xrapture.use_implicit_args(lambda x: x, max_traces=0)
 
   def test_no_implicit_arguments_binds_unchanged(self):
     fn = lambda x, w: jax.nn.relu(x @ w)

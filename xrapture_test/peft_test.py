@@ -642,6 +642,72 @@ class PeftFileTest(_Base):
     with self.assertRaisesRegex(ValueError, "'head' has rank 2 in the file but 5"):
       xrapture.import_peft(path, self.base, name_map)
 
+  @parameterized.parameters(
+      (peft_io.CONFIG_NAME, 0.5), (peft_io.CONFIG_NAME, 0.0),
+      (peft_io.WEIGHTS_NAME, 0.5), (peft_io.WEIGHTS_NAME, 0.01))
+  def test_truncated_file_names_the_file(self, name, keep):
+    # Were a raw JSONDecodeError / SafetensorError without the path.
+    path, _ = self._export()
+    file = os.path.join(path, name)
+    with open(file, "rb") as f:
+      data = f.read()
+    with open(file, "wb") as f:
+      f.write(data[:int(len(data) * keep)])
+    with self.assertRaisesRegex(ValueError, re.escape(file) + ".*truncated or corrupt"):
+      xrapture.import_peft(path, self.base, name_map)
+
+  def test_config_not_a_record(self):
+    path, _ = self._export()
+    self._rewrite(path, config=[1, 2])
+    with self.assertRaisesRegex(ValueError, re.escape(os.path.join(path, peft_io.CONFIG_NAME))
+                                + ".* not a PEFT config"):
+      xrapture.import_peft(path, self.base, name_map)
+
+  def test_pickle_only_directory(self):
+    # Was "No such file or directory: .../adapter_model.safetensors".
+    path, _ = self._export()
+    os.rename(os.path.join(path, peft_io.WEIGHTS_NAME), os.path.join(path, "adapter_model.bin"))
+    with self.assertRaises(ValueError) as ctx:
+      xrapture.import_peft(path, self.base, name_map)
+    message = str(ctx.exception)
+    self.assertIn(path, message)
+    self.assertIn("only .safetensors adapters are supported", message)
+    self.assertIn("safetensors.torch.save_file", message)  # how to convert
+    self.assertIn("safe_serialization=True", message)
+
+  def test_missing_weights_file(self):
+    path, _ = self._export()
+    os.remove(os.path.join(path, peft_io.WEIGHTS_NAME))
+    with self.assertRaisesRegex(FileNotFoundError, peft_io.WEIGHTS_NAME):
+      xrapture.import_peft(path, self.base, name_map)
+
+  def test_unknown_config_fields_warn(self):
+    path, params = self._export()
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")  # what export_peft writes is all known
+      xrapture.import_peft(path, self.base, name_map)
+    config, _ = self._files(path)
+    config.update(use_future_trick=False, future_config=None)
+    self._rewrite(path, config=config)
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      back = xrapture.import_peft(path, self.base, name_map)
+    messages = [str(w.message) for w in caught]
+    self.assertLen(messages, 1)
+    self.assertIn(os.path.join(path, peft_io.CONFIG_NAME), messages[0])
+    self.assertIn("['future_config', 'use_future_trick']", messages[0])
+    np.testing.assert_array_equal(back["head"]["w"].a, params["head"]["w"].a)
+
+  @absltest.skipIf(peft is None, _NEEDS_PEFT)
+  def test_known_fields_are_peft_lora_config_fields(self):
+    # Files PEFT writes must not warn. A newer PEFT with new fields fails
+    # here first: add them (after checking they change nothing, or to
+    # _UNSUPPORTED).
+    import dataclasses  # pylint: disable=g-import-not-at-top
+    fields = {f.name for f in dataclasses.fields(peft.LoraConfig)}
+    self.assertEqual(peft_io._KNOWN_FIELDS, fields)
+    self.assertContainsSubset(set(peft_io._UNSUPPORTED), fields)
+
   def test_export_unmapped(self):
     params = _random_adapters(self.base, lambda p: 2, lambda p: 1.0, False)
     partial = lambda p: None if p.startswith("layer_1/mlp") else name_map(p)

@@ -103,5 +103,79 @@ class LookupTest(parameterized.TestCase):
       spec_lib.matches_any(["("], "x")
 
 
+class ValidateTest(parameterized.TestCase):
+
+  def _spec(self, **kw):
+    spec = xrapture.default_spec()
+    for k, v in kw.items():
+      setattr(spec, k, v)
+    return spec
+
+  def test_default_spec_is_valid(self):
+    spec_lib.validate(xrapture.default_spec())
+
+  @parameterized.named_parameters(
+      ("rank_pattern_zero_freezes", dict(rank_pattern=(("a/w", 0),))),
+      ("low_precision", dict(dtype="bfloat16")),
+      ("float16", dict(dtype="float16")),
+      ("negative_alpha", dict(alpha=-4.0)),
+      ("dropout", dict(dropout=0.5)),
+      ("no_targets_no_rank", dict(targets=(), rank=0, full=(".*",))),
+  )
+  def test_valid_values(self, overrides):
+    spec_lib.validate(self._spec(**overrides))
+
+  @parameterized.named_parameters(
+      ("rank_zero", dict(rank=0), r"spec.rank = 0 must be an integer >= 1"),
+      ("rank_negative", dict(rank=-3), r"spec.rank = -3 must be an integer >= 1"),
+      ("alpha_zero", dict(alpha=0.0), r"spec.alpha = 0.0 must be a finite number other than 0"),
+      ("alpha_nan", dict(alpha=float("nan")), r"spec.alpha = nan must be a finite"),
+      ("alpha_inf", dict(alpha=float("inf")), r"spec.alpha = inf must be a finite"),
+      ("init_stddev_zero", dict(init_stddev=0.0),
+       r"spec.init_stddev = 0.0 must be a finite number > 0"),
+      ("init_stddev_nan", dict(init_stddev=float("nan")), r"spec.init_stddev = nan must be"),
+      ("init_stddev_inf", dict(init_stddev=float("inf")), r"spec.init_stddev = inf must be"),
+      ("dropout_high", dict(dropout=1.5), r"spec.dropout = 1.5 must be a number in \[0, 1\)"),
+      ("dropout_one", dict(dropout=1.0), r"spec.dropout = 1.0 must be a number in \[0, 1\)"),
+      ("dropout_negative", dict(dropout=-0.1), r"spec.dropout = -0.1 must be"),
+      ("dropout_nan", dict(dropout=float("nan")), r"spec.dropout = nan must be"),
+      ("dtype_int8", dict(dtype="int8"),
+       r"spec.dtype = 'int8' must be None .* or a floating-point dtype name: "
+       r"'float32', 'bfloat16', 'float16'"),
+      ("dtype_bool", dict(dtype="bool"), r"spec.dtype = 'bool' must be None"),
+      ("dtype_unknown", dict(dtype="flaot32"), r"spec.dtype = 'flaot32' must be None"),
+      ("targets_regex", dict(targets=(".*/w", "(")),
+       r"spec.targets\[1\] = '\(' is not a valid regex"),
+      ("full_regex", dict(full=("[",)), r"spec.full\[0\] = '\[' is not a valid regex"),
+      ("rank_pattern_regex", dict(rank_pattern=(("a(", 2),)),
+       r"spec.rank_pattern\[0\]\[0\] = 'a\(' is not a valid regex"),
+      ("alpha_pattern_regex", dict(alpha_pattern=(("*", 2.0),)),
+       r"spec.alpha_pattern\[0\]\[0\] = '\*' is not a valid regex"),
+      ("rank_pattern_negative", dict(rank_pattern=(("a", -1),)),
+       r"spec.rank_pattern\[0\]\[1\] = -1 must be an integer >= 0"),
+      ("rank_pattern_float", dict(rank_pattern=(("a", 2.5),)),
+       r"spec.rank_pattern\[0\]\[1\] = 2.5 must be an integer"),
+      ("alpha_pattern_zero", dict(alpha_pattern=(("a", 0.0),)),
+       r"spec.alpha_pattern\[0\]\[1\] = 0.0 must be a finite number other than 0"),
+      ("pattern_not_pairs", dict(alpha_pattern=(("a", 1.0, 2.0),)),
+       r"spec.alpha_pattern = .* must be \(regex, value\) pairs"),
+  )
+  def test_invalid_values(self, overrides, pattern):
+    with self.assertRaisesRegex(ValueError, pattern):
+      spec_lib.validate(self._spec(**overrides))
+
+  def test_all_problems_are_listed(self):
+    with self.assertRaises(ValueError) as ctx:
+      spec_lib.validate(self._spec(rank=0, alpha=0.0, dtype="int8"))
+    for field in ("spec.rank", "spec.alpha", "spec.dtype"):
+      self.assertIn(field, str(ctx.exception))
+
+  def test_patterns_as_mapping(self):
+    spec = types.SimpleNamespace(**dict(_FIELDS, rank_pattern={"a/w": 5},
+                                        alpha_pattern={"(": 2.0}))
+    with self.assertRaisesRegex(ValueError, r"spec.alpha_pattern\[0\]\[0\] = '\('"):
+      spec_lib.validate(spec)
+
+
 if __name__ == "__main__":
   absltest.main()

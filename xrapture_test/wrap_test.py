@@ -163,6 +163,63 @@ class WrapOptimizerTest(parameterized.TestCase):
     self.assertIs(flags["['up']['b']"], True)
     self.assertIs(flags["['layer_norm']['scale']"], True)
 
+  @parameterized.parameters(
+      ("float16", 2e-2), ("bfloat16", 5e-2))
+  def test_low_precision_adapters_with_adam_track_float32(self, dtype, tol):
+    # b starts at 0, so a's first gradient is exactly 0; Adam's eps = 1e-8
+    # underflows in float16 and 0 / 0 made every step after the first NaN.
+    def train(adapter_dtype):
+      model, _, params, lora_spec = _setup(dtype=adapter_dtype)
+      tx = xrapture.wrap_optimizer(optax.adam(3e-2), lora_spec)
+      state = tx.init(params)
+      target = jnp.asarray(np.random.default_rng(3).normal(size=(16, 3)), jnp.float32)
+      loss_fn = lambda p: jnp.mean((model.apply(p, None, _X) - target) ** 2)
+
+      @jax.jit
+      def step(p, s):
+        loss, grads = jax.value_and_grad(loss_fn)(p)
+        updates, s = tx.update(grads, s, p)
+        return optax.apply_updates(p, updates), s, loss
+
+      losses = []
+      for _ in range(8):
+        params, state, loss = step(params, state)
+        losses.append(float(loss))
+      return params, state, np.array(losses)
+
+    low_params, low_state, low = train(dtype)
+    _, _, reference_losses = train(None)  # the kernels' own dtype: float32
+    self.assertTrue(np.all(np.isfinite(low)), low)
+    self.assertLess(reference_losses[-1], reference_losses[0])  # it does train
+    np.testing.assert_allclose(low, reference_losses, rtol=tol)
+    adapter = low_params["up"]["w"]
+    self.assertEqual((adapter.a.dtype, adapter.b.dtype), (jnp.dtype(dtype),) * 2)
+    self.assertTrue(all(np.all(np.isfinite(np.asarray(x, np.float32)))
+                        for x in jax.tree.leaves(low_params)))
+    moments = [x for x in jax.tree.leaves(low_state) if x.ndim > 0]
+    self.assertNotEmpty(moments)
+    self.assertEqual({x.dtype for x in moments}, {jnp.dtype(jnp.float32)})
+
+  def test_tune_vectors_with_integer_params(self):
+    def net(x):
+      count = hk.get_parameter("count", [3], jnp.int32, init=jnp.zeros)
+      return hk.Linear(4)(x) + count.sum()
+
+    spec = xrapture.default_spec()
+    spec.rank, spec.tune_vectors = 2, True
+    model = xrapture.transform(net, spec)
+    base = model.init(jax.random.PRNGKey(0), _X)
+    params = model.adapt(jax.random.PRNGKey(1), base)
+    tx = xrapture.wrap_optimizer(optax.adam(1e-2), model.spec(base))
+    state = tx.init(params)
+    grads = jax.grad(lambda p: jnp.sum(model.apply(p, None, _X) ** 2),
+                     allow_int=True)(params)
+    updates, _ = tx.update(grads, state, params)
+    new = optax.apply_updates(params, updates)  # raised on float0 before
+    np.testing.assert_array_equal(new["~"]["count"], base["~"]["count"])
+    self.assertEqual(new["~"]["count"].dtype, jnp.int32)
+    self.assertFalse(np.array_equal(new["linear"]["b"], base["linear"]["b"]))
+
   def test_spec_of_another_tree_is_an_error(self):
     _, _, params, lora_spec = _setup()
     lora_spec = {k: v for k, v in lora_spec.items() if k != "up"}

@@ -9,7 +9,9 @@ primitives holding jaxprs, otherwise the registered handlers, otherwise
 materialization.
 """
 
+import collections
 import functools
+import threading
 from typing import Any, Callable, Sequence
 
 import jax
@@ -30,12 +32,36 @@ def _leaf_kind(x: Any) -> str:
   return "static"
 
 
+# Traces kept per wrapped function; the least recently used one goes first.
+DEFAULT_MAX_TRACES = 128
+
+
 def _static_key(x: Any) -> Any:
-  try:
-    hash(x)
-  except TypeError:
-    return ("unhashable", id(x))
+  """The cache key part of a non-array leaf: the leaf itself (kept alive)."""
+  hash(x)  # TypeError for unhashable leaves, reported by _unhashable_error
   return ("static", type(x), x)
+
+
+def _argument_name(args_and_kwargs: Any, index: int) -> str:
+  """``args[1]`` / ``kwargs['mode'].x``: where flat leaf ``index`` sits."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(args_and_kwargs, is_leaf=is_implicit)
+  path = flat[index][0]
+  head = "args" if getattr(path[0], "idx", 0) == 0 else "kwargs"
+  return head + jax.tree_util.keystr(tuple(path[1:]))
+
+
+def _unhashable_error(f, args_and_kwargs, index, leaf, error) -> TypeError:
+  name = getattr(f, "__qualname__", None) or repr(f)
+  return TypeError(
+      f"Argument {_argument_name(args_and_kwargs, index)} of {name} is an "
+      f"unhashable {type(leaf).__module__}.{type(leaf).__qualname__} ({error}). "
+      "use_implicit_args passes non-array arguments to the traced function "
+      "as static values and caches one trace per value (as jax.jit does for "
+      "static arguments), so they must be hashable. Make it hashable (e.g. "
+      "@dataclasses.dataclass(frozen=True), or a tuple instead of a list "
+      "inside it), or register its class as a pytree "
+      "(jax.tree_util.register_dataclass / register_pytree_node) so that its "
+      "array fields are traced as arrays.")
 
 
 class _Traced:
@@ -45,14 +71,16 @@ class _Traced:
     self.jaxpr, self.consts, self.out_tree = jaxpr, consts, out_tree
 
 
-def use_implicit_args(f: Callable[..., Any]) -> Callable[..., Any]:
+def use_implicit_args(f: Callable[..., Any], *,
+                      max_traces: int = DEFAULT_MAX_TRACES) -> Callable[..., Any]:
   """Makes ``f`` accept ImplicitArrays anywhere in its (pytree) arguments.
 
   ``f`` itself is unmodified JAX code: it sees dense-looking values, while each
   primitive that touches an implicit array is routed to its registered handler
   (see :func:`xrapture.primitive_handler`). Works under ``jax.jit``,
   ``jax.grad``, ``jax.vmap`` and with sharded inputs; the traced jaxpr is
-  cached per argument structure, shapes and static values.
+  cached per argument structure, shapes and static values (non-array leaves,
+  which must be hashable, as ``jax.jit``'s static arguments).
 
   Examples:
     >>> import jax.numpy as jnp, xrapture
@@ -62,30 +90,46 @@ def use_implicit_args(f: Callable[..., Any]) -> Callable[..., Any]:
 
   Args:
     f: the function to run.
+    max_traces: how many traces to keep; beyond it the least recently used
+      one is dropped (and traced again if needed).
 
   Returns:
     A function with ``f``'s signature. Implicit arrays in its outputs (values
-    a handler returned unchanged) are returned as they are.
+    a handler returned unchanged) are returned as they are. Calling it
+    raises TypeError, naming the argument, when a non-array leaf of the
+    arguments is unhashable.
   """
-  cache: dict[Any, _Traced] = {}
+  if max_traces < 1:
+    raise ValueError(f"max_traces must be at least 1, got {max_traces}")
+  cache: collections.OrderedDict[Any, _Traced] = collections.OrderedDict()
+  lock = threading.Lock()
 
   @functools.wraps(f)
   def wrapped(*args, **kwargs):
     leaves, in_tree = jax.tree_util.tree_flatten((args, kwargs), is_leaf=is_implicit)
     kinds = [_leaf_kind(x) for x in leaves]
     key_parts = []
-    for kind, x in zip(kinds, leaves):
+    for i, (kind, x) in enumerate(zip(kinds, leaves)):
       if kind == "implicit":
         key_parts.append(("implicit", tuple(x.shape), str(np.dtype(x.dtype))))
       elif kind == "dynamic":
         key_parts.append(("dynamic",) + compat.aval_key(x))
       else:
-        key_parts.append(_static_key(x))
+        try:
+          key_parts.append(_static_key(x))
+        except Exception as e:  # pylint: disable=broad-except
+          raise _unhashable_error(f, (args, kwargs), i, x, e) from None
     key = (in_tree, tuple(key_parts))
-    traced = cache.get(key)
+    with lock:
+      traced = cache.get(key)
+      if traced is not None:
+        cache.move_to_end(key)
     if traced is None:
       traced = _trace(f, in_tree, kinds, leaves)
-      cache[key] = traced
+      with lock:
+        cache[key] = traced
+        while len(cache) > max_traces:
+          cache.popitem(last=False)
     dynamic = [x for kind, x in zip(kinds, leaves) if kind != "static"]
     out_flat = eval_jaxpr(traced.jaxpr, traced.consts, *dynamic)
     return jax.tree_util.tree_unflatten(traced.out_tree, out_flat)

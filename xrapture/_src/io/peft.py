@@ -30,6 +30,7 @@ import re
 import shutil
 import tempfile
 from typing import Any, Callable, Mapping, Sequence, Union
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +47,7 @@ LoraWeight = lora_weight.LoraWeight
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
+_PICKLE_NAME = "adapter_model.bin"  # torch.save format, which we do not read
 _PREFIX = "base_model.model."
 _LINEAR = ("lora_A.weight", "lora_B.weight")
 _EMBEDDING = ("lora_embedding_A", "lora_embedding_B")
@@ -71,6 +73,21 @@ _UNSUPPORTED = {
     "velora_config": None,
     "monteclora_config": None,
 }
+# Every field of PEFT's LoraConfig (peft 0.21.2). Another field in a file
+# comes from a newer PEFT; it is ignored with a warning, as PEFT does.
+_KNOWN_FIELDS = frozenset({
+    "alora_invocation_tokens", "alpha_pattern", "arrow_config", "auto_mapping",
+    "base_model_name_or_path", "bias", "corda_config", "ensure_weight_tying",
+    "eva_config", "exclude_modules", "fan_in_fan_out", "inference_mode",
+    "init_lora_weights", "kasa_config", "layer_replication", "layers_pattern",
+    "layers_to_transform", "loftq_config", "lora_alpha", "lora_bias",
+    "lora_dropout", "lora_ga_config", "megatron_config", "megatron_core",
+    "modules_to_save", "monteclora_config", "peft_type", "peft_version",
+    "qalora_group_size", "r", "rank_pattern", "revision", "runtime_config",
+    "target_modules", "target_parameters", "task_type",
+    "trainable_token_indices", "use_bdlora", "use_dora", "use_qalora",
+    "use_rslora", "velora_config",
+})
 # init_lora_weights values after which the file holds plain LoRA factors for
 # the unmodified base model (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA change the
 # base weights).
@@ -431,6 +448,44 @@ def export_peft(path: str | os.PathLike,
 # Import.
 
 
+def _read_files(path: str) -> tuple[str, dict[str, Any], str, dict[str, np.ndarray]]:
+  """(config file, config, weights file, tensors) of a PEFT adapter directory."""
+  config_file = os.path.join(path, CONFIG_NAME)
+  weights_file = os.path.join(path, WEIGHTS_NAME)
+  if (not os.path.exists(weights_file)
+      and os.path.exists(os.path.join(path, _PICKLE_NAME))):
+    raise ValueError(
+        f"{path} holds {_PICKLE_NAME} (torch.save format) but no {WEIGHTS_NAME}: "
+        f"only .safetensors adapters are supported. Convert it with torch: "
+        f"safetensors.torch.save_file(torch.load('{_PICKLE_NAME}'), '{WEIGHTS_NAME}'), "
+        "or save the PeftModel again with save_pretrained(dir, "
+        "safe_serialization=True).")
+  with open(config_file) as f:
+    try:
+      config = json.load(f)
+    except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError
+      raise ValueError(f"{config_file} is not valid JSON (truncated or corrupt?): "
+                       f"{e}") from e
+  if not isinstance(config, dict):
+    raise ValueError(f"{config_file} holds a JSON {type(config).__name__}, not a "
+                     "PEFT config record.")
+  unknown = sorted(set(config) - _KNOWN_FIELDS)
+  if unknown:
+    warnings.warn(
+        f"{config_file} has fields xrapture does not know, written by a newer "
+        f"PEFT?: {unknown}. They are ignored; if one changes what the adapter "
+        "computes, the import will not reproduce the PEFT model.", UserWarning,
+        stacklevel=3)
+  try:
+    tensors = safetensors.numpy.load_file(weights_file)
+  except FileNotFoundError:
+    raise
+  except Exception as e:  # safetensors raises its own error types
+    raise ValueError(f"{weights_file} is not a readable safetensors file "
+                     f"(truncated or corrupt?): {e}") from e
+  return config_file, config, weights_file, tensors
+
+
 def _check_config(config: Mapping[str, Any], where: str) -> None:
   if config.get("peft_type") != "LORA":
     raise ValueError(f"{where}: peft_type is {config.get('peft_type')!r}; only "
@@ -527,8 +582,13 @@ def import_peft(path: str | os.PathLike, base_params: Any, name_map: NameMap) ->
     replaced by a LoraWeight and every parameter the file holds whole
     replaced by it; other leaves are the same objects.
 
+  A config field that PEFT 0.21.2 does not have (from a newer PEFT) is
+  ignored with a warning naming it.
+
   Raises:
-    ValueError: the config uses a feature xrapture does not model (DoRA,
+    ValueError: a file is truncated or corrupt, or the directory holds only
+      ``adapter_model.bin`` (the message names the file); the config uses a
+      feature xrapture does not model (DoRA,
       ``lora_bias``, layer replication, a PiSSA-like init, ...; all are
       named); the file lacks half a LoRA pair or has a tensor that name_map
       places on no Haiku parameter (all are named); a module in the file is
@@ -536,13 +596,9 @@ def import_peft(path: str | os.PathLike, base_params: Any, name_map: NameMap) ->
       parameter (both shapes named); a stacked kernel lacks some layers or
       they disagree on rank or alpha.
   """
-  path = os.fspath(path)
-  config_file = os.path.join(path, CONFIG_NAME)
-  with open(config_file) as f:
-    config = json.load(f)
+  config_file, config, weights_file, tensors = _read_files(os.fspath(path))
   _check_config(config, config_file)
-  weights_file = os.path.join(path, WEIGHTS_NAME)
-  groups, others = _parse_keys(safetensors.numpy.load_file(weights_file), weights_file)
+  groups, others = _parse_keys(tensors, weights_file)
 
   r_default = config.get("r", 8)
   alpha_default = config.get("lora_alpha", 8)

@@ -16,15 +16,32 @@ from xrapture._src.implicit import implicit_array
 _FREEZE, _TRAIN = "freeze", "train"
 
 
-def _scalar_zeros() -> optax.GradientTransformation:
-  """Like ``optax.set_to_zero`` but each update is a scalar zero."""
+def _zero_dtype(update: Any, param: Any) -> Any:
+  """A dtype ``optax.apply_updates`` can add to ``param``.
+
+  Gradients of integer parameters are float0 (``jax.grad(allow_int=True)``),
+  which supports no arithmetic: zeros take the parameter's dtype instead, or
+  bool (adding False changes nothing) when params are not given.
+  """
+  if param is not None and hasattr(param, "dtype"):
+    return param.dtype
+  if update.dtype == jax.dtypes.float0:
+    return jnp.bool_
+  return update.dtype
+
+
+def _zeros(scalar: bool) -> optax.GradientTransformation:
+  """Like ``optax.set_to_zero``; scalar zeros if ``scalar``, no float0."""
   def init_fn(params):
     del params
     return optax.EmptyState()
 
   def update_fn(updates, state, params=None):
-    del params
-    return jax.tree.map(lambda u: jnp.zeros((), u.dtype), updates), state
+    if params is None:
+      params = jax.tree.map(lambda _: None, updates)
+    def zero(u, p):
+      return jnp.zeros(() if scalar else u.shape, _zero_dtype(u, p))
+    return jax.tree.map(zero, updates, params, is_leaf=lambda x: x is None), state
   return optax.GradientTransformation(init_fn, update_fn)
 
 
@@ -59,7 +76,7 @@ def freeze_subtrees(
     flags = labels(params) if callable(labels) else labels
     return _labels_from_bools(flags, params)
 
-  zero = _scalar_zeros() if use_scalar_zeros else optax.set_to_zero()
+  zero = _zeros(use_scalar_zeros)
   return optax.multi_transform({_TRAIN: tx, _FREEZE: zero}, label_fn)
 
 

@@ -8,6 +8,7 @@ import optax
 from xrapture._src.implicit import implicit_array
 from xrapture._src.lora import lora_weight
 from xrapture._src.optim import freeze
+from xrapture._src.optim import precision
 
 LoraWeight = lora_weight.LoraWeight
 
@@ -39,7 +40,10 @@ def wrap_optimizer(tx: optax.GradientTransformation, lora_spec: Any,
 
   Returns:
     An optimizer whose state holds nothing for ``w`` and frozen leaves, and
-    whose updates for them are zeros.
+    whose updates for them are zeros. For float16 / bfloat16 leaves ``tx``
+    runs in float32 (float32 state; updates in the leaf's dtype): Adam's
+    ``eps`` underflows in float16.
   """
   return freeze.freeze_subtrees(
-      tx, lambda params: frozen_flags(lora_spec, params), use_scalar_zeros)
+      precision.float32_math(tx), lambda params: frozen_flags(lora_spec, params),
+      use_scalar_zeros)

@@ -35,10 +35,12 @@ def lora_spec_from_config(params: Any, spec: ml_collections.ConfigDict,
     ``LORA_FULL`` (trained in full) or ``LORA_FREEZE``.
 
   Raises:
-    ValueError: ``targets`` match no parameter with two or more dimensions
-      (the message lists the parameters that exist); a rank exceeds a
-      kernel's ``min(M, N)``; an integer parameter is targeted.
+    ValueError: a field of ``spec`` is invalid (:func:`spec.validate`);
+      ``targets`` match no parameter with two or more dimensions (the message
+      lists the parameters that exist); a rank exceeds a kernel's
+      ``min(M, N)``; an integer parameter is targeted.
   """
+  spec_lib.validate(spec)
   flat, treedef = paths.flatten_with_paths(params)
   decisions = []
   scanned = scanned or {}

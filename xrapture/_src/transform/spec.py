@@ -1,9 +1,12 @@
 """The ml_collections spec that says which parameters get adapters."""
 
+import math
 import re
 from typing import Any
 
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 # Every kernel named `w` with two or more dimensions: hk.Linear, attention
 # projections, convolutions (the analogue of PEFT's "all-linear").
@@ -50,6 +53,114 @@ def default_spec() -> ml_collections.ConfigDict:
   spec.dropout = 0.0
   spec.lock()
   return spec
+
+
+def _is_int(x: Any) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_number(x: Any) -> bool:
+  return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(
+      x, (bool, np.bool_))
+
+
+def _rank_problem(x: Any, minimum: int) -> str | None:
+  if _is_int(x) and x >= minimum:
+    return None
+  if minimum == 0:
+    return "must be an integer >= 0 (0 freezes the parameter)"
+  return ("must be an integer >= 1 (the adapter rank r; to give no parameter "
+          "an adapter, set spec.targets = ())")
+
+
+def _alpha_problem(x: Any) -> str | None:
+  if _is_number(x) and math.isfinite(x) and x != 0:
+    return None
+  return ("must be a finite number other than 0 (the update is scaled by "
+          "alpha / rank: 0 trains nothing, NaN or inf breaks training)")
+
+
+def _regex_problem(x: Any) -> str | None:
+  if not isinstance(x, str):
+    return f"must be a regex string, not {type(x).__name__}"
+  try:
+    re.compile(x)
+  except re.error as e:
+    return f"is not a valid regex: {e}"
+  return None
+
+
+def _dtype_problem(x: Any) -> str | None:
+  allowed = ("must be None (each kernel's own dtype) or a floating-point dtype "
+             "name: 'float32', 'bfloat16', 'float16' or 'float64'")
+  if x is None:
+    return None
+  try:
+    dtype = jnp.dtype(x)
+  except TypeError:
+    return allowed
+  if not jnp.issubdtype(dtype, jnp.floating):
+    return allowed + " (adapters are trained by gradients)"
+  return None
+
+
+def validate(spec: ml_collections.ConfigDict) -> None:
+  """Checks every field of ``spec`` for a value that trains nothing or breaks.
+
+  Called once where a spec is first used (``model.spec`` / ``model.adapt``),
+  so a bad value fails there and not at the first training step, or never.
+
+  Raises:
+    ValueError: naming each bad field, its value and the allowed values:
+      ``rank`` < 1 (with ``targets``); ``alpha`` 0, NaN or inf; ``init_stddev`` not a finite
+      number > 0; ``dropout`` outside [0, 1); ``dtype`` not a floating-point
+      dtype name; a ``targets`` / ``full`` / ``rank_pattern`` /
+      ``alpha_pattern`` regex that does not compile; a ``rank_pattern`` rank
+      < 0 or an ``alpha_pattern`` alpha as for ``alpha``; ``tune_vectors`` or
+      ``rslora`` not a bool.
+  """
+  problems = []
+
+  def check(field, value, problem):
+    if problem:
+      problems.append(f"spec.{field} = {value!r} {problem}")
+
+  if spec.targets:  # without targets the rank is never used
+    check("rank", spec.rank, _rank_problem(spec.rank, 1))
+  check("alpha", spec.alpha, _alpha_problem(spec.alpha))
+  stddev = spec.init_stddev
+  check("init_stddev", stddev, None if (
+      _is_number(stddev) and math.isfinite(stddev) and stddev > 0) else (
+          "must be a finite number > 0 (a starts as N(0, init_stddev^2) and b "
+          "at 0: with 0 both stay 0, their gradients being 0)"))
+  dropout = spec.dropout
+  check("dropout", dropout, None if (
+      _is_number(dropout) and 0 <= dropout < 1) else "must be a number in [0, 1)")
+  check("dtype", spec.dtype, _dtype_problem(spec.dtype))
+  for field in ("tune_vectors", "rslora"):
+    value = getattr(spec, field)
+    check(field, value, None if isinstance(value, bool) else "must be True or False")
+  for field in ("targets", "full"):
+    patterns = getattr(spec, field)
+    if isinstance(patterns, str):
+      check(field, patterns, "must be a sequence of regexes, e.g. (r'.*/w',)")
+      continue
+    for i, pattern in enumerate(patterns):
+      check(f"{field}[{i}]", pattern, _regex_problem(pattern))
+  for field, value_problem in (("rank_pattern", lambda x: _rank_problem(x, 0)),
+                               ("alpha_pattern", _alpha_problem)):
+    try:
+      pairs = _pairs(getattr(spec, field))
+    except TypeError:
+      pairs = None
+    if pairs is None or any(len(p) != 2 for p in pairs):
+      check(field, getattr(spec, field), "must be (regex, value) pairs")
+      continue
+    for i, (pattern, value) in enumerate(pairs):
+      check(f"{field}[{i}][0]", pattern, _regex_problem(pattern))
+      check(f"{field}[{i}][1]", value, value_problem(value))
+  if problems:
+    raise ValueError("Invalid LoRA spec:\n  " + "\n  ".join(problems))
 
 
 def _pairs(patterns: Any) -> list[tuple[str, Any]]:
