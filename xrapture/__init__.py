@@ -37,6 +37,7 @@ from xrapture._src.transform.adapters import split_lora_params
 from xrapture._src.transform.facade import XRapTure
 from xrapture._src.transform.facade import XRapTureConfig
 from xrapture._src.transform.facade import XRapTureModule
+from xrapture._src.transform.quantization import quantize
 from xrapture._src.transform.spec import default_spec
 from xrapture._src.transform.transform import LoraTransformed
 from xrapture._src.transform.transform import transform
@@ -70,6 +71,7 @@ __all__ = (
     "materialize_nested",
     "merge_params",
     "primitive_handler",
+    "quantize",
     "quantize_array",
     "QuantizedArray",
     "save_adapter",
