@@ -15,8 +15,11 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
+import jmp
 import numpy as np
+import optax
 import xrapture
+from xrapture._src.testing import dense_check
 
 V, D, H, L = 40, 64, 96, 2   # vocab, model width, hidden width, stacked layers
 RANK, ALPHA = 4, 8.0
@@ -179,6 +182,266 @@ class QuantizeTest(parameterized.TestCase):
     self.assertFalse([x for x in jax.tree_util.tree_leaves(
         params, is_leaf=lambda x: isinstance(x, xrapture.QuantizedArray))
                       if isinstance(x, xrapture.QuantizedArray)])
+
+
+def _kernel_shapes(params):
+  """Every base kernel's shape and its last two axes swapped: what a dense copy would have."""
+  shapes = set()
+  for x in jax.tree_util.tree_leaves(params, is_leaf=xrapture.is_implicit):
+    if isinstance(x, xrapture.LoraWeight):
+      shape = tuple(x.shape)
+      shapes |= {shape, shape[:-2] + shape[:-3:-1], shape[-2:], shape[:-3:-1]}
+  return shapes
+
+
+def _dense_loss(tokens):
+  """The loss of the adapted model computed densely: ``deq(w) + s · b @ a`` in plain JAX."""
+  def loss(factors, params):
+    def one(x, ab):
+      if not isinstance(x, xrapture.LoraWeight):
+        return x
+      a, b = ab
+      return jnp.asarray(_dense_kernel(x.w)) + (ALPHA / RANK) * jnp.matmul(b, a)
+    names, leaves, treedef = _flat(params)
+    del names
+    dense = treedef.unflatten([one(x, f) for x, f in zip(leaves, factors)])
+    return jnp.sum(jnp.tanh(hk.transform(lm).apply(dense, None, tokens)))
+  return loss
+
+
+def _factors(params):
+  return [(x.a, x.b) if isinstance(x, xrapture.LoraWeight) else None
+          for x in _flat(params)[1]]
+
+
+class NestedTest(parameterized.TestCase):
+  """The LoRA handlers on a quantized ``w``, in strict mode: nothing materialized."""
+
+  def _params(self, scheme="nf4", double_quant=False, **overrides):
+    return _perturb(_adapt(_spec(scheme, double_quant, **overrides)))
+
+  @parameterized.parameters(*SCHEMES)
+  def test_forward_matches_dense(self, scheme, double_quant):
+    params, tokens = self._params(scheme, double_quant), _tokens(3)
+    model = xrapture.transform(lm, _spec(scheme, double_quant))
+    expected = hk.transform(lm).apply(_numpy_merged(params), None, tokens)
+    with xrapture.strict_mode():
+      for got in (model.apply(params, None, tokens),
+                  jax.jit(model.apply)(params, None, tokens)):
+        np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5)
+
+  @parameterized.parameters(*SCHEMES)
+  def test_gradients_match_dense_and_none_for_w(self, scheme, double_quant):
+    params, tokens = self._params(scheme, double_quant), _tokens(4)
+    model = xrapture.transform(lm, _spec(scheme, double_quant))
+    loss = lambda p: jnp.sum(jnp.tanh(model.apply(p, None, tokens)))
+    with xrapture.strict_mode():
+      grads = jax.jit(jax.grad(loss, allow_int=True))(params)
+    expected = jax.grad(_dense_loss(tokens))(_factors(params), params)
+    for got, want in zip(_flat(grads)[1], expected):
+      if want is None:
+        continue
+      for g, w in ((got.a, want[0]), (got.b, want[1])):   # float32 sums of ~1e3 terms
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * float(np.abs(w).max()))
+      for leaf in jax.tree_util.tree_leaves(got.w):   # codes: float0; scales: zero
+        self.assertTrue(leaf.dtype == jax.dtypes.float0 or not np.any(leaf))
+
+  def test_no_dense_kernel_is_kept_or_formed(self):
+    params, tokens = self._params("nf4", True), _tokens(5)
+    model = xrapture.transform(lm, _spec("nf4", True))
+    loss = lambda p: jnp.sum(jnp.tanh(model.apply(p, None, tokens)))
+    kernels = _kernel_shapes(params)
+
+    def dense_residuals(fn, p):
+      _, vjp = jax.vjp(fn, p)
+      return [(l.shape, l.dtype) for l in jax.tree_util.tree_leaves(vjp)
+              if tuple(l.shape) in kernels and jnp.issubdtype(l.dtype, jnp.floating)]
+
+    with xrapture.strict_mode():
+      self.assertEqual(dense_residuals(loss, params), [])
+      # Outputs: the gradient holds nothing kernel-sized in floating point.
+      grads = jax.grad(loss, allow_int=True)(params)
+      self.assertFalse([l.shape for l in jax.tree_util.tree_leaves(grads)
+                        if tuple(l.shape) in kernels and l.dtype != jax.dtypes.float0])
+      # No b @ a and no kernel gradient, in the jaxpr or the compiled HLO.
+      dense_check.assert_no_dense_product(jax.grad(loss, allow_int=True), params)
+    # Positive control: dequantizing outside the handlers keeps dense kernels.
+    dequantized = lambda p: loss(jax.tree_util.tree_map(
+        lambda x: xrapture.dequantize(x) if isinstance(x, xrapture.QuantizedArray) else x,
+        p, is_leaf=lambda x: isinstance(x, xrapture.QuantizedArray)))
+    self.assertNotEmpty(dense_residuals(dequantized, params))
+
+  def test_lora_dropout_matches_the_dequantized_base(self):
+    spec = _spec("nf4", dropout=0.3)
+    params, tokens = self._params(dropout=0.3), _tokens(6)
+    model = xrapture.transform(lm, spec)
+    dense_base = jax.tree_util.tree_map(
+        lambda x: jnp.asarray(_dense_kernel(x)) if isinstance(x, xrapture.QuantizedArray) else x,
+        params, is_leaf=lambda x: isinstance(x, xrapture.QuantizedArray))
+    rng = jax.random.PRNGKey(7)
+    with xrapture.strict_mode():
+      got = model.apply(params, rng, tokens)
+    np.testing.assert_allclose(got, model.apply(dense_base, rng, tokens), rtol=1e-5, atol=1e-5)
+    self.assertGreater(float(jnp.abs(got - model.apply(params, None, tokens)).max()), 1e-3)
+
+  @parameterized.named_parameters(
+      ("multi_axis_einsum", "btd,dhk->bthk", (3, 5, 64), (64, 4, 32), "ioo"),
+      ("contract_two_axes", "bthk,hkd->btd", (3, 5, 4, 32), (4, 32, 64), "iio"),
+  )
+  def test_general_path(self, eq, x_shape, w_shape, layout):
+    rng = np.random.default_rng(8)
+    w = jnp.asarray(rng.normal(0, 0.1, w_shape), jnp.float32)
+    lora = xrapture.LoraWeight(w, *_factor_arrays(w_shape, layout, rng),
+                               alpha=ALPHA, layout=layout)
+    params = xrapture.quantize({"k": {"w": lora}}, _spec("nf4"))
+    q = params["k"]["w"]
+    x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
+    fn = lambda x, w: jnp.einsum(eq, x, w)
+    merged = _dense_kernel(q.w) + np.asarray(lora.delta())
+    with xrapture.strict_mode():
+      got = xrapture.use_implicit_args(fn)(x, q)
+      gx = jax.grad(lambda x: jnp.sum(xrapture.use_implicit_args(fn)(x, q) ** 2))(x)
+    np.testing.assert_allclose(got, fn(x, merged), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gx, jax.grad(lambda x: jnp.sum(fn(x, merged) ** 2))(x),
+                               rtol=1e-4, atol=1e-4)
+
+  def test_conv(self):
+    def f(x):
+      return hk.Conv1D(32, 3, name="conv")(x)
+    x = jnp.asarray(np.random.default_rng(9).normal(size=(2, 9, 64)), jnp.float32)
+    model = xrapture.transform(f, _spec("nf4", targets=(r"conv/w",)))
+    params = _perturb(model.adapt(jax.random.PRNGKey(1), model.init(jax.random.PRNGKey(0), x), x))
+    self.assertEqual(params["conv"]["w"].w.codes.shape, (3, 32, 32))   # window slices, [out, in/2]
+    with xrapture.strict_mode():
+      got = model.apply(params, None, x)
+    np.testing.assert_allclose(got, hk.transform(f).apply(_numpy_merged(params), None, x),
+                               rtol=1e-5, atol=1e-5)
+
+  def test_ragged_dot_experts(self):
+    rng = np.random.default_rng(10)
+    groups = 3
+    w = jnp.asarray(rng.normal(0, 0.1, (groups, 64, 32)), jnp.float32)
+    a, b = _factor_arrays((groups, 64, 32), "sio", rng)
+    lora = xrapture.LoraWeight(w, a, b, alpha=ALPHA, layout="sio")
+    q = xrapture.quantize({"experts": {"w": lora}}, _spec("nf4", True))["experts"]["w"]
+    x = jnp.asarray(rng.normal(size=(10, 64)), jnp.float32)
+    sizes = jnp.asarray([4, 1, 5], jnp.int32)
+    fn = lambda x, w: jax.lax.ragged_dot(x, w, sizes)
+    with xrapture.strict_mode():
+      got = xrapture.use_implicit_args(fn)(x, q)
+    merged = _dense_kernel(q.w) + (ALPHA / RANK) * np.matmul(np.asarray(b), np.asarray(a))
+    rows = np.repeat(np.arange(groups), np.asarray(sizes))
+    expected = np.einsum("tk,tkn->tn", np.asarray(x), merged[rows])
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+  def test_mixed_precision(self):
+    params, tokens = self._params("nf4"), _tokens(11)
+    policy = jmp.get_policy("params=float32,compute=bfloat16,output=float32")
+    hk.mixed_precision.set_policy(hk.Linear, policy)
+    self.addCleanup(hk.mixed_precision.clear_policy, hk.Linear)
+    model = xrapture.transform(lm, _spec("nf4"))
+    with xrapture.strict_mode():
+      got = model.apply(params, None, tokens)
+    expected = hk.transform(lm).apply(_numpy_merged(params), None, tokens)
+    np.testing.assert_allclose(got, expected, rtol=0.1, atol=0.1)
+    self.assertEqual(got.dtype, jnp.float32)
+
+  def test_sharded_codes_and_scales(self):
+    devices = jax.devices()
+    if len(devices) < 8:
+      self.skipTest("needs 8 (host) devices")
+    mesh = jax.sharding.Mesh(np.asarray(devices[:8]).reshape(2, 4), ("data", "model"))
+    P = jax.sharding.PartitionSpec
+
+    def sharding(x):   # the launcher's rule: last axis over 'model' when it divides
+      if np.ndim(x) >= 2 and np.shape(x)[-1] % 4 == 0:
+        return jax.sharding.NamedSharding(mesh, P(*([None] * (np.ndim(x) - 1)), "model"))
+      return jax.sharding.NamedSharding(mesh, P())
+
+    params, tokens = self._params("nf4", True), _tokens(12, (4, 7))
+    model = xrapture.transform(lm, _spec("nf4", True))
+    loss = lambda p, t: jnp.sum(jnp.tanh(model.apply(p, None, t)))
+    shardings = jax.tree_util.tree_map(sharding, params)
+    sharded = jax.device_put(params, shardings)
+    codes = sharded["up"]["w"].w.codes
+    self.assertEqual(codes.sharding.spec, P(None, "model"))
+    batch = jax.device_put(tokens, jax.sharding.NamedSharding(mesh, P("data")))
+    step = jax.jit(jax.value_and_grad(loss, allow_int=True))
+    with xrapture.strict_mode():
+      value, grads = step(sharded, batch)
+    want_value, want_grads = jax.value_and_grad(loss, allow_int=True)(params, tokens)
+    np.testing.assert_allclose(value, want_value, rtol=1e-5)
+    np.testing.assert_allclose(grads["up"]["w"].a, want_grads["up"]["w"].a, rtol=1e-4, atol=1e-6)
+
+
+def _factor_arrays(w_shape, layout, rng):
+  """Random ``(a, b)`` for a kernel of ``w_shape`` and ``layout`` (rank RANK)."""
+  s = [w_shape[d] for d, c in enumerate(layout) if c == "s"]
+  i = [w_shape[d] for d, c in enumerate(layout) if c == "i"]
+  o = [w_shape[d] for d, c in enumerate(layout) if c == "o"]
+  a = jnp.asarray(rng.normal(0, 0.1, s + [RANK] + o), jnp.float32)
+  b = jnp.asarray(rng.normal(0, 0.1, s + i + [RANK]), jnp.float32)
+  return a, b
+
+
+class TrainingTest(parameterized.TestCase):
+  """wrap_optimizer, split_lora_params and count_trainable on a quantized base."""
+
+  def test_training_steps_leave_the_base_bit_equal(self):
+    base, tokens = _base(), _tokens(13)
+    spec = _spec("nf4", True)
+    model = xrapture.transform(lm, spec)
+    lora_spec = model.spec(base, tokens)
+    params = _adapt(spec, base)
+    tx = xrapture.wrap_optimizer(optax.adam(1e-2), lora_spec)
+    opt_state = tx.init(params)
+    codes = {x.codes.shape for x in jax.tree_util.tree_leaves(
+        params, is_leaf=lambda x: isinstance(x, xrapture.QuantizedArray))
+             if isinstance(x, xrapture.QuantizedArray)}
+    state_leaves = jax.tree_util.tree_leaves(opt_state)
+    self.assertFalse([l for l in state_leaves if l.dtype == jnp.uint8 or l.shape in codes])
+
+    loss = lambda p: jnp.mean((model.apply(p, None, tokens) - 1.0) ** 2)
+
+    @jax.jit
+    def step(params, opt_state):
+      value, grads = jax.value_and_grad(loss, allow_int=True)(params)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, value
+
+    new, values = params, []
+    with xrapture.strict_mode():
+      for _ in range(3):
+        new, opt_state, value = step(new, opt_state)
+        values.append(float(value))
+    self.assertLess(values[-1], values[0])
+    for name in ("up", "down", "__layer_stack_no_per_layer/mid", "embed"):
+      key = "embeddings" if name == "embed" else "w"
+      before, after = params[name][key], new[name][key]
+      for x, y in zip(jax.tree_util.tree_leaves(before.w), jax.tree_util.tree_leaves(after.w)):
+        self.assertEqual(np.asarray(x).dtype, np.asarray(y).dtype)
+        np.testing.assert_array_equal(x, y)    # the frozen base, bit for bit
+      self.assertGreater(float(jnp.abs(after.b - before.b).max()), 0.0)
+
+  def test_count_and_split(self):
+    base = _base()
+    model = xrapture.transform(lm, _spec("nf4", True))
+    lora_spec = model.spec(base, _tokens())
+    quantized = _adapt(_spec("nf4", True), base)
+    plain = _adapt(_spec(None), base)
+    self.assertEqual(xrapture.count_trainable(quantized, lora_spec),
+                     xrapture.count_trainable(plain, lora_spec))
+    trainable = jax.tree_util.tree_leaves(xrapture.split_lora_params(quantized, lora_spec))
+    self.assertEqual(sorted(l.shape for l in trainable),
+                     sorted(l.shape for l in jax.tree_util.tree_leaves(
+                         xrapture.split_lora_params(plain, lora_spec))))
+    self.assertFalse([l for l in trainable if l.dtype == jnp.uint8])
+
+  def test_plain_grad_names_the_fix(self):
+    params = _adapt(_spec("nf4"))
+    model = xrapture.transform(lm, _spec("nf4"))
+    with self.assertRaisesRegex(TypeError, "allow_int"):
+      jax.grad(lambda p: jnp.sum(model.apply(p, None, _tokens())))(params)
 
 
 class BadInputTest(parameterized.TestCase):

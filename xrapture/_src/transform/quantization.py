@@ -6,7 +6,8 @@ trained parameters stay as they are. Blocks run along a kernel's input axis:
 the ``[in, out]`` kernel of ``hk.Linear`` is quantized as bitsandbytes
 quantizes the torch weight ``[out, in]``; an embedding table (a parameter
 named ``embeddings``) along its feature axis, so that a lookup dequantizes
-only the rows it reads.
+only the rows it reads. Leading axes (stacked layers, a conv window) are
+quantized one slice at a time.
 """
 
 from typing import Any, Collection
@@ -25,13 +26,22 @@ LoraWeight = lora_weight.LoraWeight
 IN = lora_weight.IN
 
 
-def _blocked_axis(path: str, layout: str | None) -> int:
-  """``-2`` or ``-1``: the axis whose consecutive values share an absmax."""
+def _blocked_axis(path: str, layout: str | None, shape: tuple[int, ...],
+                  block: int) -> int:
+  """``-2`` or ``-1``: the axis whose consecutive values share an absmax.
+
+  An embedding table's last (feature) axis; else the input axis if it is one
+  of the last two (``-2`` for a Haiku kernel ``[.., in, out]``); else (a
+  multi-axis kernel such as ``[in, heads, head_dim]``) the last-but-one axis
+  if the block size divides it, or the last.
+  """
   if path.rsplit("/", 1)[-1] == "embeddings":
     return -1
-  if layout is not None and layout[-2] != IN and layout[-1] == IN:
-    return -1   # a kernel held [.., out, in]
-  return -2
+  if layout is None or layout[-2] == IN:   # a frozen kernel is [.., in, out]
+    return -2
+  if layout[-1] == IN:
+    return -1
+  return -2 if shape[-2] % block == 0 else -1
 
 
 def _quantize_one(path: str, x: Any, spec: ml_collections.ConfigDict,
@@ -135,7 +145,8 @@ def quantize_except(params: Any, spec: ml_collections.ConfigDict,
               f"LoraWeight '{path}' has a quantized adapter factor {name!r}: "
               "adapters are trained and stay in full precision; only the base "
               "kernel w is quantized.")
-      axis = _blocked_axis(path, lora_weight.layout_of(value))
+      axis = _blocked_axis(path, lora_weight.layout_of(value), value.shape,
+                          spec.quantize_block)
       out.append(value.replace(w=_quantize_one(path, value.w, spec, axis,
                                                 "the base kernel of LoraWeight")))
     elif (spec.quantize_frozen and spec_lib.matches_any(spec.quantize_frozen, path)
@@ -145,8 +156,9 @@ def quantize_except(params: Any, spec: ml_collections.ConfigDict,
             f"spec.quantize_frozen matches '{path}', which spec.full trains: "
             "only frozen parameters can be quantized (a gradient step cannot "
             "update 4- or 8-bit codes). Narrow spec.quantize_frozen or spec.full.")
-      out.append(_quantize_one(path, value, spec, _blocked_axis(path, None),
-                               "frozen parameter"))
+      axis = _blocked_axis(path, None, np.shape(value), spec.quantize_block)
+      out.append(_quantize_one(path, value, spec, axis, "frozen parameter"))
     else:
       out.append(value)
   return treedef.unflatten(out)
+
