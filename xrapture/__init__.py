@@ -37,6 +37,7 @@ from xrapture._src.transform.adapters import split_lora_params
 from xrapture._src.transform.facade import XRapTure
 from xrapture._src.transform.facade import XRapTureConfig
 from xrapture._src.transform.facade import XRapTureModule
+from xrapture._src.transform.quantization import merge_and_requantize
 from xrapture._src.transform.quantization import quantize
 from xrapture._src.transform.spec import default_spec
 from xrapture._src.transform.transform import LoraTransformed
@@ -69,6 +70,7 @@ __all__ = (
     "MaterializationError",
     "MaterializationWarning",
     "materialize_nested",
+    "merge_and_requantize",
     "merge_params",
     "primitive_handler",
     "quantize",

@@ -444,6 +444,60 @@ class TrainingTest(parameterized.TestCase):
       jax.grad(lambda p: jnp.sum(model.apply(p, None, _tokens())))(params)
 
 
+class MergeTest(parameterized.TestCase):
+
+  def test_merge_params_gives_full_precision(self):
+    spec = _spec("nf4", True, quantize_frozen=(r"down/w",), targets=(r"up/w", r".*/mid/w"))
+    params, tokens = _perturb(_adapt(spec)), _tokens(14)
+    self.assertIsInstance(params["down"]["w"], xrapture.QuantizedArray)
+    merged = xrapture.merge_params(params)
+    expected = _numpy_merged(params)
+    for got, want in zip(jax.tree_util.tree_leaves(merged), jax.tree_util.tree_leaves(expected)):
+      self.assertIsInstance(got, jax.Array)
+      self.assertEqual(got.dtype, jnp.float32)
+      np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    with xrapture.strict_mode():
+      adapted = xrapture.transform(lm, spec).apply(params, None, tokens)
+    np.testing.assert_allclose(hk.transform(lm).apply(merged, None, tokens), adapted,
+                               rtol=2e-5, atol=2e-5)
+
+  @parameterized.parameters(*SCHEMES)
+  def test_merge_and_requantize(self, scheme, double_quant):
+    spec = _spec(scheme, double_quant)
+    params, tokens = _perturb(_adapt(spec)), _tokens(15)
+    merged, errors = xrapture.merge_and_requantize(params)
+    reference = _numpy_merged(params)           # float64 numpy: deq(w) + s · b @ a
+    names, leaves, _ = _flat(params)
+    _, merged_leaves, _ = _flat(merged)
+    _, reference_leaves, _ = _flat(reference)
+    self.assertEqual(sorted(errors), sorted(n for n, x in zip(names, leaves)
+                                            if isinstance(x, xrapture.LoraWeight)))
+    for name, old, new, ref in zip(names, leaves, merged_leaves, reference_leaves):
+      if not isinstance(old, xrapture.LoraWeight):
+        self.assertIs(new, old)
+        continue
+      self.assertIsInstance(new, xrapture.QuantizedArray)
+      self.assertEqual((new.scheme, new.double_quant, new.block_size, new.axis, new.shape),
+                       (old.w.scheme, old.w.double_quant, old.w.block_size, old.w.axis,
+                        old.w.shape))
+      err = _dense_kernel(new).astype(np.float64) - np.asarray(ref, np.float64)
+      update = (ALPHA / RANK) * np.matmul(np.asarray(old.b, np.float64),
+                                          np.asarray(old.a, np.float64))
+      stats = errors[name]
+      np.testing.assert_allclose(stats["max_abs"], np.abs(err).max(), rtol=1e-3)
+      np.testing.assert_allclose(stats["rms"], np.sqrt(np.mean(err ** 2)), rtol=1e-3)
+      np.testing.assert_allclose(
+          stats["relative_rms"], np.sqrt(np.mean(err ** 2) / np.mean(np.asarray(ref) ** 2)),
+          rtol=1e-3)
+      np.testing.assert_allclose(stats["update_rms"], np.sqrt(np.mean(update ** 2)), rtol=1e-5)
+      self.assertGreater(stats["max_abs"], 0.0)   # a real new rounding
+    # The requantized model runs quantized, and computes its dequantized weights.
+    with xrapture.strict_mode():
+      got = xrapture.use_implicit_args(hk.transform(lm).apply)(merged, None, tokens)
+    np.testing.assert_allclose(got, hk.transform(lm).apply(_numpy_merged(merged), None, tokens),
+                               rtol=2e-5, atol=2e-5)
+
+
 class BadInputTest(parameterized.TestCase):
 
   def test_block_size_not_dividing_the_input_axis(self):

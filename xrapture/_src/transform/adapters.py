@@ -132,7 +132,9 @@ def merge_params(params: Any, destructive: bool = False) -> Any:
 
   Returns:
     Plain arrays that ``hk.transform(f).apply`` accepts; other leaves are
-    returned as the same objects.
+    returned as the same objects. A quantized base (QLoRA) is dequantized:
+    the merged params are full precision, as are frozen quantized kernels
+    (:func:`xrapture.merge_and_requantize` keeps them quantized).
   """
   merge = _merge_donating if destructive else _merge
   with warnings.catch_warnings():

@@ -12,6 +12,7 @@ quantized one slice at a time.
 
 from typing import Any, Collection
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -19,6 +20,7 @@ import numpy as np
 from xrapture._src.implicit import implicit_array
 from xrapture._src.lora import lora_weight
 from xrapture._src.quant import quantize as quantize_lib
+from xrapture._src.quant import quantized_array
 from xrapture._src.transform import paths
 from xrapture._src.transform import spec as spec_lib
 
@@ -162,3 +164,52 @@ def quantize_except(params: Any, spec: ml_collections.ConfigDict,
       out.append(value)
   return treedef.unflatten(out)
 
+
+def _stats(merged: np.ndarray, requantized: np.ndarray, update: np.ndarray
+           ) -> dict[str, float]:
+  err = requantized.astype(np.float64) - merged.astype(np.float64)
+  rms = lambda x: float(np.sqrt(np.mean(np.square(x.astype(np.float64)))))
+  return dict(max_abs=float(np.abs(err).max()), rms=rms(err),
+              relative_rms=rms(err) / max(rms(merged), np.finfo(np.float64).tiny),
+              update_rms=rms(update))
+
+
+def merge_and_requantize(params: Any) -> tuple[Any, dict[str, dict[str, float]]]:
+  """Merges each LoraWeight on a quantized base into a new quantized kernel.
+
+  Dequantize, add ``scale · b @ a``, quantize again with the base's own
+  scheme, block size, double quantization and blocked axis: the deployable
+  QLoRA model, at the cost of a new rounding of every weight. (For
+  full-precision merged params use :func:`xrapture.merge_params`, which
+  dequantizes.) Run the result with :func:`xrapture.use_implicit_args` (a
+  :func:`xrapture.transform` model's ``apply`` does).
+
+  Args:
+    params: adapted params whose LoraWeights hold quantized ``w``.
+
+  Returns:
+    ``(merged, errors)``: ``merged`` has a :class:`xrapture.QuantizedArray`
+    in place of each such LoraWeight (a LoraWeight on a dense base becomes
+    its dense merged kernel; other leaves are the same objects), and
+    ``errors`` maps each requantized path to what the new rounding did to
+    the merged kernel: ``max_abs`` and ``rms`` of ``requantized - merged``,
+    ``relative_rms`` (over the RMS of the merged kernel) and, for scale,
+    ``update_rms`` (the RMS of ``scale · b @ a``).
+  """
+  flat, treedef = paths.flatten_with_paths(params)
+  merge = jax.jit(implicit_array.materialize_nested)
+  delta = jax.jit(LoraWeight.delta)
+  out, errors = [], {}
+  for path, value in flat:
+    if not (isinstance(value, LoraWeight) and isinstance(value.w, quantized_array.QuantizedArray)):
+      out.append(merge(value) if isinstance(value, LoraWeight) else value)
+      continue
+    q = value.w
+    merged = np.asarray(jax.device_get(merge(value)))
+    update = np.asarray(jax.device_get(delta(value)))
+    new = quantize_lib.quantize_array(merged, q.scheme, block_size=q.block_size,
+                                      double_quant=q.double_quant, axis=q.axis)
+    requantized = np.asarray(jax.device_get(quantized_array.dequantize(new)))
+    errors[path] = _stats(merged, requantized, update)
+    out.append(new)
+  return treedef.unflatten(out), errors
