@@ -387,9 +387,10 @@ def _factor_arrays(w_shape, layout, rng):
 class TrainingTest(parameterized.TestCase):
   """wrap_optimizer, split_lora_params and count_trainable on a quantized base."""
 
-  def test_training_steps_leave_the_base_bit_equal(self):
+  @parameterized.parameters(*SCHEMES)
+  def test_training_steps_leave_the_base_bit_equal(self, scheme, double_quant):
     base, tokens = _base(), _tokens(13)
-    spec = _spec("nf4", True)
+    spec = _spec(scheme, double_quant)
     model = xrapture.transform(lm, spec)
     lora_spec = model.spec(base, tokens)
     params = _adapt(spec, base)
