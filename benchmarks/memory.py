@@ -26,10 +26,8 @@ what each child reports:
 Writes benchmarks/results/memory.json and .md.
 """
 
-import ctypes
 import json
 import os
-import resource
 import subprocess
 import sys
 
@@ -41,6 +39,7 @@ from absl import app
 from absl import flags
 
 from benchmarks import report
+from benchmarks import rss
 from benchmarks import sizes
 
 _BATCHES = flags.DEFINE_list("batches", ["1", "4"], "Sequences per step (B), one run each.")
@@ -48,35 +47,6 @@ _STEPS = flags.DEFINE_integer("steps", 3, "Training steps each child runs (the f
 _VARIANTS = flags.DEFINE_list("variants", ["full", "xrapture", "naive", "peft"],
                               "Children to run.")
 _CHILD = flags.DEFINE_string("child", None, "Internal: run one variant and print JSON.")
-
-
-def _max_rss_bytes() -> int:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
-def _rss_bytes() -> int:
-  """The current resident set size."""
-  with open("/proc/self/statm") as f:
-    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak_rss() -> bool:
-  """Resets the process's peak RSS (VmHWM, ru_maxrss); False where Linux won't.
-
-  First hands the heap that the compiler freed back to the OS (glibc's
-  ``malloc_trim``): it would otherwise stay resident and count as training
-  memory.
-  """
-  try:
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-  except (OSError, AttributeError):
-    pass
-  try:
-    with open("/proc/self/clear_refs", "w") as f:
-      f.write("5")
-    return True
-  except OSError:
-    return False
 
 
 def run_child(name: str) -> dict:
@@ -92,7 +62,7 @@ def run_child(name: str) -> dict:
     import peft  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
     import torch  # pylint: disable=g-import-not-at-top
   jax.block_until_ready(jax.jit(lambda x: x + 1)(np.ones(4, np.float32)))
-  out["baseline_rss"] = _rss_bytes()
+  out["baseline_rss"] = rss.rss_bytes()
   if name == "peft":  # torch's own init: no JAX copy of the weights in this process
     variant = variants.PeftVariant(
         cfg, batch, threads=len(os.sched_getaffinity(0)),
@@ -114,11 +84,11 @@ def run_child(name: str) -> dict:
       del adapted
     del base
   losses = [float(variant.step())]  # compiles
-  out["max_rss"] = _max_rss_bytes()  # the whole process: init, compile, one step
-  if _reset_peak_rss():
+  out["max_rss"] = rss.max_rss_bytes()  # the whole process: init, compile, one step
+  if rss.reset_peak_rss():
     for _ in range(_STEPS.value - 1):
       losses.append(float(variant.step()))
-    out["step_peak_rss"] = _max_rss_bytes()  # steady-state training steps only
+    out["step_peak_rss"] = rss.max_rss_bytes()  # steady-state training steps only
   out.update(losses=losses, trainable=variant.trainable,
              opt_state_bytes=variant.opt_state_bytes)
   if name == "peft":

@@ -9,6 +9,8 @@
 * ``xrapture`` — the unmodified model through ``xrapture.transform``,
   ``model.adapt``, ``xrapture.wrap_optimizer`` and ``jax.grad`` of the whole
   params tree: exactly what the README shows a user.
+* ``qlora``    — the same on a base stored quantized (``xrapture.quantize``,
+  NF4 or int8), differentiated with ``jax.grad(allow_int=True)``.
 * ``peft``     — HuggingFace PEFT LoRA on the same network in torch, Adam.
 
 All LoRA variants start from the same base weights and the same adapter
@@ -68,11 +70,15 @@ class JaxVariant:
     return aux[0]
 
 
-def _train_step(loss_fn, tx):
-  """``(params, opt_state), consts, batch -> new state, (loss,)``."""
+def _train_step(loss_fn, tx, allow_int=False):
+  """``(params, opt_state), consts, batch -> new state, (loss,)``.
+
+  ``allow_int``: params hold integer leaves (a quantized base's codes), whose
+  gradients are ``float0``.
+  """
   def step(state, consts, batch):
     params, opt_state = state
-    loss, grads = jax.value_and_grad(loss_fn)(params, consts, *batch)
+    loss, grads = jax.value_and_grad(loss_fn, allow_int=allow_int)(params, consts, *batch)
     updates, opt_state = tx.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state), (loss,)
   return step
@@ -163,6 +169,44 @@ def xrapture_variant(cfg: lm.Config, base: Any, adapted: Any, batch: Any,
                   if isinstance(x, xrapture.LoraWeight))
   return JaxVariant("xrapture", make_step, (params, opt_state), (), batch,
                     trainable, opt_state)
+
+
+def quantized_params(cfg: lm.Config, adapted: Any, scheme: str,
+                     double_quant: bool = False, block: int = 64) -> Any:
+  """``adapted`` with its whole base quantized (QLoRA).
+
+  The adapted kernels' ``w``, and the frozen kernels and embedding table
+  (``spec.quantize_frozen``); every leaf a fresh JAX array, sharing no
+  buffer with ``adapted``.
+  """
+  spec = lora_spec(cfg)
+  spec.quantize, spec.double_quant, spec.quantize_block = scheme, double_quant, block
+  spec.quantize_frozen = (r".*/w", r".*/embeddings")
+  return jax.tree.map(jnp.array, xrapture.quantize(adapted, spec))
+
+
+def qlora_variant(cfg: lm.Config, base: Any, quantized: Any, batch: Any,
+                  name: str = "qlora") -> JaxVariant:
+  """:func:`xrapture_variant` on a quantized base: ``jax.grad(allow_int=True)``."""
+  spec = lora_spec(cfg)
+  forward = functools.partial(lm.forward, cfg=cfg)
+  tx = xrapture.wrap_optimizer(optax.adam(LEARNING_RATE),
+                               xrapture.transform(forward, spec).spec(base))
+
+  def make_step():
+    fresh = xrapture.transform(forward, spec)
+
+    def loss_fn(params, consts, tokens, targets):
+      del consts
+      return lm.loss_from_logits(fresh.apply(params, None, tokens), targets)
+    return _train_step(loss_fn, tx, allow_int=True)
+
+  opt_state = tx.init(quantized)
+  trainable = sum(x.a.size + x.b.size for x in jax.tree.leaves(
+      quantized, is_leaf=lambda x: isinstance(x, xrapture.LoraWeight))
+                  if isinstance(x, xrapture.LoraWeight))
+  return JaxVariant(name, make_step, (quantized, opt_state), (), batch, trainable,
+                    opt_state)
 
 
 def naive_params(cfg: lm.Config, adapted: Any) -> Any:

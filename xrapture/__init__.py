@@ -53,6 +53,8 @@ from xrapture._src.transform.multi_adapter import disable_adapters
 from xrapture._src.transform.multi_adapter import merge_adapter
 from xrapture._src.transform.multi_adapter import set_adapter
 from xrapture._src.transform.multi_adapter import unmerge_adapter
+from xrapture._src.transform.quantization import merge_and_requantize
+from xrapture._src.transform.quantization import quantize
 from xrapture._src.transform.spec import default_spec
 from xrapture._src.transform.transform import LoraTransformed
 from xrapture._src.transform.transform import transform
@@ -90,10 +92,12 @@ __all__ = (
     "MaterializationWarning",
     "materialize_nested",
     "merge_adapter",
+    "merge_and_requantize",
     "merge_params",
     "mixed_adapter_params",
     "MixedLoraWeight",
     "primitive_handler",
+    "quantize",
     "quantize_array",
     "QuantizedArray",
     "save_adapter",

@@ -11,7 +11,8 @@ from xrapture._src.transform import spec as spec_lib
 
 _FIELDS = dict(rank=8, alpha=16.0, targets=(".*/w",), full=(), tune_vectors=False,
                rslora=False, init_stddev=0.01, dtype=None, rank_pattern=(),
-               alpha_pattern=(), dropout=0.0, init="default", use_dora=False)
+               alpha_pattern=(), dropout=0.0, init="default", use_dora=False,
+               quantize=None, quantize_block=64, double_quant=False, quantize_frozen=())
 
 
 class DefaultSpecTest(parameterized.TestCase):
@@ -121,6 +122,8 @@ class ValidateTest(parameterized.TestCase):
       ("negative_alpha", dict(alpha=-4.0)),
       ("dropout", dict(dropout=0.5)),
       ("no_targets_no_rank", dict(targets=(), rank=0, full=(".*",))),
+      ("nf4", dict(quantize="nf4", quantize_block=128, double_quant=True)),
+      ("int8_frozen", dict(quantize="int8", quantize_frozen=(".*/w",))),
   )
   def test_valid_values(self, overrides):
     spec_lib.validate(self._spec(**overrides))
@@ -159,6 +162,21 @@ class ValidateTest(parameterized.TestCase):
        r"spec.alpha_pattern\[0\]\[1\] = 0.0 must be a finite number other than 0"),
       ("pattern_not_pairs", dict(alpha_pattern=(("a", 1.0, 2.0),)),
        r"spec.alpha_pattern = .* must be \(regex, value\) pairs"),
+      ("quantize_unknown", dict(quantize="nf8"),
+       r"spec.quantize = 'nf8' must be None \(full-precision base\) or one of "
+       r"\('nf4', 'int8'\)"),
+      ("quantize_upper_case", dict(quantize="NF4"), r"spec.quantize = 'NF4' must be None"),
+      ("quantize_block_not_power", dict(quantize="nf4", quantize_block=48),
+       r"spec.quantize_block = 48 must be one of \(32, 64, 128, 256, 512, 1024, 2048, 4096\)"),
+      ("quantize_block_zero", dict(quantize_block=0), r"spec.quantize_block = 0 must be one of"),
+      ("double_quant_int8", dict(quantize="int8", double_quant=True),
+       r"spec.double_quant = True applies to quantize='nf4' only \(quantize is 'int8'\)"),
+      ("double_quant_alone", dict(double_quant=True),
+       r"spec.double_quant = True applies to quantize='nf4' only \(quantize is None\)"),
+      ("quantize_frozen_without_scheme", dict(quantize_frozen=(".*/w",)),
+       r"spec.quantize_frozen = .* needs spec.quantize \('nf4' or 'int8'\)"),
+      ("quantize_frozen_regex", dict(quantize="nf4", quantize_frozen=("(",)),
+       r"spec.quantize_frozen\[0\] = '\(' is not a valid regex"),
   )
   def test_invalid_values(self, overrides, pattern):
     with self.assertRaisesRegex(ValueError, pattern):

@@ -138,6 +138,35 @@ def use_implicit_args(f: Callable[..., Any], *,
   return wrapped
 
 
+@functools.lru_cache(maxsize=256)
+def _implicit_version(fn: Callable[..., Any]) -> Callable[..., Any]:
+  return use_implicit_args(fn)
+
+
+def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+  """``fn(*args, **kwargs)``, with implicit arrays among the arguments dispatched.
+
+  For handlers whose operands hold implicit children (an implicit array
+  nested in another): ``call(lax.dot_general, x, child, dims)`` runs the
+  registered handlers for the child, where ``lax.dot_general(x, child,
+  dims)`` would fail. Without implicit arguments it is ``fn(*args,
+  **kwargs)``, unchanged. ``fn`` should be a module-level function or a
+  primitive's ``bind`` (one trace is cached per function, argument
+  structure and static values), not a fresh lambda.
+
+  Returns:
+    ``fn``'s result; an implicit array where a handler returned one.
+  """
+  leaves = jax.tree_util.tree_leaves((args, kwargs), is_leaf=is_implicit)
+  if not any(is_implicit(x) for x in leaves):
+    return fn(*args, **kwargs)
+  try:
+    wrapped = _implicit_version(fn)
+  except TypeError:  # an unhashable callable: trace it afresh
+    wrapped = use_implicit_args(fn)
+  return wrapped(*args, **kwargs)
+
+
 def _trace(f, in_tree, kinds, leaves) -> _Traced:
   placeholders = []
   for kind, x in zip(kinds, leaves):

@@ -10,13 +10,15 @@ with the output features instead (0.1.0's ``b``-pointwise form), it is a
 channel matmul followed by a conv with the other factor. Pointwise factors
 commute with strides, padding and dilations, so both are exact. Grouped
 convs, stacked axes and windows split across the groups return
-``NotImplemented`` (materialized with a warning).
+``NotImplemented`` (materialized with a warning). An implicit (quantized)
+base kernel is convolved by its own handlers.
 """
 
 import jax.numpy as jnp
 from jax import lax
 
 from xrapture._src.implicit import implicit_array
+from xrapture._src.implicit import interpreter
 from xrapture._src.implicit import registry
 from xrapture._src.lora import dropout
 from xrapture._src.lora import lora_weight
@@ -76,9 +78,9 @@ def _conv(primitive, lhs, rhs, *, dimension_numbers, feature_group_count,
   out_dim, in_dim = rhs_spec[0], rhs_spec[1]
   conv_kw = dict(params, dimension_numbers=dimension_numbers,
                  feature_group_count=1, batch_group_count=1, precision=precision)
-  dense = lax.conv_general_dilated(
-      lhs, lax.stop_gradient(lora.w), preferred_element_type=preferred_element_type,
-      **conv_kw)
+  dense = interpreter.call(
+      lax.conv_general_dilated, lhs, lax.stop_gradient(lora.w),
+      preferred_element_type=preferred_element_type, **conv_kw)
   # (factor, its rank axis) for the group of each feature axis: b [*in, r] or
   # a [r, *out]; the scale goes into b.
   scaled_b = (lora.b * jnp.asarray(lora.get_scale(), lora.b.dtype), lora.b.ndim - 1)

@@ -10,6 +10,11 @@ gradient at all. Any other dimension numbers (batch axes such as per-expert
 kernels, stacked kernels, contractions that cut across the groups), and LoRA
 dropout, go through two einsums that contract the other operand with one
 factor and then the other, with the base kernel's gradient stopped.
+
+The base kernel may itself be implicit (a quantized kernel): every product
+with it goes through :func:`interpreter.call`, so its own handlers compute it
+(an implicit kernel that is not already the 2-D grouped matrix takes the
+einsum path: it is never reshaped).
 """
 
 import functools
@@ -21,6 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from xrapture._src.implicit import implicit_array
+from xrapture._src.implicit import interpreter
 from xrapture._src.implicit import registry
 from xrapture._src.lora import dropout
 from xrapture._src.lora import lora_weight
@@ -57,7 +63,7 @@ def _lora_matmul_fwd(x, w, a, b, w_axis, scale, precision, preferred_element_typ
   first, first_k, second, second_r = _roles(a, b, w_axis)
   u = _dot(x, first, 1, first_k, precision)                      # [T, r]
   us = u * jnp.asarray(scale, u.dtype)
-  dense = _dot(x, w, 1, w_axis, precision, preferred_element_type)
+  dense = interpreter.call(_dot, x, w, 1, w_axis, precision, preferred_element_type)
   low = _dot(us, second, 1, second_r, precision, preferred_element_type)
   y = dense + low.astype(dense.dtype)
   return y, (x, w, a, b, us)
@@ -84,7 +90,8 @@ def _lora_matmul_bwd(w_axis, scale, precision, preferred_element_type, res, g):
   first, first_k, second, second_r = _roles(a, b, w_axis)
   g = g.astype(x.dtype) if g.dtype != x.dtype else g
   gu = _dot(g, second, 1, 1 - second_r, precision) * jnp.asarray(scale, g.dtype)
-  dx = _dot(g, w, 1, 1 - w_axis, precision) + _dot(gu, first, 1, 1 - first_k, precision)
+  dx = (interpreter.call(_dot, g, w, 1, 1 - w_axis, precision)
+        + _dot(gu, first, 1, 1 - first_k, precision))
   if first_k == 0:                      # first is b [K, r]
     d_first = _tokens_outer_t(gu, x, precision)
   else:                                 # first is a [r, K]
@@ -149,7 +156,13 @@ def _matmul_grouped(lora, x, w_contract, x_contract, lhs_lora, precision, pet):
   r = lora.rank
   in_first = ins[0] < outs[0]
   first, second = (ins, outs) if in_first else (outs, ins)
-  w2 = lora.w.reshape(math.prod(shape[d] for d in first), -1)
+  w2_shape = (math.prod(shape[d] for d in first), math.prod(shape[d] for d in second))
+  if implicit_array.is_implicit(lora.w):
+    if tuple(lora.w.shape) != w2_shape:   # an implicit w is not reshaped
+      return NotImplemented
+    w2 = lora.w
+  else:
+    w2 = lora.w.reshape(w2_shape)
   b2 = lora.b.reshape(in_size, r)
   a2 = lora.a.reshape(r, out_size)
   if not in_first:       # w2 is [out, in]: its "b" is aᵀ and its "a" is bᵀ
@@ -215,7 +228,7 @@ def _general(lora, x, lhs_lora, dimension_numbers, precision, pet, x_low=None):
   low = jnp.einsum(spec(mid, l2, out), y, f2, precision=precision,
                    preferred_element_type=pet)
   w = lax.stop_gradient(lora.w)
-  dense = lax.dot_general(w if lhs_lora else x, x if lhs_lora else w,
-                          dimension_numbers, precision=precision,
-                          preferred_element_type=pet)
+  dense = interpreter.call(lax.dot_general, w if lhs_lora else x,
+                           x if lhs_lora else w, dimension_numbers,
+                           precision=precision, preferred_element_type=pet)
   return dense + low.astype(dense.dtype)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from xrapture._src.implicit import implicit_array
+from xrapture._src.implicit import interpreter
 from xrapture._src.implicit import registry
 from xrapture._src.lora import lora_weight
 
@@ -40,7 +41,8 @@ def _gather(primitive, lora, indices, *, dimension_numbers, slice_sizes,
     table, other = lora.b * scale, lora.a
   else:                # rows of aᵀ [V, r], then contract r with b [*in, r]
     table, other = lora.a.T, jnp.moveaxis(lora.b * scale, -1, 0)
-  dense = lax.gather(lax.stop_gradient(lora.w), indices, dn, slice_sizes, **params)
+  dense = interpreter.call(lax.gather, lax.stop_gradient(lora.w), indices, dn,
+                           slice_sizes, **params)
   n_batch = dense.ndim - len(dn.offset_dims)
   table_dn = lax.GatherDimensionNumbers(
       offset_dims=(n_batch,), collapsed_slice_dims=(0,), start_index_map=(0,))

@@ -276,8 +276,12 @@ class LoraWeight(implicit_array.ImplicitArray):
     return jnp.transpose(delta, tuple(np.argsort(s + i + o)))
 
   def materialize(self) -> jax.Array:
-    """``w + scale · b @ a`` in ``w``'s dtype (``w``'s gradient stopped)."""
-    return (lax.stop_gradient(self.w) + self.delta()).astype(self.w.dtype)
+    """``w + scale · b @ a`` in ``w``'s dtype (``w``'s gradient stopped).
+
+    An implicit ``w`` (a quantized kernel) is materialized first.
+    """
+    w = implicit_array.materialize_nested(self.w)
+    return (lax.stop_gradient(w) + self.delta()).astype(w.dtype)
 
   def with_layout(self, layout: str) -> "LoraWeight":
     """The same value with size-1 axes of ``w`` moved to other groups.

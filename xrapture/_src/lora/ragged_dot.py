@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from xrapture._src.implicit import implicit_array
+from xrapture._src.implicit import interpreter
 from xrapture._src.implicit import registry
 from xrapture._src.lora import lora_weight
 
@@ -62,5 +63,6 @@ def _ragged_dot(primitive, lhs, rhs, group_sizes, **params):
   low = _ragged(u, a, group_sizes, u.ndim - 1, ragged, precision,
                 params.get("preferred_element_type"), group_offset)
   low = low.reshape(low.shape[:-1] + tuple(lora.shape[d] for d in outs))
-  dense = primitive.bind(lhs, lax.stop_gradient(lora.w), group_sizes, **params)
+  dense = interpreter.call(primitive.bind, lhs, lax.stop_gradient(lora.w),
+                           group_sizes, **params)
   return dense + low.astype(dense.dtype)

@@ -20,7 +20,9 @@ same op on that axis of the factors that hold it:
   ``optimization_barrier`` pass through; multiplication or division by a constant scalar and
   negation scale ``w`` and ``b``.
 
-Anything else returns ``NotImplemented``.
+Anything else returns ``NotImplemented``. Each op reaches ``w`` through
+:func:`interpreter.call`, so an implicit (quantized) ``w`` is handled by its
+own handlers (and materialized, with a warning, where it has none).
 """
 
 import jax
@@ -30,6 +32,7 @@ import numpy as np
 
 from xrapture._src.implicit import compat
 from xrapture._src.implicit import implicit_array
+from xrapture._src.implicit import interpreter
 from xrapture._src.implicit import registry
 from xrapture._src.lora import lora_weight
 
@@ -92,7 +95,8 @@ def _transpose(primitive, lora, *, permutation):
   b_perm = [b_of[perm[d]] for d in stack + ins] + [lora.b.ndim - 1]
   a_perm = ([a_of[perm[d]] for d in stack] + [len(stack)]
             + [a_of[perm[d]] for d in outs])
-  return _new(lora, jnp.transpose(lora.w, perm), jnp.transpose(lora.a, a_perm),
+  return _new(lora, interpreter.call(jnp.transpose, lora.w, perm),
+              jnp.transpose(lora.a, a_perm),
               jnp.transpose(lora.b, b_perm), new_layout)
 
 
@@ -101,7 +105,8 @@ def _convert(primitive, lora, *, new_dtype, **unused_params):
   del primitive, unused_params
   if not isinstance(lora, LoraWeight) or not jnp.issubdtype(new_dtype, jnp.floating):
     return NotImplemented
-  return _new(lora, *(x.astype(new_dtype) for x in (lora.w, lora.a, lora.b)))
+  w = interpreter.call(lax.convert_element_type, lora.w, new_dtype)
+  return _new(lora, w, *(x.astype(new_dtype) for x in (lora.a, lora.b)))
 
 
 @registry.primitive_handler("copy")
@@ -123,7 +128,8 @@ def _device_put(primitive, *xs, devices, srcs, copy_semantics):
     if not isinstance(x, LoraWeight):
       out.extend(primitive.bind(x, **params))
     elif device is None or type(device).__name__.endswith("Device"):
-      out.append(_new(x, *(primitive.bind(v, **params)[0] for v in (x.w, x.a, x.b))))
+      w = interpreter.call(primitive.bind, x.w, **params)[0]
+      out.append(_new(x, w, *(primitive.bind(v, **params)[0] for v in (x.a, x.b))))
     else:
       return NotImplemented
   return out
@@ -138,7 +144,8 @@ def _slice(primitive, lora, *, start_indices, limit_indices, strides=None):
   a_start, b_start = _per_axis(lora, list(start_indices), lambda f, k: 0)
   a_limit, b_limit = _per_axis(lora, list(limit_indices), lambda f, k: f.shape[k])
   a_stride, b_stride = _per_axis(lora, list(strides), lambda f, k: 1)
-  return _new(lora, lax.slice(lora.w, start_indices, limit_indices, strides),
+  return _new(lora, interpreter.call(lax.slice, lora.w, start_indices, limit_indices,
+                                     strides),
               lax.slice(lora.a, a_start, a_limit, a_stride),
               lax.slice(lora.b, b_start, b_limit, b_stride))
 
@@ -152,7 +159,7 @@ def _dynamic_slice(primitive, lora, *starts, slice_sizes):
   zero = jnp.zeros_like(starts[0])
   a_start, b_start = _per_axis(lora, list(starts), lambda f, k: zero)
   a_size, b_size = _per_axis(lora, list(slice_sizes), lambda f, k: f.shape[k])
-  return _new(lora, lax.dynamic_slice(lora.w, starts, slice_sizes),
+  return _new(lora, interpreter.call(lax.dynamic_slice, lora.w, starts, slice_sizes),
               lax.dynamic_slice(lora.a, a_start, a_size),
               lax.dynamic_slice(lora.b, b_start, b_size))
 
@@ -169,7 +176,8 @@ def _split(primitive, lora, *, sizes, axis):
   for size in sizes:
     size = int(size)
     cut = lambda x, k: x if k is None else lax.slice_in_dim(x, start, start + size, axis=k)
-    out.append(_new(lora, cut(lora.w, axis), cut(lora.a, a_of[axis]),
+    w = interpreter.call(lax.slice_in_dim, lora.w, start, start + size, 1, axis)
+    out.append(_new(lora, w, cut(lora.a, a_of[axis]),
                     cut(lora.b, b_of[axis]), layout))
     start += size
   return out
@@ -183,7 +191,8 @@ def _squeeze(primitive, lora, *, dimensions):
   dims = {d % lora.ndim for d in dimensions}
   layout = lora_weight.layout_of(lora)
   new_layout = "".join(c for d, c in enumerate(layout) if d not in dims)
-  return _regroup(lora, lax.squeeze(lora.w, tuple(sorted(dims))), new_layout)
+  return _regroup(lora, interpreter.call(lax.squeeze, lora.w, tuple(sorted(dims))),
+                  new_layout)
 
 
 @registry.primitive_handler("broadcast_in_dim")
@@ -203,8 +212,8 @@ def _expand_dims(primitive, lora, *dyn_shape, shape, broadcast_dimensions, **par
       previous = layout[mapped[o]]
     # A new leading axis is stacked; another joins the group before it.
     chars.append(layout[mapped[o]] if o in mapped else (previous or STACK))
-  w = primitive.bind(lora.w, shape=shape, broadcast_dimensions=broadcast_dimensions,
-                     **params)
+  w = interpreter.call(primitive.bind, lora.w, shape=shape,
+                       broadcast_dimensions=broadcast_dimensions, **params)
   return _regroup(lora, w, "".join(chars))
 
 
@@ -244,7 +253,8 @@ def _reshape(primitive, lora, *dyn_shape, new_sizes, dimensions=None, **params):
                            lora_weight.layout_of(lora))
   if layout is None:
     return NotImplemented
-  w = primitive.bind(lora.w, new_sizes=tuple(new_sizes), dimensions=None, **params)
+  w = interpreter.call(primitive.bind, lora.w, new_sizes=tuple(new_sizes),
+                       dimensions=None, **params)
   return _regroup(lora, w, layout)
 
 
@@ -266,7 +276,7 @@ def _concatenate(primitive, *operands, dimension):
   layout = lora_weight.layout_of(first)
   if any(lora_weight.layout_of(x) != layout for x in operands):
     return NotImplemented
-  w = lax.concatenate([x.w for x in operands], dimension)
+  w = interpreter.call(lax.concatenate, [x.w for x in operands], dimension)
   b_of, a_of = _factor_axes(layout)
   role = layout[dimension]
   if role == STACK:
@@ -311,7 +321,7 @@ def _stack(primitive, *operands, axis):
   axis = axis % (first.ndim + 1)
   new_layout = layout[:axis] + STACK + layout[axis:]
   k = new_layout[:axis].count(STACK)
-  return _new(first, jnp.stack([x.w for x in operands], axis),
+  return _new(first, interpreter.call(jnp.stack, [x.w for x in operands], axis),
               jnp.stack([x.a for x in operands], k),
               jnp.stack([x.b for x in operands], k), new_layout)
 
@@ -334,7 +344,8 @@ def _mul(primitive, x, y, **unused_params):
   if not isinstance(lora, LoraWeight) or not _scalar(c):
     return NotImplemented
   c = jnp.asarray(c, lora.dtype)
-  return _new(lora, lora.w * c, lora.a, lora.b * c.astype(lora.b.dtype))
+  return _new(lora, interpreter.call(jnp.multiply, lora.w, c), lora.a,
+              lora.b * c.astype(lora.b.dtype))
 
 
 @registry.primitive_handler("div")
@@ -343,7 +354,8 @@ def _div(primitive, lora, c, **unused_params):
   if not isinstance(lora, LoraWeight) or not _scalar(c):
     return NotImplemented
   c = jnp.asarray(c, lora.dtype)
-  return _new(lora, lora.w / c, lora.a, lora.b / c.astype(lora.b.dtype))
+  return _new(lora, interpreter.call(jnp.divide, lora.w, c), lora.a,
+              lora.b / c.astype(lora.b.dtype))
 
 
 @registry.primitive_handler("neg")
@@ -351,7 +363,7 @@ def _neg(primitive, lora, **unused_params):
   del primitive, unused_params
   if not isinstance(lora, LoraWeight):
     return NotImplemented
-  return _new(lora, -lora.w, lora.a, -lora.b)
+  return _new(lora, interpreter.call(jnp.negative, lora.w), lora.a, -lora.b)
 
 
 @registry.primitive_handler("optimization_barrier")

@@ -40,6 +40,8 @@ def _zeros(scalar: bool) -> optax.GradientTransformation:
     if params is None:
       params = jax.tree.map(lambda _: None, updates)
     def zero(u, p):
+      if u is None:   # an absent child (a QuantizedArray without double quant)
+        return None
       return jnp.zeros(() if scalar else u.shape, _zero_dtype(u, p))
     return jax.tree.map(zero, updates, params, is_leaf=lambda x: x is None), state
   return optax.GradientTransformation(init_fn, update_fn)

@@ -213,7 +213,9 @@ def merge_params(params: pytypes.Params, destructive: bool = False) -> pytypes.P
 
   Returns:
     Plain arrays that ``hk.transform(f).apply`` accepts; other leaves are
-    returned as the same objects.
+    returned as the same objects. A quantized base (QLoRA) is dequantized:
+    the merged params are full precision, as are frozen quantized kernels
+    (:func:`xrapture.merge_and_requantize` keeps them quantized).
 
   Examples:
     >>> import jax.numpy as jnp, xrapture

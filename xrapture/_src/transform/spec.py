@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from xrapture._src.quant import quantize as quantize_lib
+
 # Every kernel named `w` with two or more dimensions: hk.Linear, attention
 # projections, convolutions.
 ALL_KERNELS = (r".*/w",)
@@ -59,6 +61,20 @@ def default_spec() -> ml_collections.ConfigDict:
       at the base kernel's norms, so the model starts equal to its base
       (False).
 
+    quantize: QLoRA: ``model.adapt`` stores the frozen base kernel of every
+      LoraWeight quantized, dequantized per use inside the step: None (full
+      precision), ``"nf4"`` (4-bit NormalFloat in blocks along the kernel's
+      input axis, as bitsandbytes) or ``"int8"`` (one absmax per output
+      channel) (None). See :func:`xrapture.quantize`.
+    quantize_block: NF4 values per absmax along a kernel's input axis: one of
+      32, 64, ..., 4096, dividing that axis (64).
+    double_quant: NF4 only: quantize the block absmax values too
+      (bitsandbytes' ``compress_statistics``: 0.37 fewer bits per parameter
+      at block 64) (False).
+    quantize_frozen: regexes of frozen parameters (neither adapted nor in
+      ``full``) with two or more dimensions to quantize too, e.g.
+      ``(r".*/w",)`` for every frozen kernel: QLoRA's whole base (``()``).
+
   Examples:
     >>> import xrapture
     >>> spec = xrapture.default_spec()
@@ -84,6 +100,10 @@ def default_spec() -> ml_collections.ConfigDict:
   spec.dropout = 0.0
   spec.init = "default"
   spec.use_dora = False
+  spec.quantize = ml_collections.config_dict.placeholder(str)
+  spec.quantize_block = 64
+  spec.double_quant = False
+  spec.quantize_frozen = ()
   spec.lock()
   return spec
 
@@ -149,8 +169,11 @@ def validate(spec: ml_collections.ConfigDict) -> None:
       number > 0; ``dropout`` outside [0, 1); ``dtype`` not a floating-point
       dtype name; a ``targets`` / ``full`` / ``rank_pattern`` /
       ``alpha_pattern`` regex that does not compile; a ``rank_pattern`` rank
-      < 0 or an ``alpha_pattern`` alpha as for ``alpha``; ``tune_vectors`` or
-      ``rslora`` not a bool.
+      < 0 or an ``alpha_pattern`` alpha as for ``alpha``; ``tune_vectors``,
+      ``rslora`` or ``double_quant`` not a bool; ``quantize`` not None,
+      ``"nf4"`` or ``"int8"``; ``quantize_block`` not a bitsandbytes block
+      size; ``double_quant`` without ``"nf4"``; ``quantize_frozen`` not
+      regexes, or given without ``quantize``.
   """
   problems = []
 
@@ -170,10 +193,11 @@ def validate(spec: ml_collections.ConfigDict) -> None:
   check("dropout", dropout, None if (
       _is_number(dropout) and 0 <= dropout < 1) else "must be a number in [0, 1)")
   check("dtype", spec.dtype, _dtype_problem(spec.dtype))
-  for field in ("tune_vectors", "rslora"):
+  for field in ("tune_vectors", "rslora", "double_quant"):
     value = getattr(spec, field)
     check(field, value, None if isinstance(value, bool) else "must be True or False")
-  for field in ("targets", "full"):
+  _check_quantization(spec, check)
+  for field in ("targets", "full", "quantize_frozen"):
     patterns = getattr(spec, field)
     if isinstance(patterns, str):
       check(field, patterns, "must be a sequence of regexes, e.g. (r'.*/w',)")
@@ -194,6 +218,22 @@ def validate(spec: ml_collections.ConfigDict) -> None:
       check(f"{field}[{i}][1]", value, value_problem(value))
   if problems:
     raise ValueError("Invalid LoRA spec:\n  " + "\n  ".join(problems))
+
+
+def _check_quantization(spec: ml_collections.ConfigDict, check) -> None:
+  """The quantization fields, reported through ``check(field, value, problem)``."""
+  schemes = quantize_lib.SCHEMES
+  scheme = spec.quantize
+  check("quantize", scheme, None if scheme is None or scheme in schemes else (
+      f"must be None (full-precision base) or one of {schemes}"))
+  block = spec.quantize_block
+  check("quantize_block", block, None if _is_int(block) and block in quantize_lib.BLOCK_SIZES
+        else f"must be one of {quantize_lib.BLOCK_SIZES} (bitsandbytes' NF4 block sizes)")
+  if spec.double_quant is True and scheme != "nf4":
+    check("double_quant", True, f"applies to quantize='nf4' only (quantize is {scheme!r})")
+  if spec.quantize_frozen and not isinstance(spec.quantize_frozen, str) and scheme is None:
+    check("quantize_frozen", spec.quantize_frozen,
+          "needs spec.quantize ('nf4' or 'int8'), the scheme they are stored in")
 
 
 def _pairs(patterns: Any) -> list[tuple[str, Any]]:

@@ -12,6 +12,7 @@ from xrapture._src.implicit import interpreter
 from xrapture._src.lora import dropout as dropout_lib
 from xrapture._src.transform import adapters
 from xrapture._src.transform import layout as layout_lib
+from xrapture._src.transform import quantization
 from xrapture._src.transform import spec as spec_lib
 
 
@@ -118,7 +119,10 @@ class LoraTransformed:
       **example_kwargs: likewise.
 
     Returns:
-      params with LoraWeights; every other leaf is the same object.
+      params with LoraWeights; every other leaf is the same object. With
+      ``config.quantize`` set, each LoraWeight's ``w`` (and each frozen
+      kernel ``config.quantize_frozen`` names) is stored quantized
+      (:func:`xrapture.quantize`).
 
     Raises:
       ValueError: as :meth:`spec`.
@@ -147,7 +151,14 @@ class LoraTransformed:
             "model.init first.")
       return {}
 
-    return adapters.adapt_params(rng, params, lora_spec, self.config, layouts)
+    adapted = adapters.adapt_params(rng, params, lora_spec, self.config, layouts)
+    if self.config.quantize is not None:
+      # Stacks of vectors (a layer stack's [L, D] biases) are never quantized.
+      flat = adapters.paths.flatten_with_paths(params)[0]
+      vectors = {flat[i][0] for i, l in (known or {}).items()
+                 if np.ndim(flat[i][1]) - l.scanned < 2}
+      adapted = quantization.quantize_except(adapted, self.config, vectors)
+    return adapted
 
   def _layouts(self, params, example, wanted, state=None):
     args, kwargs = example
