@@ -59,6 +59,12 @@ setup(
             'chex',
             'pytest',
             'pytest-xdist',
+            # Third-party Haiku models in xrapture_test/third_party_test.py.
+            # alphafold-colabfold imports colabfold_kernels without declaring it.
+            'alphafold-colabfold>=2.3.6',
+            'colabfold-kernels>=0.9.0',
+            'haiku-geometric>=0.0.5',
+            'jraph>=0.0.6.dev0',
         ],
         'experiments': [
             'matplotlib',

@@ -134,9 +134,9 @@ def report_uses(params: Any, lora_spec: Any,
       continue
     message = (
         f"The LoraWeight of '{path}' {tuple(np.shape(value))} will be "
-        f"materialized: apply uses it through {'; '.join(layout.problems)}, "
-        "which has no low-rank form. Exclude it from spec.targets (or train it "
-        "in full with spec.full) to keep training low-rank.")
+        f"materialized: apply uses it through {'; '.join(layout.problems)}. "
+        "Exclude it from spec.targets (or train it in full with spec.full) to "
+        "keep training low-rank.")
     if registry.is_strict():
       raise registry.MaterializationError(message + " (strict mode is on)")
     warnings.warn(message, registry.MaterializationWarning, stacklevel=3)
