@@ -80,19 +80,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # unknown field is an error.
   config.optional_fields = ('lora.use_dora', 'loraplus_lr_ratio')
 
-  # The stages, run in order.
+  # The stages, run in order: on 2 shared CPU cores a point takes minutes,
+  # so each refining stage changes one thing from the best point so far.
   config.stages = (
-      # Learning rate × targets at the config's rank (16).
-      stage('coarse', 'config', ('learning_rate.lora', (1e-2, 3e-2)),
-            ('lora.targets', ('attn', 'all_linear'))),
-      # Rank-stabilized scaling: alpha / sqrt(r), 4x alpha / r at r=16; as
-      # adapters only get a larger step (the head keeps its learning rate).
+      # The learning rate (the adapters' and the head's) at the config's
+      # rank (16) and targets (all linear layers).
+      stage('lr', 'config', ('learning_rate.lora', (1e-2, 3e-2))),
+      # Rank-stabilized scaling, alpha / sqrt(r): at r=16 4x alpha / r, a
+      # larger step for the adapters alone (the head keeps its rate).
       stage('rslora', 'best', ('lora.rslora', (True,))),
-      # LayerNorm scales and offsets and the biases trained in full.
+      # LayerNorm scales and offsets and the biases trained in full (+3,584).
       stage('vectors', 'best', ('lora.tune_vectors', (True,))),
-      # The token embedding gets an adapter too.
+      # Attention only, against all linear layers.
+      stage('targets', 'best', ('lora.targets', ('attn',))),
+      # The token embedding gets an adapter too (+r * (256 + 128)).
       stage('embed', 'best', ('lora.targets', ('all_linear_embed',))),
-      # DoRA, LoRA+ (skipped until those fields exist).
+      # DoRA and LoRA+: skipped until those fields exist.
       stage('dora', 'best', ('lora.use_dora', (True,))),
       stage('loraplus', 'best', ('loraplus_lr_ratio', (4.0, 16.0))),
   )
