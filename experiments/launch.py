@@ -1,7 +1,7 @@
 """The launcher: flags, then the config checked, devices, and the job it names.
 
-experiments/pretrain.py and experiments/finetune.py define ``--config`` and
-``--workdir`` and call :func:`main`, which
+experiments/pretrain.py, experiments/finetune.py and experiments/sweep.py
+define ``--config`` and ``--workdir`` and call :func:`main`, which
 
 1. checks the config (:func:`check_config`: no devices needed, so a bad
    flag fails at once, on every process alike);
@@ -9,7 +9,8 @@ experiments/pretrain.py and experiments/finetune.py define ``--config`` and
    touches a JAX backend; :mod:`experiments.distributed`);
 3. checks the workdir, makes the mesh, checks that batches divide over it,
    and saves the config (process 0);
-4. runs ``JOBS[config.job]``: pretraining or fine-tuning.
+4. runs ``JOBS[config.job]``: pretraining, fine-tuning or a sweep of
+   fine-tunes.
 """
 
 import os
@@ -28,11 +29,13 @@ from experiments import distributed
 from experiments import finetuning
 from experiments import pretraining
 from experiments import sharding
+from experiments import sweeping
 from experiments import variants
 
 JOBS: dict[str, Callable[..., Any]] = {
     'pretrain': pretraining.run,
     'finetune': finetuning.run,
+    'sweep': sweeping.run,
 }
 
 
@@ -78,9 +81,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   """What can be checked of a config without devices or files.
 
   Raises:
-    app.UsageError: an unknown job or method, a malformed mesh, a model whose
-      width does not split over its heads, a sequence longer than the model
-      takes, a step count or cadence below 1.
+    app.UsageError: an unknown job or method, a malformed sweep stage, a
+      malformed mesh, a model whose width does not split over its heads, a
+      sequence longer than the model takes, a step count or cadence below 1.
   """
   if config.job not in JOBS:
     raise app.UsageError(f'--config.job={config.job!r}: expected one of {tuple(JOBS)}.')
@@ -89,6 +92,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if unknown:
       raise app.UsageError(f'Unknown methods {unknown} in --config.methods; '
                            f'known: {tuple(variants.METHODS)}.')
+  if config.job == 'sweep':
+    try:
+      sweeping.check(config)
+    except ValueError as e:
+      raise app.UsageError(f'--config.stages: {e}') from e
   try:
     sharding.check_mesh_shape(config.mesh)
   except ValueError as e:

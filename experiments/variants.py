@@ -38,14 +38,13 @@ def lora(config: ml_collections.ConfigDict, forward: Callable[..., jax.Array],
   lora_spec = model.spec(base_params)
   example = jax.ShapeDtypeStruct((1, config.seq_len), jnp.int32)
   params = model.adapt(jax.random.PRNGKey(config.seed), base_params, example)
+  # LoRA+ (b's learning rate times this ratio), where the config has the field.
   ratio = config.get('loraplus_lr_ratio')
+  loraplus = {} if ratio is None else {'loraplus_lr_ratio': ratio}
   tx = xrapture.wrap_optimizer(
-      trainer.make_optimizer(config.learning_rate.lora, config), lora_spec,
-      loraplus_lr_ratio=ratio)
+      trainer.make_optimizer(config.learning_rate.lora, config), lora_spec, **loraplus)
   return trainer.Run('lora', model.apply, params, base_params, lora_spec, tx,
-                     _fingerprint('lora', config, lora=config.lora.to_dict(),
-                                  **({} if ratio is None else
-                                     {'loraplus_lr_ratio': ratio})))
+                     _fingerprint('lora', config, lora=config.lora.to_dict(), **loraplus))
 
 
 def full(config: ml_collections.ConfigDict, forward: Callable[..., jax.Array],

@@ -28,7 +28,7 @@ from configs import pretrain as pretrain_configs  # pylint: disable=g-import-not
 from experiments import launch  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-_LAUNCHERS = ('experiments/finetune.py', 'experiments/pretrain.py')
+_LAUNCHERS = ('experiments/finetune.py', 'experiments/pretrain.py', 'experiments/sweep.py')
 
 
 def readme_commands() -> list[list[str]]:
@@ -109,7 +109,8 @@ class CheckConfigTest(parameterized.TestCase):
     launch.check_config(configs.get_config(arg))
 
   @parameterized.named_parameters(
-      ('job', {'job': 'eval'}, r"--config.job='eval': expected one of \('pretrain', 'finetune'\)"),
+      ('job', {'job': 'eval'},
+       r"--config.job='eval': expected one of \('pretrain', 'finetune', 'sweep'\)"),
       ('method', {'methods': ('lora', 'qlora')}, r"Unknown methods \['qlora'\]"),
       ('mesh', {'mesh': (2, 2, 2)}, r'--config.mesh: mesh must be \(data, model\)'),
       ('heads', {'pretrain.model.num_heads': 5},
