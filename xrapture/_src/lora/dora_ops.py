@@ -126,7 +126,7 @@ def _conv(primitive, lhs, rhs, *, dimension_numbers, feature_group_count,
   _, rhs_spec, out_spec = dimension_numbers
   if (stack or tuple(outs) != (rhs_spec[0],) or feature_group_count != 1
       or batch_group_count != 1
-      or conv_lib.low_rank_form(lora_weight.layout_of(rhs), rhs_spec) is None):
+      or conv_lib.low_rank_layout(lora_weight.layout_of(rhs), rhs.shape, rhs_spec)[0] is None):
     return NotImplemented      # not per output feature, or grouped: materialize
   kw = dict(dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
             batch_group_count=batch_group_count, precision=precision,
