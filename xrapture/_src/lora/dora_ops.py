@@ -88,7 +88,9 @@ def _dot_general(primitive, lhs, rhs, *, dimension_numbers, precision=None,
 
   def dense(x):
     w = lax.stop_gradient(weight.w)
-    return lax.dot_general(*((w, x) if w_lhs else (x, w)), **kw)
+    return lax.dot_general(*((w, x) if w_lhs else (x, w)), dimension_numbers,
+                           precision=precision,
+                           preferred_element_type=preferred_element_type)
 
   contracted_outs = [d in w_contract for d in outs]
   if not any(contracted_outs):
