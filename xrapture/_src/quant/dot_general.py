@@ -3,14 +3,24 @@
 ``dot_general`` (either operand, any dimension numbers), and a quantized
 kernel as the right operand of ``conv_general_dilated`` or
 ``ragged_dot_general`` / ``ragged_dot`` (grouped matmuls of per-expert
-kernels). The dequantized kernel lives only inside this one product. The
-product runs under ``jax.checkpoint``, so the backward pass keeps the
-quantized children (not the dense kernel) between the forward and backward
-passes and dequantizes again where it needs the kernel for the input
-gradient. No gradient flows to the quantized array.
+kernels). The dequantized kernel lives only inside one product: each
+product is a ``jax.custom_vjp`` whose residual is the quantized array (not
+the dense kernel), and whose backward pass dequantizes it again for the
+input gradient. No gradient flows to the quantized array.
+
+Each dequantization is tied to the other operand of its product (a zero
+derived from it is added to the codes): the forward product's kernel
+depends on the activations, the backward pass's on the incoming gradient.
+Otherwise XLA, seeing one kernel dequantized twice from the same codes,
+computes it once in the forward pass and keeps it alive until the backward
+pass: every kernel in full precision at once. (XLA:CPU expands optimization
+barriers before common-subexpression elimination, so a barrier does not
+prevent that; a data dependency does.)
 """
 
 import jax
+import jax.numpy as jnp
+from jax import lax
 
 from xrapture._src.implicit import implicit_array
 from xrapture._src.implicit import registry
@@ -19,13 +29,53 @@ from xrapture._src.quant import quantized_array
 QuantizedArray = quantized_array.QuantizedArray
 
 
+def _tied_dense(q: QuantizedArray, anchor: jax.Array) -> jax.Array:
+  """``dequantize(q)``, computed only after (and from) ``anchor``."""
+  if anchor.size:
+    zero = (anchor.reshape(-1)[0] * 0).astype(q.codes.dtype)
+    q = q.replace(codes=lax.stop_gradient(q.codes) + zero)
+  return quantized_array.dequantize(q)
+
+
 def _bind_dequantized(primitive, operands, params):
-  """``primitive`` on ``operands`` with the QuantizedArray among them dequantized."""
+  """``primitive`` on ``operands``, exactly one a QuantizedArray, linear in the others.
+
+  Float operands get gradients (their cotangent computed with the kernel
+  dequantized again, tied to the cotangent); other operands (integer group
+  sizes) are saved as they are.
+  """
+  k = next(i for i, x in enumerate(operands) if isinstance(x, QuantizedArray))
+  floats = [i for i, x in enumerate(operands)
+            if i != k and jnp.issubdtype(x.dtype, jnp.inexact)]
+  anchor_of = lambda ops: ops[floats[0]] if floats else jnp.zeros((0,))
+
+  def run(ops, anchor):
+    ops = list(ops)
+    ops[k] = _tied_dense(ops[k], anchor)
+    return primitive.bind(*ops, **params)
+
+  @jax.custom_vjp
   def product(*ops):
-    dense = [quantized_array.dequantize(x) if isinstance(x, QuantizedArray) else x
-             for x in ops]
-    return primitive.bind(*dense, **params)
-  return jax.checkpoint(product)(*operands)
+    return run(ops, anchor_of(ops))
+
+  def fwd(*ops):
+    return run(ops, anchor_of(ops)), ops   # the codes, not the dense kernel
+
+  def bwd(saved, g):
+    # The product is linear in each float operand: its vjp at zero is exact.
+    point = [jnp.zeros_like(saved[i]) for i in floats]
+
+    def linear(*xs):
+      ops = list(saved)
+      for i, x in zip(floats, xs):
+        ops[i] = x
+      return run(ops, g)
+    _, vjp = jax.vjp(linear, *point)
+    cts = dict(zip(floats, vjp(g)))
+    return tuple(cts.get(i) for i in range(len(saved)))
+
+  product.defvjp(fwd, bwd)
+  return product(*operands)
 
 
 @registry.primitive_handler("dot_general")
