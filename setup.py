@@ -59,8 +59,12 @@ setup(
             'chex',
             'pytest',
             'pytest-xdist',
-            # Third-party Haiku models in xrapture_test/third_party_test.py.
-            # alphafold-colabfold imports colabfold_kernels without declaring it.
+        ],
+        # Third-party Haiku models in xrapture_test/third_party_test.py (the
+        # test command installs them in its Python 3.11 leg, where they are
+        # required; elsewhere the tests needing them skip with a notice).
+        # alphafold-colabfold imports colabfold_kernels without declaring it.
+        'models': [
             'alphafold-colabfold>=2.3.6',
             'colabfold-kernels>=0.9.0',
             'haiku-geometric>=0.0.5',

@@ -159,7 +159,7 @@ install_leg() {
   local leg="$1"
   make_venv "${LEG_VENV[${leg}]}" "${LEG_PYTHON[${leg}]}"
   case "${leg}" in
-    py311) install_wheel "${VENV}" "${WHEEL}" "tests,experiments,peft" ;;
+    py311) install_wheel "${VENV}" "${WHEEL}" "tests,experiments,peft,models" ;;
     py312) install_wheel "${VENV}" "${WHEEL}" "tests,experiments" ;;
     floor) install_wheel "${VENV}" "${WHEEL}" "tests" -c "${TMP_DIR}/floors.txt" ;;
   esac
