@@ -89,7 +89,7 @@ def quantize(params: Any, spec: ml_collections.ConfigDict) -> Any:
   Examples:
     >>> import haiku as hk, jax, jax.numpy as jnp, xrapture
     >>> spec = xrapture.default_spec()
-    >>> spec.quantize = "nf4"
+    >>> spec.rank, spec.quantize = 2, "nf4"
     >>> model = xrapture.transform(lambda x: hk.Linear(4)(x), spec)
     >>> x = jnp.ones((1, 64))
     >>> params = model.adapt(jax.random.PRNGKey(1), model.init(jax.random.PRNGKey(0), x))
