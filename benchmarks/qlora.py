@@ -8,12 +8,12 @@ The model is benchmarks/lm.py's transformer, adapters of rank ``--rank`` on
 query/key/value/out/up/down. QLoRA quantizes its whole base
 (``xrapture.quantize``: the adapted kernels, and with ``quantize_frozen`` the
 unembedding and the embedding table), block 64. Each part runs in its own
-subprocess (``--child=NAME``), so that nothing one variant allocated counts
+subprocess (``--part=NAME``), so that nothing one variant allocated counts
 against another:
 
 * **memory**, one process per variant (full fine-tuning with Adam, LoRA on
-  the float32 base, QLoRA NF4, NF4 + double quantization, int8): ``--steps``
-  training steps; ``step peak RSS − runtime`` is the peak resident memory
+  the float32 base, QLoRA NF4, NF4 + double quantization, int8):
+  ``--memory_steps`` training steps; ``step peak RSS − runtime`` is the peak resident memory
   over the steady-state steps (peak reset after the first, compiling, step)
   net of the process's RSS after its imports (as memory.py measures), and
   ``XLA plan`` the compiled step's arguments + outputs + temporaries −
@@ -43,16 +43,20 @@ from benchmarks import report
 from benchmarks import rss
 from benchmarks import sizes
 
-_STEPS = flags.DEFINE_integer("steps", 3, "Training steps per memory process (the first compiles).")
+# Names distinct from memory.py's flags, which live in the same absl registry
+# when both modules are imported (the smoke test).
+_STEPS = flags.DEFINE_integer("memory_steps", 3,
+                              "Training steps per memory process (the first compiles).")
 _VARIANTS = flags.DEFINE_list(
-    "variants", ["full", "lora", "qlora-nf4", "qlora-nf4-dq", "qlora-int8"],
+    "memory_variants", ["full", "lora", "qlora-nf4", "qlora-nf4-dq", "qlora-int8"],
     "Memory processes to run.")
 _TIMED = flags.DEFINE_list("timed", ["lora", "qlora-nf4"],
                            "Variants alternated in the step-time process (the first is the denominator).")
 _BASE = flags.DEFINE_string("base", "", "Pretrained weights for the error table: a directory "
                             "holding base.safetensors, or the file; '' = the model initialized here.")
 _BLOCK = flags.DEFINE_integer("block", 64, "NF4 block size.")
-_CHILD = flags.DEFINE_string("child", None, "Internal: run one part and print JSON.")
+_PART = flags.DEFINE_string("part", None, "Internal: run one part (a variant's memory, "
+                            "'timing' or 'errors') and print JSON.")
 
 # Variant -> (scheme, double_quant); None: the float32 base.
 QUANTIZED = {"qlora-nf4": ("nf4", False), "qlora-nf4-dq": ("nf4", True),
@@ -125,7 +129,7 @@ def timing_child() -> dict:
 
 
 def _kernels(path: str):
-  """``(name, array)`` of the ≥2-D float parameters of ``path`` or of the model here."""
+  """``(name, array)`` of the kernels of ``path``'s weights or of the model here; its source."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   if path:
@@ -138,10 +142,12 @@ def _kernels(path: str):
     cfg = sizes.config()
     params = jax.jit(lm.dense_model(cfg).init)(jax.random.PRNGKey(0), lm.batch(cfg)[0])
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    tensors = {jax.tree_util.keystr(p): np.asarray(v) for p, v in flat}
+    tensors = {"/".join(str(k.key) for k in p): np.asarray(v) for p, v in flat}
     source = "the benchmark's model initialized here (not trained)"
+  # Kernels and token embeddings; not a layer stack's [L, D] vectors, not positions.
   kernels = [(k, v) for k, v in sorted(tensors.items())
-             if v.ndim >= 2 and v.dtype.kind == "f" and "pos_embed" not in k]
+             if v.ndim >= 2 and v.dtype.kind == "f" and "pos_embed" not in k
+             and (k.endswith("/w") or k.endswith("/embeddings"))]
   return kernels, source
 
 
@@ -264,28 +270,28 @@ def markdown(results: dict) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
-  if _CHILD.value:
-    if _CHILD.value == "timing":
+  if _PART.value:
+    if _PART.value == "timing":
       out = timing_child()
-    elif _CHILD.value == "errors":
+    elif _PART.value == "errors":
       out = error_child()
     else:
-      out = memory_child(_CHILD.value)
+      out = memory_child(_PART.value)
     print(json.dumps(out))
     return
   from benchmarks import timing  # pylint: disable=g-import-not-at-top
   env = timing.environment()
   passthrough = [f"--{f}={flags.FLAGS[f].value}" for f in
                  ("d_model", "n_layers", "head_dim", "vocab", "seq_len", "batch", "rank",
-                  "rounds", "warmup", "steps", "block", "base")]
+                  "rounds", "warmup", "memory_steps", "block", "base")]
   passthrough.append(f"--timed={','.join(_TIMED.value)}")
   memory = {}
   for name in _VARIANTS.value:
-    memory[name] = _spawn([f"--child={name}"] + passthrough)
+    memory[name] = _spawn([f"--part={name}"] + passthrough)
     print(name, {k: v for k, v in memory[name].items() if k != "losses"}, flush=True)
-  time = _spawn(["--child=timing"] + passthrough) if len(_TIMED.value) > 1 else None
+  time = _spawn(["--part=timing"] + passthrough) if len(_TIMED.value) > 1 else None
   print("time", time, flush=True)
-  errors = _spawn(["--child=errors"] + passthrough)
+  errors = _spawn(["--part=errors"] + passthrough)
   print("errors", errors["kinds"], flush=True)
   env["loadavg_end"] = timing.load_average()
   results = {"environment": env, "config": sizes.config().__dict__, "block": _BLOCK.value,

@@ -16,6 +16,7 @@ from xrapture._src.testing import optional
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import memory  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import qlora  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import quant  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import mixed_batch  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import scaling  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -89,6 +90,28 @@ class BenchmarksSmokeTest(absltest.TestCase):
       results = json.load(f)
     self.assertLess(results["agreement"]["max_abs_diff_mixed_vs_loop"], 1e-4)
     self.assertIn("loop/mixed", results["ratios"])
+
+  def test_qlora_parts_and_ratios(self):
+    with flagsaver.flagsaver(**_TOY, block=32, memory_steps=2, timed=["lora", "qlora-nf4"]):
+      lora = qlora.memory_child("lora")
+      nf4 = qlora.memory_child("qlora-nf4")
+      time = qlora.timing_child()
+      errors = qlora.error_child()
+    self.assertLess(nf4["param_bytes"], lora["param_bytes"] / 3)
+    self.assertEqual(nf4["trainable"], lora["trainable"])
+    ratios = qlora.ratios({"lora": lora, "qlora-nf4": nf4}, time)
+    self.assertIn("qlora-nf4 / lora: XLA step plan", ratios)
+    self.assertIn("qlora-nf4 / lora: step time (median of paired ratios)", ratios)
+    kinds = errors["kinds"]
+    self.assertLess(kinds["int8"]["relative_rms"], kinds["nf4"]["relative_rms"])
+    self.assertLess(kinds["nf4+dq"]["bits_per_param"], kinds["nf4"]["bits_per_param"])
+    env = dict(date="", machine="", backend="", device="", python="")
+    text = qlora.markdown(dict(
+        environment=env, config=dict(d_model=32, n_layers=1, vocab=32, seq_len=8, batch=2,
+                                     rank=2),
+        block=32, memory={"lora": lora, "qlora-nf4": nf4}, time=time, errors=errors,
+        ratios=ratios))
+    self.assertIn("Quantization error", text)
 
 
 if __name__ == "__main__":
