@@ -463,7 +463,7 @@ class AdapterIntegrityTest(parameterized.TestCase):
     self.assert_refused(path, base, r"'conv/w': factors of rank 2, the entry's rank is 3")
 
   @parameterized.named_parameters(
-      ("kind", "kind", "lorb", r"kind 'lorb'; expected one of \['full', 'lora'\]"),
+      ("kind", "kind", "lorb", r"kind 'lorb'; expected one of \['dora', 'full', 'lora'\]"),
       ("alpha_nan", "alpha", float("nan"), r"field 'alpha' = nan is not a finite number"),
       ("rank_string", "rank", "2", r"field 'rank' = '2' is not an integer >= 1"),
       ("dtype", "a_dtype", "flaot32", r"field 'a_dtype' = 'flaot32' is not a floating"),

@@ -48,12 +48,27 @@ def _zeros(scalar: bool) -> optax.GradientTransformation:
 
 
 def _labels_from_bools(frozen: Any, params: Any) -> Any:
-  """Expands a (prefix) tree of bools over ``params``, leaf by leaf."""
-  def expand(flag, subtree):
-    label = _FREEZE if flag else _TRAIN
-    return jax.tree.map(lambda _: label, subtree)
-  return jax.tree.map(expand, frozen, params,
-                      is_leaf=lambda x: isinstance(x, bool))
+  """Expands a (prefix) tree of bools over ``params``, leaf by leaf.
+
+  Matching goes by key path, not by tree structure, so a flag tree built
+  from a class's default metadata (say a LoraWeight without the layout the
+  params' LoraWeights record) still labels the params: the flag of a leaf is
+  the one at the longest prefix of its path.
+  """
+  flat, _ = jax.tree_util.tree_flatten_with_path(
+      frozen, is_leaf=lambda x: isinstance(x, bool))
+  flags = {tuple(path): flag for path, flag in flat}
+
+  def label(path, _):
+    path = tuple(path)
+    for n in range(len(path), -1, -1):
+      if path[:n] in flags:
+        return _FREEZE if flags[path[:n]] else _TRAIN
+    raise ValueError(
+        f"freeze labels give no flag for parameter "
+        f"{jax.tree_util.keystr(path)}: pass a bool for it or for a subtree "
+        "above it.")
+  return jax.tree_util.tree_map_with_path(label, params)
 
 
 def freeze_subtrees(
