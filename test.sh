@@ -6,28 +6,27 @@
 # Three legs, each in its own virtualenv (created on the first run, reused
 # after), each installing xrapture's wheel (non-editable) and running pytest
 # from a temporary directory, so that the tests import the installed package
-# and a file missing from it fails them:
+# and a file missing from it fails them. No test runs twice within a leg, and
+# only the library's tests (not the launchers') run in more than one leg:
 #
 #   py311  Python 3.11 ($XRAPTURE_PYTHON311, default python3) with the newest
 #          jax pip serves there (0.10.x) and every extra, torch, PEFT and
 #          bitsandbytes included: the whole suite. A missing torch is a
-#          failure here (XRAPTURE_REQUIRE_TORCH=1). Bazel runs its part of the
-#          suite in this leg (below). Venv $XRAPTURE_VENV (.venv-test).
+#          failure here (XRAPTURE_REQUIRE_TORCH=1). `bazel test
+#          //xrapture_test/...` runs the fast core files listed in
+#          xrapture_test/BUILD (_BAZEL_SUITE; the others are tagged "manual")
+#          and pytest the rest (it asks `bazel query`). Bazel is installed
+#          from Debian if absent. Venv $XRAPTURE_VENV (.venv-test).
 #   py312  Python >= 3.12 ($XRAPTURE_PYTHON312; default: pyenv's 3.12.1, else
 #          python3.12 or python3.13 on PATH) with the newest jax there
-#          (0.12.x): every test that does not need torch. torch for 3.12 is a
-#          multi-GB download, so the tests that need it are skipped, each
-#          listed with the reason. Venv $XRAPTURE_VENV_PY312 (.venv-test-py312).
+#          (0.12.x): the library's tests, i.e. all but those importing
+#          experiments/ or benchmarks/. torch for 3.12 is a multi-GB
+#          download, so the tests that need it are skipped, each listed with
+#          the reason. Venv $XRAPTURE_VENV_PY312 (.venv-test-py312).
 #   floor  Python 3.11 with exactly the lowest versions setup.py admits
 #          (tools/floors.py pins install_requires' lower bounds, so the two
-#          cannot drift): the library's tests, i.e. all but those importing
-#          experiments/ or benchmarks/. Venv $XRAPTURE_VENV_FLOOR
+#          cannot drift): the library's tests. Venv $XRAPTURE_VENV_FLOOR
 #          (.venv-test-floor).
-#
-# No test runs twice within a leg: `bazel test //xrapture_test/...` runs the
-# fast core files listed in xrapture_test/BUILD (_BAZEL_SUITE; the others are
-# tagged "manual"), and the py311 leg's pytest skips exactly those files (it
-# asks `bazel query`). Bazel is installed from Debian if absent.
 #
 # XRAPTURE_LEGS picks legs (default "py311 py312 floor"). A leg whose Python
 # is missing is skipped with a notice, or fails when CI=true. Every leg runs;
@@ -114,11 +113,18 @@ fi
 BUILD_PYTHON="${PY311:-${PY312:-python3}}"
 
 # ---------------------------------------------------------------------------
+# Everything below overlaps where it can: Bazel's apt install and the three
+# pip installs run in the background (mostly download and unpack time), and
+# each leg's tests start as soon as its own virtualenv is ready, the legs
+# with the small installs first.
+APT_PID=""
 if wants py311 && { ! command -v bazel >/dev/null 2>&1 || [[ ! -d /usr/share/bazel/rules/java ]]; }; then
-  step "Bazel (apt-get install bazel-bootstrap bazel-rules-java)"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -q
-  apt-get install -y -q bazel-bootstrap bazel-rules-java
+  step "Bazel (apt-get install bazel-bootstrap bazel-rules-java, in the background)"
+  (
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q && apt-get install -y -q bazel-bootstrap bazel-rules-java
+  ) > "${TMP_DIR}/apt.log" 2>&1 &
+  APT_PID=$!
 fi
 
 step "xrapture wheel"
@@ -128,8 +134,6 @@ BUILD_VENV="${TMP_DIR}/build-venv"
 build_wheel "${BUILD_VENV}/bin/python" "${TMP_DIR}/wheel"
 echo "${WHEEL}"
 
-# The legs' installs run side by side (mostly download and unpack time); each
-# logs to its own file, shown if it fails.
 declare -A LEG_VENV LEG_PYTHON INSTALL_PID
 if wants py311; then
   if [[ -n "${PY311}" ]]; then
@@ -160,31 +164,50 @@ install_leg() {
   make_venv "${LEG_VENV[${leg}]}" "${LEG_PYTHON[${leg}]}"
   case "${leg}" in
     py311) install_wheel "${VENV}" "${WHEEL}" "tests,experiments,peft,models" ;;
-    py312) install_wheel "${VENV}" "${WHEEL}" "tests,experiments" ;;
+    py312) install_wheel "${VENV}" "${WHEEL}" "tests" ;;
     floor) install_wheel "${VENV}" "${WHEEL}" "tests" -c "${TMP_DIR}/floors.txt" ;;
   esac
 }
 
-step "virtualenvs: ${!LEG_VENV[*]} (pip install, side by side)"
+step "virtualenvs: ${!LEG_VENV[*]} (pip install, in the background)"
 INSTALL_START=${SECONDS}
 for leg in "${!LEG_VENV[@]}"; do
   install_leg "${leg}" > "${TMP_DIR}/install-${leg}.log" 2>&1 &
   INSTALL_PID[${leg}]=$!
 done
-for leg in "${!INSTALL_PID[@]}"; do
+
+# ready LEG: waits for LEG's install; false (the leg recorded as failed) if
+# it failed or the leg has no virtualenv.
+ready() {
+  local leg="$1"
+  [[ -n "${LEG_VENV[${leg}]:-}" ]] || return 1
   if wait "${INSTALL_PID[${leg}]}"; then
-    echo "${leg}: ${LEG_VENV[${leg}]} ready"
-  else
-    echo "ERROR: leg ${leg}: pip install failed:" >&2
-    tail -n 30 "${TMP_DIR}/install-${leg}.log" >&2
-    SUMMARY+=("${leg} FAILED 0 pip install failed")
-    FAILED=1
-    unset "LEG_VENV[${leg}]"
+    echo "${leg}: ${LEG_VENV[${leg}]} ready after $((SECONDS - INSTALL_START)) s"
+    return 0
   fi
-done
-echo "installs: $((SECONDS - INSTALL_START)) s"
+  echo "ERROR: leg ${leg}: pip install failed:" >&2
+  tail -n 30 "${TMP_DIR}/install-${leg}.log" >&2
+  SUMMARY+=("${leg} FAILED 0 pip install failed")
+  FAILED=1
+  return 1
+}
 
 # ---------------------------------------------------------------------------
+# Compile-time savers for the tests (about half of the suite's time is XLA
+# compiling small programs on CPU): XLA's cheap optimization level, and a
+# persistent compilation cache that is fresh per run and per leg (shared by
+# the pytest workers and the launcher subprocesses, so a program compiled by
+# one test is reused by the next). Neither changes what a test checks;
+# benchmark figures are never measured with them (run.sh does not set them).
+test_env() {
+  local leg="$1"
+  export XLA_FLAGS="--xla_force_host_platform_device_count=8"
+  export JAX_DISABLE_MOST_OPTIMIZATIONS=1
+  export JAX_COMPILATION_CACHE_DIR="${TMP_DIR}/jax-cache-${leg}"
+  export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
+  export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
+}
+
 # run_pytest LEG VENV ARGS...: pytest against the installed package, from
 # outside the source tree.
 run_pytest() {
@@ -194,10 +217,11 @@ run_pytest() {
   mkdir -p "${work}"
   (
     cd "${work}"
+    test_env "${leg}"
     # The repository must not be importable: only the installed copy.
     "${venv}/bin/python" -c 'import sys, jax, xrapture; print("xrapture", xrapture.__version__, "from", xrapture.__file__, "| jax", jax.__version__, "| Python", sys.version.split()[0])'
     XRAPTURE_EXPECT_INSTALLED=1 "${venv}/bin/python" -m pytest \
-      -p no:cacheprovider -n auto -q -rs --durations=15 "$@"
+      -p no:cacheprovider -n auto -q -rs --durations=10 "$@"
   )
 }
 
@@ -213,8 +237,40 @@ end_leg() {
 }
 
 ALL_TESTS=("${REPO}"/xrapture_test/*_test.py)
+# The library's tests: every file but those that run experiments/ or
+# benchmarks/ (which need the 'experiments' extra and test the launchers,
+# not the JAX version).
+LIBRARY_TESTS=()
+for f in "${ALL_TESTS[@]}"; do
+  grep -qE '^\s*(from|import) (experiments|benchmarks)\b' "${f}" || LIBRARY_TESTS+=("${f}")
+done
 
-if [[ -n "${LEG_VENV[py311]:-}" ]]; then
+if wants floor && ready floor; then
+  step "leg floor: the library's tests at setup.py's lowest versions"
+  leg_start=${SECONDS}
+  venv="${LEG_VENV[floor]}"
+  echo "Pins: $(tr '\n' ' ' < "${TMP_DIR}/floors.txt")"
+  status=0
+  run_pytest floor "${venv}" "${LIBRARY_TESTS[@]}" || status=$?
+  end_leg floor "${status}" "${leg_start}" "$(tr '\n' ' ' < "${TMP_DIR}/floors.txt")"
+fi
+
+if wants py312 && ready py312; then
+  step "leg py312: the library's tests on the newest JAX"
+  leg_start=${SECONDS}
+  venv="${LEG_VENV[py312]}"
+  echo "NOTICE: no torch/PEFT/bitsandbytes in this leg (a multi-GB download for" \
+       "Python >= 3.12): the tests that need them are skipped and listed below."
+  status=0
+  run_pytest py312 "${venv}" "${LIBRARY_TESTS[@]}" || status=$?
+  end_leg py312 "${status}" "${leg_start}" "Python $(python_minor "${venv}/bin/python"), $("${venv}/bin/python" -c 'import jax; print("jax", jax.__version__)')"
+fi
+
+if wants py311 && ready py311; then
+  if [[ -n "${APT_PID}" ]] && ! wait "${APT_PID}"; then
+    echo "ERROR: apt-get install bazel-bootstrap bazel-rules-java failed:" >&2
+    tail -n 30 "${TMP_DIR}/apt.log" >&2
+  fi
   step "leg py311: pytest (the files Bazel does not run), then bazel test //xrapture_test/..."
   leg_start=${SECONDS}
   venv="${LEG_VENV[py311]}"
@@ -232,35 +288,14 @@ if [[ -n "${LEG_VENV[py311]:-}" ]]; then
     done
     echo "Bazel runs: $(tr '\n' ' ' <<< "${bazel_files}")"
     XRAPTURE_REQUIRE_TORCH=1 run_pytest py311 "${venv}" "${pytest_files[@]}" || status=$?
-    bazel test --test_env=PATH="${venv}/bin:/usr/bin:/bin" \
-      --test_env=XRAPTURE_REQUIRE_TORCH=1 //xrapture_test/... || status=$?
+    (
+      test_env bazel
+      bazel test --test_env=PATH="${venv}/bin:/usr/bin:/bin" \
+        --test_env=XRAPTURE_REQUIRE_TORCH=1 --test_env=XLA_FLAGS \
+        --test_env=JAX_DISABLE_MOST_OPTIMIZATIONS //xrapture_test/...
+    ) || status=$?
   fi
   end_leg py311 "${status}" "${leg_start}" "Python 3.11, $("${venv}/bin/python" -c 'import jax; print("jax", jax.__version__)')"
-fi
-
-if [[ -n "${LEG_VENV[py312]:-}" ]]; then
-  step "leg py312: pytest, every test that does not need torch"
-  leg_start=${SECONDS}
-  venv="${LEG_VENV[py312]}"
-  echo "NOTICE: no torch/PEFT/bitsandbytes in this leg (a multi-GB download for" \
-       "Python >= 3.12): the tests that need them are skipped and listed below."
-  status=0
-  run_pytest py312 "${venv}" "${ALL_TESTS[@]}" || status=$?
-  end_leg py312 "${status}" "${leg_start}" "Python $(python_minor "${venv}/bin/python"), $("${venv}/bin/python" -c 'import jax; print("jax", jax.__version__)')"
-fi
-
-if [[ -n "${LEG_VENV[floor]:-}" ]]; then
-  step "leg floor: the library's tests at setup.py's lowest versions"
-  leg_start=${SECONDS}
-  venv="${LEG_VENV[floor]}"
-  echo "Pins: $(tr '\n' ' ' < "${TMP_DIR}/floors.txt")"
-  library_tests=()
-  for f in "${ALL_TESTS[@]}"; do
-    grep -qE '^\s*(from|import) (experiments|benchmarks)\b' "${f}" || library_tests+=("${f}")
-  done
-  status=0
-  run_pytest floor "${venv}" "${library_tests[@]}" || status=$?
-  end_leg floor "${status}" "${leg_start}" "$(tr '\n' ' ' < "${TMP_DIR}/floors.txt")"
 fi
 
 # ---------------------------------------------------------------------------
