@@ -67,6 +67,11 @@ def _torch_qlora_base(base, double_quant):
         torch.from_numpy(w.T.copy()), requires_grad=False, quant_type="nf4",
         blocksize=BLOCK, compress_statistics=double_quant)
     linear.bias = torch.nn.Parameter(torch.from_numpy(b.copy()))
+    # bitsandbytes (0.50 here) on an AVX512-BF16 CPU repacks the weight in place
+    # at the first no-grad eval forward for an inference kernel that rounds
+    # absmax to bfloat16 (and needs out_features % 32 == 0). The reference is
+    # the exact NF4 path bitsandbytes takes on other CPUs: dequantize, then a float32 matmul.
+    linear.support_avx512bf16_for_cpu = False
     return linear
   model = torch.nn.Sequential(collections.OrderedDict(
       fc1=layer("fc1"), act=torch.nn.GELU(approximate="tanh"), fc2=layer("fc2")))

@@ -397,7 +397,9 @@ class NestedTest(parameterized.TestCase):
       value, grads = step(sharded, batch)
     want_value, want_grads = jax.value_and_grad(loss, allow_int=True)(params, tokens)
     np.testing.assert_allclose(value, want_value, rtol=1e-5)
-    np.testing.assert_allclose(grads["up"]["w"].a, want_grads["up"]["w"].a, rtol=1e-4, atol=1e-6)
+    want = want_grads["up"]["w"].a   # float32 sums, summed in another order when sharded
+    np.testing.assert_allclose(grads["up"]["w"].a, want, rtol=1e-4,
+                               atol=1e-5 * float(np.abs(want).max()))
 
 
 def _factor_arrays(w_shape, layout, rng):

@@ -49,12 +49,12 @@ class SweepRunTest(absltest.TestCase):
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
       record = launch.main(config, workdir)
-    self.assertIn("Sweep: skipping point lr=0.03,lora.not_yet=on of stage 'later'"
-                  if record['best'] == 'lr=0.03' else
-                  "Sweep: skipping point lora.not_yet=on of stage 'later'",
-                  stdout.getvalue())
+    # 'later' starts from the best point: the skipped point carries its overrides.
+    skipped = ('lr=0.03,lora.not_yet=on' if record['best'] == 'lr=0.03'
+               else 'lora.not_yet=on')
+    self.assertIn(f"Sweep: skipping point {skipped} of stage 'later'", stdout.getvalue())
     self.assertEqual([r['name'] for r in record['points']], ['default', 'lr=0.03'])
-    self.assertLen(record['skipped'], 1)
+    self.assertEqual([r['name'] for r in record['skipped']], [skipped])
 
     with open(os.path.join(workdir, sweep_report.SWEEP_JSON)) as f:
       saved = json.load(f)
@@ -90,7 +90,8 @@ class SweepRunTest(absltest.TestCase):
     with open(os.path.join(workdir, sweep_report.SWEEP_MD)) as f:
       table = f.read()
     for row in ('| base (no fine-tune) |', '| full fine-tune (default) |', 'LoRA default',
-                'LoRA lr=0.03', '| LoRA lora.not_yet=on', 'skipped: the config has no field'):
+                'LoRA lr=0.03',
+                f'| LoRA {skipped} | later | skipped: the config has no field lora.not_yet'):
       self.assertIn(row, table)
     with open(os.path.join(workdir, sweep_report.SWEEP_PNG), 'rb') as f:
       self.assertEqual(f.read(8), b'\x89PNG\r\n\x1a\n')
