@@ -236,6 +236,33 @@ class AdapterFileTest(parameterized.TestCase):
     np.testing.assert_allclose(loaded.materialize(), np.asarray(w) + 2.0 * (b @ a),
                                rtol=1e-5, atol=1e-5)
 
+  def test_files_without_residual_stay_version_1(self):
+    # Version 1 is what xrapture 0.1.0 reads; only PiSSA adapters need 2.
+    path = self._path()
+    model, base, trained, lora_spec = _trained()
+    xrapture.save_adapter(path, trained, lora_spec)
+    with safetensors.safe_open(path, framework="numpy") as f:
+      header = json.loads(f.metadata()["xrapture"])
+    self.assertEqual(header["format_version"], 1)
+    self.assertFalse([n for n, e in header["entries"].items() if "residual" in e])
+    # PiSSA adapters: version 2, a residual record for each kernel, and they
+    # load onto the residual (their own w) only.
+    model, base, trained, lora_spec = _trained(init="pissa")
+    xrapture.save_adapter(path, trained, lora_spec)
+    with safetensors.safe_open(path, framework="numpy") as f:
+      header = json.loads(f.metadata()["xrapture"])
+    self.assertEqual(header["format_version"], 2)
+    self.assertEqual(sorted(n for n, e in header["entries"].items() if "residual" in e),
+                     ["__layer_stack_no_per_layer/mid/w", "conv/w"])
+    residual = jax.tree.map(lambda p: p.w if isinstance(p, xrapture.LoraWeight) else p,
+                            trained, is_leaf=lambda p: isinstance(p, xrapture.LoraWeight))
+    loaded = xrapture.load_adapter(path, residual)
+    np.testing.assert_array_equal(model.apply(loaded, None, _X),
+                                  model.apply(trained, None, _X))
+    with self.assertRaisesRegex(ValueError, "PiSSA adapters .* at "
+                                            "'__layer_stack_no_per_layer/mid/w', 'conv/w'"):
+      xrapture.load_adapter(path, base)
+
   def test_load_into_adapted_params(self):
     _, base, trained, lora_spec = _trained()
     path = self._path()
@@ -468,6 +495,13 @@ class AdapterIntegrityTest(parameterized.TestCase):
       ("rank_string", "rank", "2", r"field 'rank' = '2' is not an integer >= 1"),
       ("dtype", "a_dtype", "flaot32", r"field 'a_dtype' = 'flaot32' is not a floating"),
       ("shape", "base_shape", [3, "x"], r"field 'base_shape' .* is not a shape"),
+      ("residual", "residual", [0.5], r"field 'residual' = \[0.5\] is not a residual record"),
+      ("residual_values", "residual",
+       dict(positions=[0, 1], values=[0.5, float("inf")], quantized=None),
+       r"field 'residual' .* does not hold one finite value per position"),
+      ("residual_quantized", "residual",
+       dict(positions=[0], values=[0.5], quantized=dict(scheme="nf5")),
+       r"field 'residual' .* has a 'quantized' field that is not a quantization record"),
   )
   def test_malformed_entry_field(self, field, value, pattern):
     path, base, _ = self._saved()
@@ -477,6 +511,17 @@ class AdapterIntegrityTest(parameterized.TestCase):
       header["entries"]["conv/w"][field] = value
     _rewrite(path, edit, rechecksum=True)
     self.assert_refused(path, base, "header entry 'conv/w'", pattern)
+
+  def test_residual_positions_beyond_the_kernel(self):
+    path, base, _ = self._saved()
+
+    def edit(header, tensors):
+      del tensors
+      header["entries"]["conv/w"]["residual"] = dict(positions=[0, 72], values=[0.0, 0.0],
+                                                     quantized=None)
+    _rewrite(path, edit, rechecksum=True)
+    self.assert_refused(path, base, r"'conv/w': its residual record samples positions "
+                                    r"beyond the 72 values of base_shape \(3, 4, 6\)")
 
   def test_missing_entry_field(self):
     # Was a raw KeyError('alpha') without the path.
@@ -532,6 +577,12 @@ class AdapterIntegrityTest(parameterized.TestCase):
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")
       self.assert_refused(path, base, r"'head/w' is stored as float16")
+
+  def test_version_2_file_without_checksum(self):
+    # Only 0.1.0's files (version 1) may lack the checksum.
+    path, base, _ = self._saved(init="pissa")
+    _rewrite(path, _without_checksum)
+    self.assert_refused(path, base, "a version 2 adapter file without its checksum record")
 
   @parameterized.parameters("checksun", "entries2")
   def test_unknown_field_without_checksum(self, name):

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import safetensors
 
 import xrapture
 from xrapture._src.lora import lora_weight
@@ -178,6 +179,211 @@ class PissaPeftTest(absltest.TestCase):
     np.testing.assert_allclose(
         xrapture.use_implicit_args(hk.transform(_forward).apply)(back, None, self.x),
         want, atol=1e-5)
+
+
+def _pissa_model(**fields):
+  spec = xrapture.default_spec()
+  spec.rank, spec.alpha, spec.init = 2, 3.0, "pissa"
+  for k, v in fields.items():
+    setattr(spec, k, v)
+  return xrapture.transform(_forward, spec)
+
+
+def _trained(model, initial, x, y):
+  """``initial`` after two Adam steps on a regression loss."""
+  lora_spec = jax.tree.map(lambda p: 2 if isinstance(p, xrapture.LoraWeight) else 0,
+                           initial, is_leaf=lambda p: isinstance(p, xrapture.LoraWeight))
+  tx = xrapture.wrap_optimizer(optax.adam(3e-2), lora_spec)
+  params, state = initial, tx.init(initial)
+  loss = lambda p: jnp.mean((model.apply(p, None, x) - y) ** 2)
+  for _ in range(2):
+    updates, state = tx.update(jax.grad(loss)(params), state, params)
+    params = optax.apply_updates(params, updates)
+  return params
+
+
+def _header(path):
+  with safetensors.safe_open(path, framework="numpy") as f:
+    return json.loads(f.metadata()["xrapture"])
+
+
+class PissaAdapterFileTest(absltest.TestCase):
+  """save_adapter / load_adapter of PiSSA adapters: onto the residual, or converted."""
+
+  def setUp(self):
+    super().setUp()
+    rng = np.random.default_rng(0)
+    self.x = rng.normal(size=(6, IN)).astype(np.float32)
+    self.y = rng.normal(size=(6, OUT)).astype(np.float32)
+    self.base = hk.transform(_forward).init(jax.random.PRNGKey(0), self.x)
+    self.model = _pissa_model()
+    self.lora_spec = self.model.spec(self.base, self.x)
+    self.initial = self.model.adapt(jax.random.PRNGKey(1), self.base)
+    self.params = _trained(self.model, self.initial, self.x, self.y)
+    self.want = np.asarray(self.model.apply(self.params, None, self.x))
+    tmp = tempfile.TemporaryDirectory()
+    self.addCleanup(tmp.cleanup)
+    self.path = os.path.join(tmp.name, "adapter.safetensors")
+
+  def apply(self, params):
+    return np.asarray(xrapture.use_implicit_args(hk.transform(_forward).apply)(
+        params, None, self.x))
+
+  def test_plain_file_refuses_the_original_base(self):
+    xrapture.save_adapter(self.path, self.params, self.lora_spec)
+    header = _header(self.path)
+    self.assertEqual(header["format_version"], 2)
+    self.assertEqual(len(header["entries"]["up/w"]["residual"]["values"]), IN * HIDDEN)
+    with self.assertRaises(ValueError) as ctx:
+      xrapture.load_adapter(self.path, self.base)
+    message = str(ctx.exception)
+    for part in (self.path, "'head/w', 'up/w'", "PiSSA", "model.adapt(rng, base_params)",
+                 "initial="):
+      self.assertIn(part, message)
+    # Positive control: the factors on the original kernels compute something else.
+    lora = lambda p, w: p.replace(w=w, residual=False)
+    wrong = {name: dict(self.params[name], w=lora(self.params[name]["w"],
+                                                   self.base[name]["w"]))
+             for name in ("up", "head")}
+    self.assertGreater(np.abs(self.apply(wrong) - self.want).max(), 1e-2)
+
+  def test_plain_file_loads_onto_the_residual(self):
+    xrapture.save_adapter(self.path, self.params, self.lora_spec)
+    # The residual as model.adapt gives it again, or as plain kernels.
+    residual = self.model.adapt(jax.random.PRNGKey(7), self.base)
+    kernels = jax.tree.map(lambda p: p.w if isinstance(p, xrapture.LoraWeight) else p,
+                           residual, is_leaf=lambda p: isinstance(p, xrapture.LoraWeight))
+    for onto in (residual, kernels):
+      loaded = xrapture.load_adapter(self.path, onto)
+      for name in ("up", "head"):
+        got, trained = loaded[name]["w"], self.params[name]["w"]
+        self.assertTrue(got.residual)
+        np.testing.assert_array_equal(got.a, trained.a)
+        np.testing.assert_array_equal(got.b, trained.b)
+      np.testing.assert_allclose(self.model.apply(loaded, None, self.x), self.want,
+                                 rtol=1e-6, atol=1e-6)
+    # Saved again, it is still a PiSSA file.
+    xrapture.save_adapter(self.path, loaded, self.lora_spec)
+    with self.assertRaisesRegex(ValueError, "PiSSA adapters"):
+      xrapture.load_adapter(self.path, self.base)
+
+  def test_residual_up_to_rounding(self):
+    xrapture.save_adapter(self.path, self.params, self.lora_spec)
+    w = np.asarray(self.initial["up"]["w"].w)
+    noise = np.random.default_rng(5).normal(size=w.shape)
+    onto = lambda w_up: {**self.initial, "up": dict(self.initial["up"], w=w_up)}
+    # Recomputed elsewhere: every value off by ~1e-5 of the scale; a few by a lot.
+    close = w + 1e-5 * np.abs(w).mean() * noise
+    close.reshape(-1)[[3, 30, 50]] += 1.0
+    xrapture.load_adapter(self.path, onto(jnp.asarray(close, jnp.float32)))
+    # Another kernel near the residual (2%) is not it.
+    near = w + 0.02 * np.sqrt(np.mean(w ** 2)) * noise
+    with self.assertRaisesRegex(ValueError, r"other kernels .* at 'up/w': the outputs"):
+      xrapture.load_adapter(self.path, onto(jnp.asarray(near, jnp.float32)))
+
+  def test_file_with_initial_fits_the_original_base(self):
+    xrapture.save_adapter(self.path, self.params, self.lora_spec, initial=self.initial)
+    header = _header(self.path)
+    self.assertEqual(header["format_version"], 1)
+    self.assertNotIn("residual", header["entries"]["up/w"])
+    loaded = xrapture.load_adapter(self.path, self.base)
+    self.assertEqual((loaded["up"]["w"].rank, loaded["up"]["w"].residual), (4, False))
+    # Reference: the original kernels plus s·(b@a - b₀@a₀), by hand in float64.
+    dense = {}
+    for name in ("up", "head"):
+      t, i = self.params[name]["w"], self.initial[name]["w"]
+      f64 = lambda v: np.asarray(v, np.float64)
+      delta = 1.5 * (f64(t.b) @ f64(t.a) - f64(i.b) @ f64(i.a))   # alpha / r = 3 / 2
+      dense[name] = (f64(self.base[name]["w"]) + delta, f64(self.base[name]["b"]))
+    h = np.tanh(self.x @ dense["up"][0] + dense["up"][1])
+    reference = h @ dense["head"][0] + dense["head"][1]
+    np.testing.assert_allclose(reference, self.want, atol=1e-5)
+    np.testing.assert_allclose(self.apply(loaded), reference, atol=1e-5)
+    # It was not trained on a residual: PiSSA-adapted params refuse it.
+    with self.assertRaisesRegex(ValueError, r"'head/w', 'up/w' that were not trained on a "
+                                            "residual kernel"):
+      xrapture.load_adapter(self.path, self.initial)
+
+  def test_initial_must_be_the_starting_point(self):
+    spec = xrapture.default_spec()
+    spec.rank = 2
+    plain = xrapture.transform(_forward, spec)
+    wrong = plain.adapt(jax.random.PRNGKey(1), self.base)
+    with self.assertRaisesRegex(ValueError, "initial params for 'head/w'.*does not belong"):
+      xrapture.save_adapter(self.path, self.params, self.lora_spec, initial=wrong)
+    self.assertFalse(os.path.exists(self.path))
+
+  def test_dora(self):
+    model = _pissa_model(use_dora=True)
+    initial = model.adapt(jax.random.PRNGKey(1), self.base)
+    params = _trained(model, initial, self.x, self.y)
+    xrapture.save_adapter(self.path, params, self.lora_spec)
+    with self.assertRaisesRegex(ValueError, "PiSSA adapters .* at 'head/w', 'up/w'"):
+      xrapture.load_adapter(self.path, self.base)
+    loaded = xrapture.load_adapter(self.path, initial)
+    self.assertIsInstance(loaded["up"]["w"], xrapture.DoraWeight)
+    self.assertTrue(loaded["up"]["w"].residual)
+    np.testing.assert_allclose(model.apply(loaded, None, self.x),
+                               model.apply(params, None, self.x), rtol=1e-6, atol=1e-6)
+    with self.assertRaisesRegex(ValueError, "'head/w' is a DoRA adapter: initial="):
+      xrapture.save_adapter(self.path, params, self.lora_spec, initial=initial)
+
+
+def _wide(x):
+  """Kernels whose input axes NF4's 64-blocks divide."""
+  return hk.Linear(8, name="head")(jnp.tanh(hk.Linear(64, name="up")(x)))
+
+
+class QuantizedPissaFileTest(absltest.TestCase):
+  """QLoRA: a PiSSA adapter trained on the quantized residual; ordinary ones."""
+
+  def setUp(self):
+    super().setUp()
+    self.x = np.random.default_rng(0).normal(size=(4, 64)).astype(np.float32)
+    self.base = hk.transform(_wide).init(jax.random.PRNGKey(0), self.x)
+    tmp = tempfile.TemporaryDirectory()
+    self.addCleanup(tmp.cleanup)
+    self.path = os.path.join(tmp.name, "adapter.safetensors")
+
+  def model(self, **fields):
+    spec = xrapture.default_spec()
+    spec.rank, spec.alpha = 2, 8.0
+    for k, v in fields.items():
+      setattr(spec, k, v)
+    return xrapture.transform(_wide, spec)
+
+  def test_pissa_on_the_quantized_residual(self):
+    model = self.model(init="pissa", quantize="nf4")
+    params = model.adapt(jax.random.PRNGKey(1), self.base)
+    self.assertIsInstance(params["up"]["w"].w, xrapture.QuantizedArray)
+    xrapture.save_adapter(self.path, params, model.spec(self.base))
+    self.assertEqual(_header(self.path)["entries"]["up/w"]["residual"]["quantized"],
+                     dict(scheme="nf4", block_size=64, axis=-2, double_quant=False))
+    with self.assertRaisesRegex(ValueError, "PiSSA adapters .* at 'head/w', 'up/w'"):
+      xrapture.load_adapter(self.path, self.base)
+    want = model.apply(params, None, self.x)
+    # The quantized residual, or the float one (quantized, it is the same).
+    loaded = xrapture.load_adapter(self.path, model.adapt(jax.random.PRNGKey(2), self.base))
+    np.testing.assert_allclose(model.apply(loaded, None, self.x), want, atol=1e-6)
+    float_residual = self.model(init="pissa").adapt(jax.random.PRNGKey(2), self.base)
+    loaded = xrapture.load_adapter(self.path, float_residual)
+    for name in ("up", "head"):
+      got = loaded[name]["w"]
+      self.assertIs(got.w, float_residual[name]["w"].w)
+      np.testing.assert_array_equal(got.a, params[name]["w"].a)
+      np.testing.assert_array_equal(got.b, params[name]["w"].b)
+
+  def test_ordinary_qlora_adapter_loads_onto_the_float_base(self):
+    model = self.model(quantize="nf4")
+    params = model.adapt(jax.random.PRNGKey(1), self.base)
+    params = jax.tree.map(
+        lambda p: p.replace(b=jnp.ones_like(p.b)) if isinstance(p, xrapture.LoraWeight)
+        else p, params, is_leaf=lambda p: isinstance(p, xrapture.LoraWeight))
+    xrapture.save_adapter(self.path, params, model.spec(self.base))
+    self.assertEqual(_header(self.path)["format_version"], 1)
+    loaded = xrapture.load_adapter(self.path, self.base)
+    self.assertIs(loaded["up"]["w"].w, self.base["up"]["w"])
+    np.testing.assert_array_equal(loaded["up"]["w"].b, params["up"]["w"].b)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,19 @@ wrote it, and checksums of all of it (:mod:`integrity`); 0.1.0's files have
 no layout and are read in 0.1.0's. Loading checks every tensor against its
 entry, the checksums, and every entry against the base params it is applied
 to; a file that fails any check is refused naming its path.
+
+An adapter whose kernel is a residual (PiSSA: ``model.adapt`` replaced the
+kernel ``W`` by ``W - s·b₀@a₀``) fits that residual only; on ``W`` it would
+compute something else without any error. Its entry records a sample of the
+residual (64 values at spread positions, as float32), and loading compares
+the sample with the kernel it is given, up to rounding: a cheap check even
+for kernels of gigabytes (a quantized kernel is dequantized for it), which
+tells the residual from the original since they differ by the adapter's
+whole initial update. Ordinary adapters carry
+no sample and load onto any kernel of their shape and dtype (an adapter
+trained on a quantized base onto the float one: QLoRA). Files with a sample
+are format version 2, which 0.1.0 refuses rather than misapplies; others
+stay version 1.
 """
 
 import json
@@ -22,16 +35,25 @@ import safetensors
 import safetensors.numpy
 
 from xrapture._src import pytypes
+from xrapture._src.implicit import implicit_array
 from xrapture._src.io import atomic
 from xrapture._src.io import integrity
 from xrapture._src.io import multihost
 from xrapture._src.lora import dora
 from xrapture._src.lora import lora_weight
+from xrapture._src.quant import quantize as quantize_lib
+from xrapture._src.quant import quantized_array
 from xrapture._src.transform import paths
+from xrapture._src.transform import pissa
 
 LoraWeight = lora_weight.LoraWeight
 FORMAT = "xrapture-adapter"
-FORMAT_VERSION = 1
+# The newest version read. Files are written as version 1 (0.1.0's, which it
+# reads) unless an entry has a residual record (version 2).
+FORMAT_VERSION = 2
+_PLAIN_VERSION = 1
+_RESIDUAL = "residual"
+_SAMPLES = 64
 _META_KEY = "xrapture"
 # The header fields and entry fields of files from xrapture 0.1.0, which have
 # no checksum: in such a file, another field means a damaged field name.
@@ -110,8 +132,41 @@ def _layout(x: Any) -> str | None:
   return "is not a layout (one of 's', 'i', 'o' per kernel axis)"
 
 
-# Fields an entry may lack: files from 0.1.0 have no layout (read as 0.1.0's).
-_OPTIONAL_FIELDS = {"lora": {"layout": _layout}}
+def _is_number(x: Any) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _quantization(x: Any) -> str | None:
+  if x is None:
+    return None
+  if not (isinstance(x, dict)
+          and set(x) == {"scheme", "block_size", "axis", "double_quant"}
+          and x["scheme"] in quantized_array.SCHEMES and _is_int(x["block_size"])
+          and x["block_size"] >= 1 and x["axis"] in (-2, -1)
+          and isinstance(x["double_quant"], bool)):
+    return "is not a quantization record (scheme, block_size, axis, double_quant)"
+  return None
+
+
+def _residual(x: Any) -> str | None:
+  """A residual record: the kernel's values at flat positions, and its quantization."""
+  if not (isinstance(x, dict) and set(x) == {"positions", "values", "quantized"}):
+    return "is not a residual record (positions, values, quantized)"
+  positions, values = x["positions"], x["values"]
+  if not (isinstance(positions, list) and positions
+          and all(_is_int(p) and p >= 0 for p in positions)
+          and isinstance(values, list) and len(values) == len(positions)
+          and all(_is_number(v) for v in values)):
+    return ("does not hold one finite value per position (a non-empty list of "
+            "integers >= 0)")
+  problem = _quantization(x["quantized"])
+  return None if problem is None else f"has a 'quantized' field that {problem}"
+
+
+# Fields an entry may lack: files from 0.1.0 have no layout (read as 0.1.0's);
+# only adapters of a residual kernel (PiSSA) have a residual record.
+_OPTIONAL_FIELDS = {"lora": {"layout": _layout, _RESIDUAL: _residual},
+                    "dora": {_RESIDUAL: _residual}}
 # DoRA entries (xrapture.DoraWeight): a LoRA entry plus the magnitude vector.
 _FIELDS["dora"] = dict(_FIELDS["lora"], magnitude_dtype=_float_dtype, layout=_layout)
 
@@ -137,25 +192,106 @@ def _lora_from_entry(entry: dict[str, Any], w: Any, a: Any, b: Any) -> LoraWeigh
   No layout: a 0.1.0 file, whose factors LoraWeight rearranges.
   """
   return LoraWeight(w, a, b, alpha=entry["alpha"], rslora=entry["rslora"],
-                    layout=entry.get("layout"))
+                    layout=entry.get("layout"), residual=_RESIDUAL in entry)
 
 
-def save_adapter(path: str, params: pytypes.Params, lora_spec: pytypes.LoraSpec) -> None:
+def _positions(shape: tuple[int, ...]) -> np.ndarray:
+  """Up to ``_SAMPLES`` flat indices of a kernel: one in each of as many equal
+  stretches, at an offset that varies, so they do not share one column."""
+  size = math.prod(shape)
+  k = min(_SAMPLES, size)
+  stride = size // k
+  i = np.arange(k)
+  return i * stride + (i * 7919) % stride
+
+
+def _values(w: Any, positions: np.ndarray) -> np.ndarray:
+  """The float32 values of kernel ``w`` (dense or quantized) at flat ``positions``.
+
+  A collective if ``w`` spans processes (every process calls it).
+  """
+  if isinstance(w, np.ndarray):
+    return w.reshape(-1)[positions].astype(np.float32)
+  if implicit_array.is_implicit(w):
+    w = w.materialize()
+  return multihost.to_numpy(jnp.ravel(w)[positions]).astype(np.float32)
+
+
+def _residual_record(w: Any) -> dict[str, Any]:
+  """What a file keeps of residual kernel ``w`` to recognize it at load."""
+  positions = _positions(tuple(w.shape))
+  quantized = None
+  if isinstance(w, quantized_array.QuantizedArray):
+    quantized = dict(scheme=w.scheme, block_size=int(w.block_size), axis=int(w.axis),
+                     double_quant=bool(w.double_quant))
+  return dict(positions=positions.tolist(),
+              values=[float(v) for v in _values(w, positions)], quantized=quantized)
+
+
+def _is_residual_of(record: dict[str, Any], w: Any, dtype: str) -> bool:
+  """Whether kernel ``w`` is the one ``record`` sampled, up to rounding.
+
+  A float kernel is quantized first if the recorded one was (an adapter
+  trained on the quantized residual fits the float residual, as in QLoRA). A
+  residual recomputed elsewhere may round (or quantize) a few values the
+  other way: the largest eighth of the differences is left out; the rest
+  must be within ``max(1e-3, eps)`` of the values' root mean square.
+  """
+  q = record["quantized"]
+  if q is not None and not implicit_array.is_implicit(w):
+    w = quantize_lib.quantize_array(w, q["scheme"], block_size=q["block_size"],
+                                    double_quant=q["double_quant"], axis=q["axis"])
+  saved = np.asarray(record["values"], np.float64)
+  here = _values(w, np.asarray(record["positions"])).astype(np.float64)
+  diff = np.sort(np.abs(here - saved))[:len(saved) - len(saved) // 8]
+  rms = lambda x: float(np.sqrt(np.mean(np.square(x))))
+  tolerance = max(1e-3, float(jnp.finfo(dtype).eps))
+  return rms(diff) <= tolerance * max(rms(saved), rms(here))
+
+
+def _to_plain(name: str, value: Any, initial: dict[str, Any]) -> LoraWeight:
+  """``value`` as plain LoRA relative to the kernel ``initial[name]`` started from."""
+  if isinstance(value, dora.DoraWeight):
+    raise ValueError(f"'{name}' is a DoRA adapter: initial= converts LoRA adapters to "
+                     "plain LoRA relative to the original base (as PEFT converts "
+                     "lora_A/lora_B only); save DoRA adapters without it.")
+  start: Any = initial.get(name)   # None: to_plain_lora says it does not belong
+  try:
+    return pissa.to_plain_lora(value, start)
+  except ValueError as e:
+    raise ValueError(f"initial params for '{name}': {e}") from e
+
+
+def save_adapter(path: str, params: pytypes.Params, lora_spec: pytypes.LoraSpec, *,
+                 initial: pytypes.Params | None = None) -> None:
   """Writes the trainable part of ``params`` to ``path`` atomically.
 
   In a multi-process run every process calls it; process 0 writes, and each
   process returns once the file is written.
+
+  Adapters of a residual kernel (PiSSA, ``init='pissa'``: the LoraWeight is
+  marked ``residual``) fit that residual only: the file records a sample of
+  it, and :func:`load_adapter` refuses other kernels, such as the original
+  base. Pass ``initial`` for a file that fits the original base instead.
 
   Args:
     path: the file to write (``.safetensors`` by convention).
     params: adapted params (with LoraWeights).
     lora_spec: ``model.spec(base_params)``: ``LORA_FULL`` leaves are saved
       too, frozen ones are not.
+    initial: for adapters initialized with PiSSA: the params ``model.adapt``
+      returned, before training. Each adapter is then saved as plain LoRA
+      relative to the original base (``w_residual + s·b₀@a₀``), as
+      :func:`xrapture.export_peft` and PEFT's
+      ``save_pretrained(path_initial_model_for_weight_conversion=...)`` do:
+      rank ``2r`` factors ``[b | b₀]``, ``[a; -a₀]``, alpha doubled; load it
+      onto the original base params.
 
   Raises:
     ValueError: ``lora_spec`` does not fit ``params``; ``params`` are base
       params (the spec gives a rank to a plain array), or nothing would be
-      saved.
+      saved; ``initial`` is not these params' starting point, or is given
+      for DoRA adapters.
     OSError: the file could not be written (the message names it); an
       existing file at ``path`` is left as it was.
 
@@ -185,9 +321,12 @@ def save_adapter(path: str, params: pytypes.Params, lora_spec: pytypes.LoraSpec)
     raise ValueError(
         f"lora_spec has {len(ranks)} entries but params have {len(flat_params)} "
         "parameters; pass model.spec(base_params) for these params.")
+  starts = None if initial is None else dict(paths.flatten_with_paths(initial)[0])
   tensors, entries, not_adapted = {}, {}, []
   for (path_, value), rank in zip(flat_params, ranks):
     if dora.is_adapter(value):
+      if starts is not None:
+        value = _to_plain(path_, value, starts)
       a, a_dtype = _to_numpy(value.a)
       b, b_dtype = _to_numpy(value.b)
       tensors[path_ + "::a"], tensors[path_ + "::b"] = a, b
@@ -201,6 +340,8 @@ def save_adapter(path: str, params: pytypes.Params, lora_spec: pytypes.LoraSpec)
         tensors[path_ + "::magnitude"] = m
         entries[path_].update(kind="dora", magnitude_dtype=m_dtype,
                               layout=value.layout)
+      if value.residual:
+        entries[path_][_RESIDUAL] = _residual_record(value.w)
     elif rank == lora_weight.LORA_FULL:
       arr, dtype = _to_numpy(value)
       tensors[path_] = arr
@@ -218,7 +359,9 @@ def save_adapter(path: str, params: pytypes.Params, lora_spec: pytypes.LoraSpec)
         "params hold no LoraWeight and lora_spec trains no parameter in full: "
         "the adapter file would be empty. Pass the adapted (trained) params, "
         "from model.adapt(rng, base_params), with model.spec(base_params).")
-  header = dict(format=FORMAT, format_version=FORMAT_VERSION,
+  residual = any(_RESIDUAL in entry for entry in entries.values())
+  header = dict(format=FORMAT,
+                format_version=FORMAT_VERSION if residual else _PLAIN_VERSION,
                 xrapture_version=__version__, jax_version=jax.__version__,
                 entries=entries)
   header[integrity.KEY] = integrity.record(header, tensors)
@@ -293,6 +436,12 @@ def _check_entries(path: str, header: dict[str, Any],
       if lora.rank != entry["rank"]:
         raise ValueError(f"{where}: factors of rank {lora.rank}, the entry's rank is "
                          f"{entry['rank']}.")
+      if _RESIDUAL in entry:
+        size = math.prod(entry["base_shape"])
+        if max(entry[_RESIDUAL]["positions"]) >= size:
+          raise ValueError(f"{where}: its residual record samples positions beyond "
+                           f"the {size} values of base_shape "
+                           f"{tuple(entry['base_shape'])}; the file is corrupt.")
       if kind == "dora":
         stacked, _, out = lora_weight.groups(lora_weight.layout_of(lora))
         want = tuple(entry["base_shape"][d] for d in stacked + out)
@@ -353,12 +502,49 @@ def read_adapter(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   if header.get("format") != FORMAT or not _is_int(version) or version > FORMAT_VERSION:
     raise ValueError(f"{path}: unsupported adapter format {header.get('format')!r} "
                      f"version {version!r}")
+  if integrity.KEY not in header and version != _PLAIN_VERSION:
+    raise ValueError(f"{path}: a version {version} adapter file without its checksum "
+                     "record; the file is corrupt.")
   try:
     _check_entries(path, header, tensors)
     _check_checksum(path, header, tensors)
   except (KeyError, TypeError, AttributeError, IndexError) as e:  # a check missed
     raise ValueError(f"{path} is corrupt: {type(e).__name__}: {e}") from e
   return header, tensors
+
+
+def _check_residuals(path: str, entries: dict[str, Any], by_path: dict[str, Any]) -> None:
+  """Adapters of a residual kernel (PiSSA) go onto that residual, and only they do."""
+  others, plain = [], []
+  for name, entry in entries.items():
+    if entry["kind"] == "full":
+      continue
+    here = by_path[name]
+    kernel = here.w if dora.is_adapter(here) else here
+    if _RESIDUAL in entry:
+      if not _is_residual_of(entry[_RESIDUAL], kernel, entry["base_dtype"]):
+        quantized = (implicit_array.is_implicit(kernel)
+                     and entry[_RESIDUAL]["quantized"] is None)
+        others.append(f"'{name}'" + (" (quantized here, not in training: load onto the "
+                                      "float residual, then quantize)" if quantized else ""))
+    elif dora.is_adapter(here) and here.residual:
+      plain.append(f"'{name}'")
+  if others:
+    raise ValueError(
+        f"{path} holds PiSSA adapters (init='pissa'), trained on the residual "
+        "kernels model.adapt left in place of the pretrained ones (W - s·b₀@a₀); "
+        "they fit those residuals only, and these base params hold other kernels "
+        f"(the original ones?) at {', '.join(others)}: the outputs would be wrong. "
+        "Load the file onto the residual params, model.adapt(rng, base_params) "
+        "with the config it was trained with; or save the trained params again as "
+        "plain LoRA for the original base: save_adapter(path, params, lora_spec, "
+        "initial=<the params model.adapt returned, before training>).")
+  if plain:
+    raise ValueError(
+        f"{path} holds adapters for {', '.join(plain)} that were not trained on a "
+        "residual kernel, but here these are PiSSA residuals (model.adapt with "
+        "init='pissa' moved the kernels' top part into their adapters): the outputs "
+        "would be wrong. Load the file onto the original base params.")
 
 
 def load_adapter(path: str, base_params: pytypes.Params) -> pytypes.Params:
@@ -373,7 +559,10 @@ def load_adapter(path: str, base_params: pytypes.Params) -> pytypes.Params:
       tensor does not fit its header entry: the message names the file and
       the entry), or does not fit ``base_params``: the message names every
       path that is missing or whose shape or dtype differs, with both
-      shapes. Nothing is partially applied.
+      shapes; or a PiSSA adapter (trained on a residual kernel) meets
+      another kernel, such as the original base, or an ordinary adapter a
+      residual: the message names the paths and the fixes. Nothing is
+      partially applied.
 
   A file without a checksum (from xrapture 0.1.0) loads with a warning.
 
@@ -399,6 +588,7 @@ def load_adapter(path: str, base_params: pytypes.Params) -> pytypes.Params:
     raise ValueError(
         f"{path} was saved for another base ({len(problems)} mismatches):\n  "
         + "\n  ".join(problems) + "\nBase parameters:\n" + paths.describe(base_params))
+  _check_residuals(path, entries, by_path)
   out = []
   for name, base in flat:
     if dora.is_adapter(base):
@@ -415,7 +605,8 @@ def load_adapter(path: str, base_params: pytypes.Params) -> pytypes.Params:
       b = _from_numpy(tensors[name + "::b"], entry["b_dtype"])
       m = _from_numpy(tensors[name + "::magnitude"], entry["magnitude_dtype"])
       out.append(dora.DoraWeight(base, a, b, m, alpha=entry["alpha"],
-                                 rslora=entry["rslora"], layout=entry["layout"]))
+                                 rslora=entry["rslora"], layout=entry["layout"],
+                                 residual=_RESIDUAL in entry))
     else:
       out.append(_from_numpy(tensors[name], entry["base_dtype"]))
   return jax.tree_util.tree_unflatten(treedef, out)

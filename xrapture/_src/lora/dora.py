@@ -90,6 +90,8 @@ class DoraWeight(implicit_array.ImplicitArray):
     alpha: static LoRA alpha.
     rslora: static; scale by ``alpha / sqrt(r)``.
     layout: static; one of ``'s'``, ``'i'``, ``'o'`` per axis of ``w``.
+    residual: static; ``w`` is a residual the factors alone fit (PiSSA), as
+      for :class:`xrapture.LoraWeight`.
   """
 
   w: jax.Array
@@ -99,6 +101,7 @@ class DoraWeight(implicit_array.ImplicitArray):
   alpha: float = implicit_array.aux_field(default=1.0)
   rslora: bool = implicit_array.aux_field(default=False)
   layout: str | None = implicit_array.aux_field(default=None)
+  residual: bool = implicit_array.aux_field(default=False)
 
   def __post_init__(self):
     if any(getattr(x, "shape", None) is None
@@ -146,7 +149,7 @@ class DoraWeight(implicit_array.ImplicitArray):
   def lora(self) -> LoraWeight:
     """The LoRA kernel ``w + s·b@a`` this weight renormalizes."""
     return LoraWeight(self.w, self.a, self.b, alpha=self.alpha, rslora=self.rslora,
-                      layout=lora_weight.layout_of(self))
+                      layout=lora_weight.layout_of(self), residual=self.residual)
 
   def weight_norm(self) -> jax.Array:
     """``‖w + s·b@a‖`` per output feature, ``[*S, *O]``, gradient stopped."""
@@ -187,7 +190,7 @@ def from_lora(lora: LoraWeight, magnitude: jax.Array | None = None) -> DoraWeigh
     magnitude = column_norm(lora.w, lora.a, lora.b, lora.get_scale(), layout)
     magnitude = magnitude.astype(lora.a.dtype)
   return DoraWeight(lora.w, lora.a, lora.b, magnitude, alpha=lora.alpha,
-                    rslora=lora.rslora, layout=layout)
+                    rslora=lora.rslora, layout=layout, residual=lora.residual)
 
 
 def is_adapter(x) -> bool:

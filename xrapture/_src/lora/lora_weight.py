@@ -170,6 +170,11 @@ class LoraWeight(implicit_array.ImplicitArray):
     alpha: static LoRA alpha.
     rslora: static; scale by ``alpha / sqrt(r)`` (rank-stabilized LoRA).
     layout: static; one of ``'s'``, ``'i'``, ``'o'`` per axis of ``w``.
+    residual: static; ``w`` is not the pretrained kernel but what remains of
+      it after the initialization moved its top part into the adapter
+      (PiSSA: ``w = W - s·b₀@a₀``), so the factors fit this ``w`` only.
+      :func:`xrapture.save_adapter` records it, and
+      :func:`xrapture.load_adapter` refuses such an adapter on another kernel.
 
   Examples:
     >>> import jax.numpy as jnp, xrapture
@@ -192,6 +197,7 @@ class LoraWeight(implicit_array.ImplicitArray):
   alpha: float = implicit_array.aux_field(default=1.0)
   rslora: bool = implicit_array.aux_field(default=False)
   layout: str | None = implicit_array.aux_field(default=None)
+  residual: bool = implicit_array.aux_field(default=False)
 
   def __post_init__(self):
     shapes = [getattr(x, "shape", None) for x in (self.w, self.a, self.b)]

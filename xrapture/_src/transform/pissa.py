@@ -8,12 +8,16 @@ adapted model starts equal to the base, and training moves the principal
 directions. The SVD runs in float32 (or wider); factors take the adapter
 dtype, the residual the kernel's.
 
-A PiSSA model's base params are the residual: to use its adapter on the
-original base, convert it to plain LoRA relative to that base, as PEFT's
+A PiSSA model's base params are the residual, and its LoraWeights say so
+(``residual=True``): ``save_adapter`` records a sample of each residual, and
+``load_adapter`` refuses the file on other kernels (the original base). To
+use the adapter on the original base, convert it to plain LoRA relative to
+that base, as PEFT's
 ``save_pretrained(path_initial_model_for_weight_conversion=...)`` does:
 ``ΔW = s·(b@a - b₀@a₀)``, rank ``2r`` factors ``[b | b₀]`` and
 ``[a; -a₀]`` with alpha doubled (``√2·alpha`` with rsLoRA) so the scale is
-unchanged (:func:`to_plain_lora`; ``export_peft(..., initial=...)``).
+unchanged (:func:`to_plain_lora`; ``save_adapter(..., initial=...)``,
+``export_peft(..., initial=...)``).
 """
 
 import jax.numpy as jnp
@@ -28,7 +32,8 @@ def pissa_init(lora: LoraWeight) -> LoraWeight:
   """``lora``'s kernel split into its top-``r`` part (the adapter) and the residual.
 
   ``lora`` gives the kernel, layout, rank, alpha, rsLoRA and the factors'
-  dtype; its factors' values are ignored.
+  dtype; its factors' values are ignored. The result is marked
+  ``residual``: its factors fit its ``w`` only.
   """
   layout = lora_weight.layout_of(lora)
   stack, _, _ = lora_weight.groups(layout)
@@ -48,7 +53,7 @@ def pissa_init(lora: LoraWeight) -> LoraWeight:
   b = b.reshape(b_shape).astype(lora.b.dtype)
   top = lora.replace(a=a, b=b).delta()
   residual = (lora.w.astype(dtype) - top.astype(dtype)).astype(lora.w.dtype)
-  return lora.replace(w=residual, a=a, b=b)
+  return lora.replace(w=residual, a=a, b=b, residual=True)
 
 
 def to_plain_lora(trained: LoraWeight, initial: LoraWeight) -> LoraWeight:
@@ -56,7 +61,8 @@ def to_plain_lora(trained: LoraWeight, initial: LoraWeight) -> LoraWeight:
 
   Returns a LoraWeight of rank ``2r`` whose update is
   ``s·(b@a - b₀@a₀)`` (same scale: alpha doubled, ``√2·alpha`` with
-  rsLoRA); its ``w`` is ``trained.w`` (the residual), kept for its shape.
+  rsLoRA), not marked ``residual``; its ``w`` is ``trained.w`` (the
+  residual), kept for its shape.
 
   Raises:
     ValueError: ``initial`` is not ``trained``'s starting point (different
