@@ -373,6 +373,29 @@ class QuantizedPissaFileTest(absltest.TestCase):
       np.testing.assert_array_equal(got.a, params[name]["w"].a)
       np.testing.assert_array_equal(got.b, params[name]["w"].b)
 
+  def test_initial_converts_from_the_quantized_residual(self):
+    # to_plain_lora compares quantized kernels piece by piece.
+    model = self.model(init="pissa", quantize="nf4")
+    initial = model.adapt(jax.random.PRNGKey(1), self.base)
+    rng = np.random.default_rng(4)
+    params = jax.tree.map(
+        lambda p: p.replace(a=p.a + 0.1 * rng.normal(size=p.a.shape).astype(np.float32))
+        if isinstance(p, xrapture.LoraWeight) else p,
+        initial, is_leaf=lambda p: isinstance(p, xrapture.LoraWeight))
+    xrapture.save_adapter(self.path, params, model.spec(self.base), initial=initial)
+    loaded = xrapture.load_adapter(self.path, self.base)
+    # Reference: W + s·(b@a - b₀@a₀) by hand (s = alpha / r = 8 / 2), float64.
+    f64 = lambda v: np.asarray(v, np.float64)
+    dense = {}
+    for name in ("up", "head"):
+      t, i = params[name]["w"], initial[name]["w"]
+      delta = 4.0 * (f64(t.b) @ f64(t.a) - f64(i.b) @ f64(i.a))
+      dense[name] = (f64(self.base[name]["w"]) + delta, f64(self.base[name]["b"]))
+    h = np.tanh(self.x @ dense["up"][0] + dense["up"][1])
+    reference = h @ dense["head"][0] + dense["head"][1]
+    got = xrapture.use_implicit_args(hk.transform(_wide).apply)(loaded, None, self.x)
+    np.testing.assert_allclose(got, reference, atol=1e-5)
+
   def test_ordinary_qlora_adapter_loads_onto_the_float_base(self):
     model = self.model(quantize="nf4")
     params = model.adapt(jax.random.PRNGKey(1), self.base)

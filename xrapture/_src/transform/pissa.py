@@ -20,6 +20,7 @@ unchanged (:func:`to_plain_lora`; ``save_adapter(..., initial=...)``,
 ``export_peft(..., initial=...)``).
 """
 
+import jax
 import jax.numpy as jnp
 
 from xrapture._src.lora import lora_weight
@@ -56,6 +57,15 @@ def pissa_init(lora: LoraWeight) -> LoraWeight:
   return lora.replace(w=residual, a=a, b=b, residual=True)
 
 
+def _same_kernel(x, y) -> bool:
+  """Equal kernels, also quantized ones (QLoRA): equal pieces."""
+  try:
+    same = jax.tree.map(lambda u, v: bool(jnp.array_equal(u, v)), x, y)
+  except ValueError:  # another structure: dense and quantized, or quantized otherwise
+    return False
+  return all(jax.tree.leaves(same))
+
+
 def to_plain_lora(trained: LoraWeight, initial: LoraWeight) -> LoraWeight:
   """A PiSSA adapter as plain LoRA on the original kernel ``w + s·b₀@a₀``.
 
@@ -72,7 +82,7 @@ def to_plain_lora(trained: LoraWeight, initial: LoraWeight) -> LoraWeight:
           and initial.rank == trained.rank and initial.alpha == trained.alpha
           and initial.rslora == trained.rslora
           and lora_weight.layout_of(initial) == lora_weight.layout_of(trained))
-  if not same or not bool(jnp.array_equal(initial.w, trained.w)):
+  if not same or not _same_kernel(initial.w, trained.w):
     raise ValueError(
         "the initial adapter does not belong to this trained one: pass the params "
         "model.adapt returned (before training); their residual kernel w, shape, "
