@@ -11,7 +11,6 @@ outputs. No network: the model is built here.
 import collections
 import os
 import tempfile
-import warnings
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -21,14 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import xrapture
+from xrapture._src.testing import optional
 
-# pylint: disable=g-import-not-at-top
-with warnings.catch_warnings():
-  warnings.simplefilter("ignore")  # bitsandbytes warns about optional packages
-  import torch
-  import bitsandbytes as bnb
-  import peft
-# pylint: enable=g-import-not-at-top
+# Every test here needs them: skipped as a module where they are missing.
+torch, bnb, peft = optional.require("torch", "bitsandbytes", "peft")
 
 D_IN, D_HID, D_OUT = 64, 128, 48    # input axes 64 and 128: multiples of the block (64)
 RANK, ALPHA, BLOCK = 4, 8.0, 64

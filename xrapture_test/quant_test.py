@@ -5,7 +5,6 @@ the real bitsandbytes (CPU): the kernel ``w [in, out]`` is its torch weight
 ``w.T [out, in]``; codes, scales and dequantized values must be bit-equal.
 """
 
-import warnings
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -16,16 +15,12 @@ import xrapture
 from xrapture._src.quant import codebooks
 from xrapture._src.quant import quantize
 from xrapture._src.quant import quantized_array
+from xrapture._src.testing import optional
 
-# pylint: disable=g-import-not-at-top
-with warnings.catch_warnings():
-  warnings.simplefilter("ignore")  # bitsandbytes warns about optional packages
-  import torch
-  import bitsandbytes.functional as bnb
-# pylint: enable=g-import-not-at-top
-
-_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16,
-                 "float16": torch.float16}
+# The bit-equality tests compare with bitsandbytes; the rest run without it.
+torch, bnb = optional.modules("torch", "bitsandbytes.functional")
+_TORCH_DTYPES = {} if torch is None else {
+    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _kernel(seed, k, n, dtype="float32"):
@@ -72,6 +67,7 @@ def _assert_bits_equal(test, ours, theirs):
                                 theirs.view(f"u{theirs.dtype.itemsize}"))
 
 
+@absltest.skipIf(torch is None, optional.MISSING)
 class CodebookTest(absltest.TestCase):
 
   def test_nf4_table_is_bitsandbytes(self):
@@ -99,6 +95,7 @@ _NF4_CASES = [
 ]
 
 
+@absltest.skipIf(torch is None, optional.MISSING)
 class NF4Test(parameterized.TestCase):
 
   @parameterized.named_parameters(*_NF4_CASES)
@@ -228,6 +225,7 @@ class NF4Test(parameterized.TestCase):
       self.assertGreater(error.max(), 0.5 * half_gap * absmax.min())  # not trivially 0
 
 
+@absltest.skipIf(torch is None, optional.MISSING)
 class Int8Test(parameterized.TestCase):
 
   @parameterized.parameters("float32", "bfloat16", "float16")
