@@ -10,8 +10,10 @@ collectives, so the same jitted step runs on one device or many.
 Several hosts: call ``jax.distributed.initialize()`` before anything else
 (``--config.distributed=True`` does), give every host the same command; the
 mesh then spans all hosts' devices, each host builds the same global batch
-and hands over only its own shards (:func:`put_batch`), and only process 0
-writes files (:func:`to_host` gathers what it writes).
+and hands over only its own shards (:func:`put_batch`). Every process writes
+its own shards of a checkpoint; other files only process 0 writes (an
+adapter: every process calls ``xrapture.save_adapter``, which gathers the
+arrays and lets process 0 write), and :func:`sync` makes the others wait.
 """
 
 from typing import Any, Sequence
@@ -112,13 +114,6 @@ def put_tree(mesh: Mesh, tree: Any) -> Any:
       lambda x, s: jax.make_array_from_callback(np.shape(x), s,
                                                 lambda idx: np.asarray(x)[idx]),
       tree, shardings)
-
-
-def to_host(tree: Any) -> Any:
-  """Numpy copies of every leaf (gathered across hosts when there are several)."""
-  if jax.process_count() > 1:
-    return multihost_utils.process_allgather(tree, tiled=True)
-  return jax.tree.map(np.asarray, jax.device_get(tree))
 
 
 def all_processes(flag: bool) -> bool:

@@ -316,16 +316,16 @@ def _train(run: Run, data: lm_data.Corpus, config: ml_collections.ConfigDict,
 
   val_bpb, test_bpb = final_eval(evaluate, params, data, config)
   adapter = os.path.join(workdir, run.export)
-  host_params = sharding.to_host(params)  # a collective: every process gathers
-  if is_writer:
-    xrapture.save_adapter(adapter, host_params, run.lora_spec)
+  # Every process calls it: it gathers the arrays (collectives) and returns
+  # once process 0 has written the file.
+  xrapture.save_adapter(adapter, params, run.lora_spec)
   result = dict(
       run=run.name, num_steps=config.num_steps, val_bpb=val_bpb, test_bpb=test_bpb,
       trainable_params=xrapture.count_trainable(run.params, run.lora_spec),
       opt_state_bytes=tree_bytes(opt_state),
       step_time_s=clock.seconds / clock.steps if clock.steps else None,
       tokens_per_s=tokens_per_step * clock.steps / clock.seconds if clock.steps else None,
-      adapter_bytes=os.path.getsize(adapter) if is_writer else None)
+      adapter_bytes=os.path.getsize(adapter))
   if is_writer:
     atomic.write_json(os.path.join(workdir, RESULT), result)
   sharding.sync(f'{run.name}: result written')
