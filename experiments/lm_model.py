@@ -99,10 +99,24 @@ def architecture(model: ml_collections.ConfigDict) -> dict[str, Any]:
           ('d_model', 'num_layers', 'num_heads', 'mlp_dim', 'max_len')}
 
 
-def init_params(model: ml_collections.ConfigDict, seed: int) -> Any:
-  """Freshly initialized parameters of the architecture ``model``."""
+def _init(model: ml_collections.ConfigDict) -> Any:
+  """``init(rng) -> params`` of the architecture ``model``, traced once (jitted or abstract)."""
   forward = hk.transform(make_forward(model))
-  return forward.init(jax.random.PRNGKey(seed), jnp.zeros((1, model.max_len), jnp.int32))
+  return lambda rng: forward.init(rng, jnp.zeros((1, model.max_len), jnp.int32))
+
+
+def init_params(model: ml_collections.ConfigDict, seed: int) -> Any:
+  """Freshly initialized parameters of the architecture ``model``.
+
+  Jitted: one compilation instead of one dispatch (and compilation) per
+  initializer op, with the same values.
+  """
+  return jax.jit(_init(model))(jax.random.PRNGKey(seed))
+
+
+def param_shapes(model: ml_collections.ConfigDict) -> Any:
+  """The parameters of the architecture ``model`` as ``jax.ShapeDtypeStruct``s (no compute)."""
+  return jax.eval_shape(_init(model), jax.random.PRNGKey(0))
 
 
 def has_base(directory: str) -> bool:
@@ -138,7 +152,14 @@ def load_base(directory: str, model: ml_collections.ConfigDict) -> Any:
         + '; '.join(diff) + '. Set --config.pretrain.model.* to match it, or use '
         'another base (--config.base_checkpoint) or workdir.')
   try:
-    return xrapture.load_adapter(path, init_params(model, 0))
+    params = xrapture.load_adapter(path, param_shapes(model))
   except ValueError as e:
     raise app.UsageError(f'The base model in {directory} does not fit the '
                          f'config\'s architecture: {e}') from e
+  missing = ['/'.join(str(k.key) for k in p)  # as 'head/w'
+             for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
+             if isinstance(x, jax.ShapeDtypeStruct)]
+  if missing:
+    raise app.UsageError(f'The base model in {directory} lacks parameters of the '
+                         f'config\'s architecture: {BASE} has no {missing}.')
+  return params
