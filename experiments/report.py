@@ -3,7 +3,6 @@
 import os
 from typing import Any, Sequence
 
-from matplotlib import figure
 import ml_collections
 
 from experiments import atomic
@@ -74,6 +73,9 @@ def plot(panels: Sequence[tuple[str, dict[str, str]]], path: str) -> None:
     panels: ``(title, {run name: its metrics.jsonl})`` per panel.
     path: the PNG to write (atomically).
   """
+  # Imported here: the launcher's other processes, and runs that fail
+  # before the report, do not pay its start-up.
+  from matplotlib import figure  # pylint: disable=g-import-not-at-top
   fig = figure.Figure(figsize=(6 * len(panels), 4.5))  # no pyplot: no global state
   axes = fig.subplots(1, len(panels), squeeze=False)
   for ax, (title, runs) in zip(axes[0], panels):

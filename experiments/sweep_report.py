@@ -9,8 +9,6 @@ tools/sweep_readme.py puts that table in the README.
 import os
 from typing import Any
 
-from matplotlib import figure
-
 from experiments import atomic
 
 SWEEP_MD = 'sweep.md'
@@ -64,6 +62,9 @@ def table(record: dict[str, Any]) -> str:
 
 def plot(record: dict[str, Any], path: str) -> None:
   """Val bits/byte against trainable parameters, one colour per stage."""
+  # Imported here: the launcher's other processes, and runs that fail
+  # before the report, do not pay its start-up.
+  from matplotlib import figure  # pylint: disable=g-import-not-at-top
   fig = figure.Figure(figsize=(8, 5))  # no pyplot: no global state
   ax = fig.subplots()
   base = record['base']['val_bpb']
