@@ -82,6 +82,19 @@ class DenseCheckTest(parameterized.TestCase):
     self.assertIn("hlo: ", message)
     self.assertIn("(48, 40)", message)
 
+  def test_in_stages_checks_the_traced_and_compiled_program(self):
+    traced = jax.jit(_naive_dense).trace(*self.args)
+    compiled = traced.lower().compile()
+    with self.assertRaisesRegex(AssertionError, r"dense product") as ctx:
+      dense_check.assert_no_dense_product_in_stages(traced, compiled, [(M, N)])
+    self.assertIn("jaxpr: dot_general", str(ctx.exception))
+    self.assertIn("hlo: ", str(ctx.exception))
+    with self.assertRaisesRegex(AssertionError, r"1 dense product"):
+      dense_check.assert_no_dense_product_in_stages(traced, None, [(M, N)])
+    low = jax.jit(_low_rank).trace(*self.args)
+    dense_check.assert_no_dense_product_in_stages(
+        low, low.lower().compile(), [(M, N)])
+
   def test_jaxpr_only(self):
     with self.assertRaisesRegex(AssertionError, r"1 dense product"):
       dense_check.assert_no_dense_product(_naive_dense, *self.args,

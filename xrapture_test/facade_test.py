@@ -266,7 +266,7 @@ class ApplyLoraTest(parameterized.TestCase):
       y = out.lora_module(params, x)
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
     # The vector is trained in full, w never.
-    grads = jax.grad(lambda p: out.lora_module(p, x).sum())(params)
+    grads = jax.jit(jax.grad(lambda p: out.lora_module(p, x).sum()))(params)
     updates, _ = out.lora_tx.update(grads, out.lora_opt_state, params)
     new = optax.apply_updates(params, updates)
     self.assertFalse(np.array_equal(new["bias"], params["bias"]))

@@ -196,7 +196,7 @@ class HaikuTest(absltest.TestCase):
 
     transformed = hk.without_apply_rng(hk.transform(forward))
     x = _rand(7, 3, M)
-    params = transformed.init(jax.random.PRNGKey(0), x)
+    params = jax.jit(transformed.init)(jax.random.PRNGKey(0), x)
     (up_name,) = [k for k in params if k.endswith("/up")]
     (down_name,) = [k for k in params if k.endswith("/down")]
     up, down = _lora(0, (L,)), _lora(10, (L,), shape=(N, M))
@@ -205,7 +205,7 @@ class HaikuTest(absltest.TestCase):
     implicit = xrapture.use_implicit_args(apply)
     out, caught = _record(jax.jit(implicit), up, down, x)
     self.assertEmpty(caught)
-    ref = apply(jnp.asarray(dense_value(up)), jnp.asarray(dense_value(down)), x)
+    ref = jax.jit(apply)(jnp.asarray(dense_value(up)), jnp.asarray(dense_value(down)), x)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
 
     def loss(adapters, x):
@@ -219,12 +219,13 @@ class HaikuTest(absltest.TestCase):
       return jnp.sum(jnp.sin(apply(w(up, ua, ub), w(down, da, db), x)))
 
     adapters = ((up.a, up.b), (down.a, down.b))
-    grads = jax.jit(jax.grad(loss))(adapters, x)
+    traced = jax.jit(jax.grad(loss)).trace(adapters, x)
+    compiled = traced.lower().compile()
+    grads = compiled(adapters, x)
     chex_close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
-    jax.tree.map(chex_close, grads, jax.grad(dense_loss)(adapters, x))
+    jax.tree.map(chex_close, grads, jax.jit(jax.grad(dense_loss))(adapters, x))
     dense_check.assert_no_dense_product(implicit, up, down, x, hlo=False)
-    dense_check.assert_no_dense_product(jax.grad(loss), adapters, x,
-                                        shapes=[(M, N)])
+    dense_check.assert_no_dense_product_in_stages(traced, compiled, [(M, N)])
 
   def test_remat(self):
     def forward(x):
@@ -314,7 +315,7 @@ class CustomDerivativeTest(parameterized.TestCase):
     lora, x = _lora(), _rand(7, 3, M)
     fn = xrapture.use_implicit_args(lambda x, w: _odd_tanh(x @ w))
     self.assertIn("custom_jvp_call", str(jax.make_jaxpr(fn)(x, lora)))
-    grad = jax.grad(lambda x: jnp.sum(fn(x, lora)))(x)
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(fn(x, lora))))(x)
     # d/dx sum(3 · x W) = 3 · W 1: the odd rule, not tanh's derivative.
     expected = 3.0 * dense_value(lora).sum(axis=1)
     np.testing.assert_allclose(grad, np.broadcast_to(expected, x.shape),
@@ -327,7 +328,8 @@ class CustomDerivativeTest(parameterized.TestCase):
       warnings.simplefilter("error", xrapture.CustomRuleDroppedWarning)
       # check() compares against the dense function with the same odd rule.
       check(fn, x, lora)
-    grad = jax.grad(lambda x: jnp.sum(xrapture.use_implicit_args(fn)(x, lora)))(x)
+    grad = jax.jit(jax.grad(
+        lambda x: jnp.sum(xrapture.use_implicit_args(fn)(x, lora))))(x)
     expected = 5.0 * dense_value(lora).sum(axis=1)
     np.testing.assert_allclose(grad, np.broadcast_to(expected, x.shape),
                                rtol=1e-4, atol=1e-4)
@@ -349,7 +351,7 @@ class CustomDerivativeTest(parameterized.TestCase):
     # The primal is differentiated directly: the true derivative, not the rule.
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")
-      da = jax.grad(lambda a: jnp.sum(fn(lora.replace(a=a))))(lora.a)
+      da = jax.jit(jax.grad(lambda a: jnp.sum(fn(lora.replace(a=a)))))(lora.a)
     expected = lora.get_scale() * np.asarray(lora.b).T @ derivative(dense)
     np.testing.assert_allclose(da, expected, rtol=1e-4, atol=1e-4)
 

@@ -59,7 +59,7 @@ class MixedBatchTest(parameterized.TestCase):
     super().setUpClass()
     cls.ids = np.random.default_rng(0).integers(0, VOCAB, (6, SEQ)).astype(np.int32)
     plain = hk.transform(_forward)
-    cls.base = plain.init(jax.random.PRNGKey(0), cls.ids)
+    cls.base = jax.jit(plain.init)(jax.random.PRNGKey(0), cls.ids)
     cls.plain_apply = staticmethod(jax.jit(plain.apply))
     adapters = xrapture.AdapterSet(cls.base)
     # Different ranks and targets: "c" has no embedding adapter, "d" only attention.
@@ -67,8 +67,7 @@ class MixedBatchTest(parameterized.TestCase):
         ("a", 2, (r".*/w", r"embed/embeddings")), ("b", 4, (r".*/w", r"embed/embeddings")),
         ("c", 3, (r".*/w",)), ("d", 1, (r".*/(q|v)/w",)))):
       model = xrapture.transform(_forward, _spec(rank, targets))
-      model.init(jax.random.PRNGKey(0), cls.ids)
-      params = _randomize(model.adapt(jax.random.PRNGKey(seed), cls.base), seed)
+      params = _randomize(model.adapt(jax.random.PRNGKey(seed), cls.base, cls.ids), seed)
       adapters = xrapture.add_adapter(adapters, name, params)
     cls.adapters = adapters
     cls.apply = staticmethod(xrapture.use_implicit_args(plain.apply))

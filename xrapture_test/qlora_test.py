@@ -7,6 +7,7 @@ see quant_test.py), and the adapted model computed densely in numpy / plain
 JAX from the dequantized kernel plus ``scale · b @ a``.
 """
 
+import functools
 import os
 import tempfile
 
@@ -50,9 +51,20 @@ def _tokens(seed=0, shape=(3, 7)):
   return jnp.asarray(np.random.default_rng(seed).integers(0, V, shape), jnp.int32)
 
 
+@functools.cache
+def _jitted_init(f):
+  return jax.jit(hk.transform(f).init)
+
+
 def _base(f=lm, tokens=None):
   tokens = _tokens() if tokens is None else tokens
-  return hk.transform(f).init(jax.random.PRNGKey(0), tokens)
+  return _jitted_init(f)(jax.random.PRNGKey(0), tokens)
+
+
+# The dense references run jitted: one compilation each instead of one per
+# primitive (op-by-op dispatch compiles every op on its own).
+_dequantize = jax.jit(xrapture.dequantize)
+_dense_apply = jax.jit(hk.transform(lm).apply)
 
 
 def _adapt(spec, base=None, seed=1):
@@ -83,7 +95,7 @@ def _perturb(params, seed=0, stddev=0.1):
 
 def _dense_kernel(w):
   """A base kernel as numpy float32: dequantized when it is quantized."""
-  return np.asarray(xrapture.dequantize(w) if isinstance(w, xrapture.QuantizedArray) else w,
+  return np.asarray(_dequantize(w) if isinstance(w, xrapture.QuantizedArray) else w,
                     np.float32)
 
 
@@ -194,17 +206,22 @@ def _kernel_shapes(params):
   return shapes
 
 
-def _dense_loss(tokens):
-  """The loss of the adapted model computed densely: ``deq(w) + s · b @ a`` in plain JAX."""
-  def loss(factors, params):
-    def one(x, ab):
-      if not isinstance(x, xrapture.LoraWeight):
-        return x
+def _dense_loss(tokens, params):
+  """The loss of the adapted model computed densely: ``deq(w) + s · b @ a`` in plain JAX.
+
+  A function of :func:`_factors`; ``params`` gives the (dequantized) bases.
+  """
+  _, leaves, treedef = _flat(params)
+  bases = [jnp.asarray(_dense_kernel(x.w)) if isinstance(x, xrapture.LoraWeight) else x
+           for x in leaves]
+
+  def loss(factors):
+    def one(w, ab):
+      if ab is None:
+        return w
       a, b = ab
-      return jnp.asarray(_dense_kernel(x.w)) + (ALPHA / RANK) * jnp.matmul(b, a)
-    names, leaves, treedef = _flat(params)
-    del names
-    dense = treedef.unflatten([one(x, f) for x, f in zip(leaves, factors)])
+      return w + (ALPHA / RANK) * jnp.matmul(b, a)
+    dense = treedef.unflatten([one(w, f) for w, f in zip(bases, factors)])
     return jnp.sum(jnp.tanh(hk.transform(lm).apply(dense, None, tokens)))
   return loss
 
@@ -224,7 +241,7 @@ class NestedTest(parameterized.TestCase):
   def test_forward_matches_dense(self, scheme, double_quant):
     params, tokens = self._params(scheme, double_quant), _tokens(3)
     model = xrapture.transform(lm, _spec(scheme, double_quant))
-    expected = hk.transform(lm).apply(_numpy_merged(params), None, tokens)
+    expected = _dense_apply(_numpy_merged(params), None, tokens)
     with xrapture.strict_mode():
       for got in (model.apply(params, None, tokens),
                   jax.jit(model.apply)(params, None, tokens)):
@@ -237,7 +254,7 @@ class NestedTest(parameterized.TestCase):
     loss = lambda p: jnp.sum(jnp.tanh(model.apply(p, None, tokens)))
     with xrapture.strict_mode():
       grads = jax.jit(jax.grad(loss, allow_int=True))(params)
-    expected = jax.grad(_dense_loss(tokens))(_factors(params), params)
+    expected = jax.jit(jax.grad(_dense_loss(tokens, params)))(_factors(params))
     for got, want in zip(_flat(grads)[1], expected):
       if want is None:
         continue
@@ -253,18 +270,22 @@ class NestedTest(parameterized.TestCase):
     kernels = _kernel_shapes(params)
 
     def dense_residuals(fn, p):
-      _, vjp = jax.vjp(fn, p)
+      # The residuals' shapes and dtypes, traced abstractly (nothing is run).
+      vjp = jax.eval_shape(lambda p: jax.vjp(fn, p)[1], p)
       return [(l.shape, l.dtype) for l in jax.tree_util.tree_leaves(vjp)
               if tuple(l.shape) in kernels and jnp.issubdtype(l.dtype, jnp.floating)]
 
     with xrapture.strict_mode():
       self.assertEqual(dense_residuals(loss, params), [])
-      # Outputs: the gradient holds nothing kernel-sized in floating point.
-      grads = jax.grad(loss, allow_int=True)(params)
-      self.assertFalse([l.shape for l in jax.tree_util.tree_leaves(grads)
-                        if tuple(l.shape) in kernels and l.dtype != jax.dtypes.float0])
-      # No b @ a and no kernel gradient, in the jaxpr or the compiled HLO.
-      dense_check.assert_no_dense_product(jax.grad(loss, allow_int=True), params)
+      traced = jax.jit(jax.grad(loss, allow_int=True)).trace(params)
+    compiled = traced.lower().compile()
+    # Outputs: the gradient holds nothing kernel-sized in floating point.
+    grads = compiled(params)
+    self.assertFalse([l.shape for l in jax.tree_util.tree_leaves(grads)
+                      if tuple(l.shape) in kernels and l.dtype != jax.dtypes.float0])
+    # No b @ a and no kernel gradient, in the jaxpr or the compiled HLO.
+    dense_check.assert_no_dense_product_in_stages(
+        traced, compiled, dense_check.weight_targets(params))
     # Positive control: dequantizing outside the handlers keeps dense kernels.
     dequantized = lambda p: loss(jax.tree_util.tree_map(
         lambda x: xrapture.dequantize(x) if isinstance(x, xrapture.QuantizedArray) else x,
@@ -307,8 +328,9 @@ class NestedTest(parameterized.TestCase):
     rng = jax.random.PRNGKey(7)
     with xrapture.strict_mode():
       got = model.apply(params, rng, tokens)
-    np.testing.assert_allclose(got, model.apply(dense_base, rng, tokens), rtol=1e-5, atol=1e-5)
-    self.assertGreater(float(jnp.abs(got - model.apply(params, None, tokens)).max()), 1e-3)
+    apply = jax.jit(model.apply)
+    np.testing.assert_allclose(got, apply(dense_base, rng, tokens), rtol=1e-5, atol=1e-5)
+    self.assertGreater(float(jnp.abs(got - apply(params, None, tokens)).max()), 1e-3)
 
   @parameterized.named_parameters(
       ("multi_axis_einsum", "btd,dhk->bthk", (3, 5, 64), (64, 4, 32), "ioo"),
@@ -326,10 +348,12 @@ class NestedTest(parameterized.TestCase):
     merged = _dense_kernel(q.w) + np.asarray(lora.delta())
     with xrapture.strict_mode():
       got = xrapture.use_implicit_args(fn)(x, q)
-      gx = jax.grad(lambda x: jnp.sum(xrapture.use_implicit_args(fn)(x, q) ** 2))(x)
-    np.testing.assert_allclose(got, fn(x, merged), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(gx, jax.grad(lambda x: jnp.sum(fn(x, merged) ** 2))(x),
-                               rtol=1e-4, atol=1e-4)
+      gx = jax.jit(jax.grad(
+          lambda x: jnp.sum(xrapture.use_implicit_args(fn)(x, q) ** 2)))(x)
+    np.testing.assert_allclose(got, jax.jit(fn)(x, merged), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        gx, jax.jit(jax.grad(lambda x: jnp.sum(fn(x, merged) ** 2)))(x),
+        rtol=1e-4, atol=1e-4)
 
   def test_conv(self):
     def f(x):
@@ -340,7 +364,8 @@ class NestedTest(parameterized.TestCase):
     self.assertEqual(params["conv"]["w"].w.codes.shape, (3, 32, 32))   # window slices, [out, in/2]
     with xrapture.strict_mode():
       got = model.apply(params, None, x)
-    np.testing.assert_allclose(got, hk.transform(f).apply(_numpy_merged(params), None, x),
+    np.testing.assert_allclose(got, jax.jit(hk.transform(f).apply)(_numpy_merged(params),
+                                                                   None, x),
                                rtol=1e-5, atol=1e-5)
 
   def test_ragged_dot_experts(self):
@@ -368,7 +393,8 @@ class NestedTest(parameterized.TestCase):
     model = xrapture.transform(lm, _spec("nf4"))
     with xrapture.strict_mode():
       got = model.apply(params, None, tokens)
-    expected = hk.transform(lm).apply(_numpy_merged(params), None, tokens)
+    # A fresh jit: the policy is read at trace time.
+    expected = jax.jit(hk.transform(lm).apply)(_numpy_merged(params), None, tokens)
     np.testing.assert_allclose(got, expected, rtol=0.1, atol=0.1)
     self.assertEqual(got.dtype, jnp.float32)
 
@@ -395,7 +421,8 @@ class NestedTest(parameterized.TestCase):
     step = jax.jit(jax.value_and_grad(loss, allow_int=True))
     with xrapture.strict_mode():
       value, grads = step(sharded, batch)
-    want_value, want_grads = jax.value_and_grad(loss, allow_int=True)(params, tokens)
+    want_value, want_grads = jax.jit(jax.value_and_grad(loss, allow_int=True))(
+        params, tokens)
     np.testing.assert_allclose(value, want_value, rtol=1e-5)
     want = want_grads["up"]["w"].a   # float32 sums, summed in another order when sharded
     np.testing.assert_allclose(grads["up"]["w"].a, want, rtol=1e-4,
@@ -487,7 +514,7 @@ class MergeTest(parameterized.TestCase):
       np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     with xrapture.strict_mode():
       adapted = xrapture.transform(lm, spec).apply(params, None, tokens)
-    np.testing.assert_allclose(hk.transform(lm).apply(merged, None, tokens), adapted,
+    np.testing.assert_allclose(_dense_apply(merged, None, tokens), adapted,
                                rtol=2e-5, atol=2e-5)
 
   @parameterized.parameters(*SCHEMES)
@@ -523,7 +550,7 @@ class MergeTest(parameterized.TestCase):
     # The requantized model runs quantized, and computes its dequantized weights.
     with xrapture.strict_mode():
       got = xrapture.use_implicit_args(hk.transform(lm).apply)(merged, None, tokens)
-    np.testing.assert_allclose(got, hk.transform(lm).apply(_numpy_merged(merged), None, tokens),
+    np.testing.assert_allclose(got, _dense_apply(_numpy_merged(merged), None, tokens),
                                rtol=2e-5, atol=2e-5)
 
 

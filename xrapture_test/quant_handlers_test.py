@@ -86,7 +86,8 @@ class DotGeneralTest(parameterized.TestCase):
     implicit = xrapture.use_implicit_args(loss)
     with xrapture.strict_mode():
       gx, gq = jax.jit(jax.grad(implicit, argnums=(0, 1), allow_int=True))(x, q)
-    np.testing.assert_allclose(gx, jax.grad(loss)(x, xrapture.dequantize(q)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gx, jax.jit(jax.grad(loss))(x, xrapture.dequantize(q)),
+                               rtol=1e-5, atol=1e-6)
     for leaf in jax.tree_util.tree_leaves(gq):  # float scales: zero; integer codes: float0
       self.assertTrue(leaf.dtype == jax.dtypes.float0 or not np.any(leaf))
     # The backward pass forms no kernel-sized product (no dW = xᵀ·g).
@@ -101,7 +102,8 @@ class DotGeneralTest(parameterized.TestCase):
     fn = lambda x, w: jnp.tanh(x @ w)
 
     def residuals(f, w):
-      _, vjp = jax.vjp(lambda x: f(x, w), x)
+      # Their shapes and dtypes, traced abstractly (nothing is run).
+      vjp = jax.eval_shape(lambda x, w: jax.vjp(lambda x: f(x, w), x)[1], x, w)
       return [(l.shape, l.dtype) for l in jax.tree_util.tree_leaves(vjp)]
 
     with xrapture.strict_mode():
@@ -139,7 +141,7 @@ class GatherTest(parameterized.TestCase):
   def test_haiku_embed(self):
     embed = hk.without_apply_rng(hk.transform(lambda ids: hk.Embed(N, K)(ids)))
     ids = jnp.array([[1, 2, 3], [39, 0, 0]])
-    params = embed.init(jax.random.PRNGKey(0), ids)
+    params = jax.jit(embed.init)(jax.random.PRNGKey(0), ids)
     params = jax.tree_util.tree_map(
         lambda e: xrapture.quantize_array(e, "nf4", double_quant=True, axis=-1), params)
     _check(self, embed.apply, params, ids, rtol=0, atol=0)
@@ -215,8 +217,9 @@ class ScanTest(parameterized.TestCase):
       return lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, ws)[0]
     _check(self, net, x, q)
     with xrapture.strict_mode():
-      grad = jax.grad(lambda x: jnp.sum(xrapture.use_implicit_args(net)(x, q)))(x)
-    expected = jax.grad(lambda x: jnp.sum(net(x, xrapture.dequantize(q))))(x)
+      grad = jax.jit(jax.grad(
+          lambda x: jnp.sum(xrapture.use_implicit_args(net)(x, q))))(x)
+    expected = jax.jit(jax.grad(lambda x: jnp.sum(net(x, xrapture.dequantize(q)))))(x)
     np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-5)
     # The scan carries the quantized children as its xs: no [L, K, K] float array.
     jaxpr = jax.make_jaxpr(xrapture.use_implicit_args(net))(x, q)
@@ -232,7 +235,7 @@ class ScanTest(parameterized.TestCase):
       return hk.layer_stack(L)(layer)(x)
     model = hk.without_apply_rng(hk.transform(forward))
     x = _rand(9, 5, K)
-    params = model.init(jax.random.PRNGKey(0), x)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), x)
     params = jax.tree_util.tree_map(
         lambda w: xrapture.quantize_array(w, "nf4", double_quant=True), params)
     (w,) = jax.tree_util.tree_leaves(params, is_leaf=xrapture.is_implicit)

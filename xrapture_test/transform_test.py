@@ -272,14 +272,14 @@ class HaikuModulesTest(parameterized.TestCase):
       model = xrapture.transform(fn, _spec())
       base = model.init(jax.random.PRNGKey(0), _X3)
       params = model.adapt(jax.random.PRNGKey(1), base)
-      base_fn = hk.transform(fn)
-      y_base = base_fn.apply(base, None, _X3)
+      base_apply = jax.jit(hk.transform(fn).apply)   # traced under the policy
+      y_base = base_apply(base, None, _X3)
       with xrapture.strict_mode():
         y_adapted = model.apply(params, None, _X3)
         perturbed = _perturb(params)
         y = model.apply(perturbed, None, _X3)
-      y_reference = base_fn.apply(_dense_reference(perturbed, _ALPHA / _RANK), None, _X3)
-      y_merged = base_fn.apply(xrapture.merge_params(perturbed), None, _X3)
+      y_reference = base_apply(_dense_reference(perturbed, _ALPHA / _RANK), None, _X3)
+      y_merged = base_apply(xrapture.merge_params(perturbed), None, _X3)
     self.assertEqual(y.dtype, jnp.float32)
     _assert_close(y_adapted, y_base, 1e-6)
     self.assertGreater(float(np.max(np.abs(y_reference - y_base))),
@@ -295,13 +295,14 @@ class HaikuModulesTest(parameterized.TestCase):
       return hk.Linear(3)(h)
     model = xrapture.transform_with_state(fn, _spec())
     base_fn = hk.transform_with_state(fn)
+    base_apply = jax.jit(base_fn.apply, static_argnums=4)
     base, state = model.init(jax.random.PRNGKey(0), _SEQ, True)
     params = model.adapt(jax.random.PRNGKey(1), base)
     self.assertEqual(params["conv1_d"]["w"].a.shape, (_RANK, 6))
     self.assertIsInstance(params["linear"]["w"], xrapture.LoraWeight)
     self.assertIs(params["batch_norm"]["scale"], base["batch_norm"]["scale"])
 
-    y_base, s_base = base_fn.apply(base, state, None, _SEQ, True)
+    y_base, s_base = base_apply(base, state, None, _SEQ, True)
     with xrapture.strict_mode():
       y_adapted, s_adapted = model.apply(params, state, None, _SEQ, True)
     _assert_close(y_adapted, y_base, 1e-6)
@@ -311,7 +312,7 @@ class HaikuModulesTest(parameterized.TestCase):
     with xrapture.strict_mode():
       y, new_state = model.apply(perturbed, state, None, _SEQ, True)
     dense = _dense_reference(perturbed, _ALPHA / _RANK)
-    y_reference, state_reference = base_fn.apply(dense, state, None, _SEQ, True)
+    y_reference, state_reference = base_apply(dense, state, None, _SEQ, True)
     _assert_close(y, y_reference, 1e-4)
     jax.tree.map(lambda u, v: _assert_close(u, v, 1e-4), new_state, state_reference)
     # The moving averages moved, so the state really went through the model.
@@ -319,7 +320,7 @@ class HaikuModulesTest(parameterized.TestCase):
     self.assertGreater(float(jnp.abs(mean - state["batch_norm/~/mean_ema"]["average"]).max()), 0)
     # Inference mode with the updated state.
     y_eval, _ = model.apply(perturbed, new_state, None, _SEQ, False)
-    y_eval_ref, _ = base_fn.apply(dense, new_state, None, _SEQ, False)
+    y_eval_ref, _ = base_apply(dense, new_state, None, _SEQ, False)
     _assert_close(y_eval, y_eval_ref, 1e-4)
 
   def test_transform_with_state_reads_stack_layouts(self):
@@ -336,7 +337,7 @@ class HaikuModulesTest(parameterized.TestCase):
     self.assertEqual(lw.b.shape, (2, 3, 4, _RANK))
     perturbed = _perturb(params)
     y, new_state = model.apply(perturbed, state, None, _SEQ)
-    y_ref, _ = hk.transform_with_state(fn).apply(
+    y_ref, _ = jax.jit(hk.transform_with_state(fn).apply)(
         _dense_reference(perturbed, _ALPHA / _RANK), state, None, _SEQ)
     _assert_close(y, y_ref, 1e-4)
     self.assertEqual(int(new_state["~"]["n"]), 1)
@@ -363,9 +364,10 @@ class SpecOptionsTest(parameterized.TestCase):
       dense = dict(first=_dense_reference({"w": first}, scale(1.0, _RANK))["w"],
                    second=_dense_reference({"w": second}, scale(_ALPHA, 4))["w"])
       ref_params = {k: dict(v, w=dense[k]) for k, v in params.items()}
-      y_ref = hk.transform(fn).apply(ref_params, None, _X3)
+      base_apply = jax.jit(hk.transform(fn).apply)
+      y_ref = base_apply(ref_params, None, _X3)
       _assert_close(model.apply(params, None, _X3), y_ref, 1e-4)
-      _assert_close(hk.transform(fn).apply(xrapture.merge_params(params), None, _X3),
+      _assert_close(base_apply(xrapture.merge_params(params), None, _X3),
                     y_ref, 1e-4)
 
   def test_rslora_changes_the_output(self):
@@ -403,7 +405,8 @@ class SpecOptionsTest(parameterized.TestCase):
     with xrapture.strict_mode():
       y = model.apply(perturbed, None, x)
     _assert_close(y, y_ref, 3e-2)
-    grads = jax.grad(lambda p: model.apply(p, None, x).astype(jnp.float32).sum())(perturbed)
+    grads = jax.jit(jax.grad(
+        lambda p: model.apply(p, None, x).astype(jnp.float32).sum()))(perturbed)
     g = grads[module][param]
     self.assertEqual((g.a.dtype, g.b.dtype), (jnp.dtype(adapter_dtype),) * 2)
     self.assertGreater(float(jnp.abs(g.b.astype(jnp.float32)).max()), 0.0)
@@ -630,7 +633,8 @@ class LayoutFromUseTest(parameterized.TestCase):
     with xrapture.strict_mode(), warnings.catch_warnings():
       warnings.simplefilter("error")
       y = jax.jit(model.apply)(perturbed, None, _X3)
-    _assert_close(y, hk.transform(_einsum_attention).apply(merged, None, _X3), 1e-4)
+    _assert_close(y, jax.jit(hk.transform(_einsum_attention).apply)(merged, None, _X3),
+                  1e-4)
 
   def test_conv_rank_limit_counts_the_window(self):
     # ResNet's stem (7, 7, 3, c): rank 8 > 3 input channels is fine on [147, c].
@@ -717,7 +721,7 @@ class LayoutFromUseTest(parameterized.TestCase):
     perturbed = _perturb(params)
     with xrapture.strict_mode():
       y, _ = model.apply(perturbed, state, None, _SEQ)
-    y_ref, _ = hk.transform_with_state(fn).apply(
+    y_ref, _ = jax.jit(hk.transform_with_state(fn).apply)(
         _dense_reference(perturbed, _ALPHA / _RANK), state, None, _SEQ)
     _assert_close(y, y_ref, 1e-4)
     self.assertEqual(model.spec(base, _SEQ, state=state)["conv1_d"]["w"], _RANK)

@@ -16,7 +16,10 @@ two places:
   ``dot``, ``convolution`` (or matmul/conv custom call) of such a shape, after
   XLA's rewrites.
 
-:func:`assert_no_dense_product` runs both. Use distinct dimensions (say
+:func:`assert_no_dense_product` runs both (compiling ``fn`` itself);
+:func:`assert_no_dense_product_in_stages` runs both on a program the test has
+already traced and compiled with ``jax.jit``, so that it checks the very
+program it ran at the cost of one compilation. Use distinct dimensions (say
 ``M=48, N=40, r=4``, and activations whose dims are none of these) so that a
 shape match is unambiguous. Differentiate ``fn`` first (``jax.grad``) to check
 the backward pass.
@@ -302,3 +305,33 @@ def assert_no_dense_product(
     raise AssertionError(
         f"{len(found)} dense product(s) of weight shape(s) {', '.join(targets)}:\n  "
         + "\n  ".join(found))
+
+
+def assert_no_dense_product_in_stages(
+    traced: Any, compiled: Any, shapes: Iterable[Sequence[int]],
+    flattened: bool = False) -> None:
+  """Like :func:`assert_no_dense_product`, on ``jax.jit(fn).trace(*args)``.
+
+  Args:
+    traced: the ``jax.stages.Traced`` of ``jax.jit(fn)``; its jaxpr is searched.
+    compiled: ``traced.lower().compile()``, whose HLO is searched; None to
+      search the jaxpr only.
+    shapes: as in :func:`find_dense_products` (or :func:`weight_targets`).
+    flattened: as in :func:`find_dense_products_in_hlo`.
+
+  Raises:
+    AssertionError: listing every offending jaxpr equation and HLO line.
+  """
+  targets = _targets(shapes, None)
+  found = [f"jaxpr: {s}" for s in find_dense_products_in_jaxpr(
+      traced.jaxpr, targets)]
+  if compiled is not None:
+    text = compiled.as_text()
+    if text is None:
+      raise RuntimeError("This backend gives no text for the compiled HLO.")
+    found += [f"hlo: {s}" for s in find_dense_products_in_hlo_text(
+        text, targets, flattened)]
+  if found:
+    raise AssertionError(
+        f"{len(found)} dense product(s) of weight shape(s) "
+        f"{', '.join(_describe(targets))}:\n  " + "\n  ".join(found))

@@ -71,11 +71,10 @@ def assert_matches_dense(
     The output computed on the LoraWeight.
   """
   implicit = interpreter.use_implicit_args(fn)
-  # The references run jitted: one compilation each instead of one per
-  # primitive (op-by-op dispatch compiles every op on its own).
-  ref = jax.jit(fn)(x, jnp.asarray(dense_value(lora)))
+  dense = jnp.asarray(dense_value(lora))
+  ref_aval = jax.eval_shape(fn, x, dense)
   rng = np.random.default_rng(seed)
-  ct = jnp.asarray(rng.normal(size=ref.shape), ref.dtype)
+  ct = jnp.asarray(rng.normal(size=ref_aval.shape), ref_aval.dtype)
 
   def loss(x, a, b):
     out = implicit(x, lora.replace(a=a, b=b))
@@ -86,12 +85,19 @@ def assert_matches_dense(
     return jnp.sum(out * ct), out
 
   argnums = (0, 1, 2) if grad_x else (1, 2)
+
+  # The references run in one jitted program: one compilation instead of one
+  # per primitive (op-by-op dispatch compiles every op on its own).
+  @jax.jit
+  def references(x, dense, a, b):
+    grads, _ = jax.grad(dense_loss, argnums, has_aux=True)(x, a, b)
+    return fn(x, dense), grads
+
   value_and_grad = jax.value_and_grad(loss, argnums, has_aux=True)
   traced = jax.jit(value_and_grad).trace(x, lora.a, lora.b)
   compiled = traced.lower().compile()
   (_, out), grads = compiled(x, lora.a, lora.b)
-  _, ref_grads = jax.jit(jax.value_and_grad(dense_loss, argnums, has_aux=True))(
-      x, lora.a, lora.b)
+  ref, ref_grads = references(x, dense, lora.a, lora.b)
   np.testing.assert_allclose(out, ref, rtol=rtol, atol=atol,
                              err_msg="outputs differ")
   for name, g, ref_g in zip(("x", "a", "b")[3 - len(argnums):], grads, ref_grads):
