@@ -72,19 +72,19 @@ class PissaInitTest(parameterized.TestCase):
     np.testing.assert_allclose(a @ np.swapaxes(a, -1, -2), want, atol=1e-4)
 
   def test_transform_starts_equal_to_the_base(self):
-    spec = xrapture.default_spec()
-    spec.rank, spec.init = 2, "pissa"
+    config = xrapture.default_config()
+    config.rank, config.init = 2, "pissa"
     forward = lambda x: hk.Linear(OUT)(jnp.tanh(hk.Linear(HIDDEN)(x)))
-    model = xrapture.transform(forward, spec)
+    model = xrapture.transform(forward, config)
     x = jnp.asarray(np.random.default_rng(1).normal(size=(3, IN)), jnp.float32)
     base = model.init(jax.random.PRNGKey(0), x)
     params = model.adapt(jax.random.PRNGKey(1), base)
     np.testing.assert_allclose(model.apply(params, None, x),
                                hk.transform(forward).apply(base, None, x), atol=1e-5)
     self.assertGreater(np.abs(params["linear"]["w"].w - base["linear"]["w"]).max(), 0.1)
-    spec.init = "olora"
-    with self.assertRaisesRegex(ValueError, r"spec.init must be one of \('default', 'pissa'\)"):
-      xrapture.transform(forward, spec).adapt(jax.random.PRNGKey(1), base)
+    config.init = "olora"
+    with self.assertRaisesRegex(ValueError, r"config.init must be one of \('default', 'pissa'\)"):
+      xrapture.transform(forward, config).adapt(jax.random.PRNGKey(1), base)
 
 
 def _forward(x):
@@ -103,9 +103,9 @@ class PissaPeftTest(absltest.TestCase):
     self.x = rng.normal(size=(6, IN)).astype(np.float32)
     self.y = rng.normal(size=(6, OUT)).astype(np.float32)
     self.base = hk.transform(_forward).init(jax.random.PRNGKey(0), self.x)
-    self.spec = xrapture.default_spec()
-    self.spec.rank, self.spec.alpha, self.spec.init = 2, 3.0, "pissa"
-    self.model = xrapture.transform(_forward, self.spec)
+    self.config = xrapture.default_config()
+    self.config.rank, self.config.alpha, self.config.init = 2, 3.0, "pissa"
+    self.model = xrapture.transform(_forward, self.config)
     tmp = tempfile.TemporaryDirectory()
     self.addCleanup(tmp.cleanup)
     self.tmp = tmp.name
@@ -133,7 +133,7 @@ class PissaPeftTest(absltest.TestCase):
 
   def test_trained_export_loads_on_the_original_base(self):
     initial = self.model.adapt(jax.random.PRNGKey(1), self.base)
-    lora_spec = self.model.spec(self.base)
+    lora_spec = self.model.lora_spec(self.base)
     tx = xrapture.wrap_optimizer(optax.adam(3e-2), lora_spec)
     params, state = initial, tx.init(initial)
     loss = lambda p: jnp.mean((self.model.apply(p, None, self.x) - self.y) ** 2)
@@ -146,15 +146,15 @@ class PissaPeftTest(absltest.TestCase):
     self.assertGreater(np.abs(want - base_out).max(), 1e-3)   # training moved it
 
     with self.assertRaisesRegex(ValueError, "PiSSA.*initial="):
-      xrapture.export_peft(self.tmp + "/x", params, self.spec, _NAME_MAP)
-    plain_spec = xrapture.default_spec()
-    plain_spec.rank = 2
-    wrong = xrapture.transform(_forward, plain_spec).adapt(jax.random.PRNGKey(1), self.base)
+      xrapture.export_peft(self.tmp + "/x", params, self.config, _NAME_MAP)
+    plain_config = xrapture.default_config()
+    plain_config.rank = 2
+    wrong = xrapture.transform(_forward, plain_config).adapt(jax.random.PRNGKey(1), self.base)
     with self.assertRaisesRegex(ValueError, "initial params for 'head/w'.*does not belong"):
-      xrapture.export_peft(self.tmp + "/x", params, self.spec, _NAME_MAP, initial=wrong)
+      xrapture.export_peft(self.tmp + "/x", params, self.config, _NAME_MAP, initial=wrong)
 
     path = os.path.join(self.tmp, "converted")
-    xrapture.export_peft(path, params, self.spec, _NAME_MAP, initial=initial)
+    xrapture.export_peft(path, params, self.config, _NAME_MAP, initial=initial)
     with open(os.path.join(path, "adapter_config.json")) as f:
       config = json.load(f)
     self.assertEqual((config["r"], config["lora_alpha"], config["init_lora_weights"]),
