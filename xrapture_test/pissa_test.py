@@ -182,11 +182,11 @@ class PissaPeftTest(absltest.TestCase):
 
 
 def _pissa_model(**fields):
-  spec = xrapture.default_spec()
-  spec.rank, spec.alpha, spec.init = 2, 3.0, "pissa"
+  config = xrapture.default_config()
+  config.rank, config.alpha, config.init = 2, 3.0, "pissa"
   for k, v in fields.items():
-    setattr(spec, k, v)
-  return xrapture.transform(_forward, spec)
+    setattr(config, k, v)
+  return xrapture.transform(_forward, config)
 
 
 def _trained(model, initial, x, y):
@@ -217,7 +217,7 @@ class PissaAdapterFileTest(absltest.TestCase):
     self.y = rng.normal(size=(6, OUT)).astype(np.float32)
     self.base = hk.transform(_forward).init(jax.random.PRNGKey(0), self.x)
     self.model = _pissa_model()
-    self.lora_spec = self.model.spec(self.base, self.x)
+    self.lora_spec = self.model.lora_spec(self.base, self.x)
     self.initial = self.model.adapt(jax.random.PRNGKey(1), self.base)
     self.params = _trained(self.model, self.initial, self.x, self.y)
     self.want = np.asarray(self.model.apply(self.params, None, self.x))
@@ -305,9 +305,9 @@ class PissaAdapterFileTest(absltest.TestCase):
       xrapture.load_adapter(self.path, self.initial)
 
   def test_initial_must_be_the_starting_point(self):
-    spec = xrapture.default_spec()
-    spec.rank = 2
-    plain = xrapture.transform(_forward, spec)
+    config = xrapture.default_config()
+    config.rank = 2
+    plain = xrapture.transform(_forward, config)
     wrong = plain.adapt(jax.random.PRNGKey(1), self.base)
     with self.assertRaisesRegex(ValueError, "initial params for 'head/w'.*does not belong"):
       xrapture.save_adapter(self.path, self.params, self.lora_spec, initial=wrong)
@@ -346,17 +346,17 @@ class QuantizedPissaFileTest(absltest.TestCase):
     self.path = os.path.join(tmp.name, "adapter.safetensors")
 
   def model(self, **fields):
-    spec = xrapture.default_spec()
-    spec.rank, spec.alpha = 2, 8.0
+    config = xrapture.default_config()
+    config.rank, config.alpha = 2, 8.0
     for k, v in fields.items():
-      setattr(spec, k, v)
-    return xrapture.transform(_wide, spec)
+      setattr(config, k, v)
+    return xrapture.transform(_wide, config)
 
   def test_pissa_on_the_quantized_residual(self):
     model = self.model(init="pissa", quantize="nf4")
     params = model.adapt(jax.random.PRNGKey(1), self.base)
     self.assertIsInstance(params["up"]["w"].w, xrapture.QuantizedArray)
-    xrapture.save_adapter(self.path, params, model.spec(self.base))
+    xrapture.save_adapter(self.path, params, model.lora_spec(self.base))
     self.assertEqual(_header(self.path)["entries"]["up/w"]["residual"]["quantized"],
                      dict(scheme="nf4", block_size=64, axis=-2, double_quant=False))
     with self.assertRaisesRegex(ValueError, "PiSSA adapters .* at 'head/w', 'up/w'"):
@@ -382,7 +382,7 @@ class QuantizedPissaFileTest(absltest.TestCase):
         lambda p: p.replace(a=p.a + 0.1 * rng.normal(size=p.a.shape).astype(np.float32))
         if isinstance(p, xrapture.LoraWeight) else p,
         initial, is_leaf=lambda p: isinstance(p, xrapture.LoraWeight))
-    xrapture.save_adapter(self.path, params, model.spec(self.base), initial=initial)
+    xrapture.save_adapter(self.path, params, model.lora_spec(self.base), initial=initial)
     loaded = xrapture.load_adapter(self.path, self.base)
     # Reference: W + s·(b@a - b₀@a₀) by hand (s = alpha / r = 8 / 2), float64.
     f64 = lambda v: np.asarray(v, np.float64)
@@ -402,7 +402,7 @@ class QuantizedPissaFileTest(absltest.TestCase):
     params = jax.tree.map(
         lambda p: p.replace(b=jnp.ones_like(p.b)) if isinstance(p, xrapture.LoraWeight)
         else p, params, is_leaf=lambda p: isinstance(p, xrapture.LoraWeight))
-    xrapture.save_adapter(self.path, params, model.spec(self.base))
+    xrapture.save_adapter(self.path, params, model.lora_spec(self.base))
     self.assertEqual(_header(self.path)["format_version"], 1)
     loaded = xrapture.load_adapter(self.path, self.base)
     self.assertIs(loaded["up"]["w"].w, self.base["up"]["w"])

@@ -59,9 +59,9 @@ class LoraTest(absltest.TestCase):
                and np.ndim(v) == 2}
     # Biases of attention and MLP, LayerNorm scales and offsets.
     self.assertGreaterEqual(len(vectors), 8, sorted(before))
-    spec = _flat(run.lora_spec)
+    lora_spec = _flat(run.lora_spec)
     want = xrapture.LORA_FULL if tune_vectors else xrapture.LORA_FREEZE
-    self.assertEqual({p: spec[p] for p in vectors}, {p: want for p in vectors})
+    self.assertEqual({p: lora_spec[p] for p in vectors}, {p: want for p in vectors})
     after = _flat(_one_step(run, self.tokens))
     return {p: not np.array_equal(after[p], v) for p, v in vectors.items()}
 
