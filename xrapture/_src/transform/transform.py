@@ -12,9 +12,9 @@ from xrapture._src import deprecations
 from xrapture._src.implicit import interpreter
 from xrapture._src.lora import dropout as dropout_lib
 from xrapture._src.transform import adapters
+from xrapture._src.transform import config as config_lib
 from xrapture._src.transform import layout as layout_lib
 from xrapture._src.transform import quantization
-from xrapture._src.transform import config as config_lib
 
 
 def _abstract(tree: Any) -> Any:
