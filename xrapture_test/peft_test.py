@@ -392,8 +392,8 @@ class PeftCompatTest(_Base):
     config = _config(rank=2, alpha=4.0, rank_pattern=((r"head/w", 3),))
     model = xrapture.transform(forward, config)
     base = model.init(jax.random.PRNGKey(0), x)
-    params = model.adapt(jax.random.PRNGKey(1), base)
-    tx = xrapture.wrap_optimizer(optax.sgd(0.3), model.lora_spec(base))
+    params = model.adapt(jax.random.PRNGKey(1), base, x)
+    tx = xrapture.wrap_optimizer(optax.sgd(0.3), model.lora_spec(base, x))
     opt_state = tx.init(params)
     loss = lambda p: jnp.mean((model.apply(p, None, x) - 1.0) ** 2)
 
@@ -579,7 +579,7 @@ class PeftLayoutTest(parameterized.TestCase):
     config.targets = ("all-linear",)
     model = xrapture.transform(hk_einsum_forward, config)
     base = model.init(jax.random.PRNGKey(0), x)
-    params = self._random(model.adapt(jax.random.PRNGKey(1), base))
+    params = self._random(model.adapt(jax.random.PRNGKey(1), base, x))
     self.assertEqual((params["query"]["w"].layout, params["out"]["w"].layout),
                      ("ioo", "iio"))
     torch_model = TorchEinsum()
@@ -623,7 +623,7 @@ class PeftLayoutTest(parameterized.TestCase):
     config = _config(rank=2, alpha=3.0)
     model = xrapture.transform(hk_experts_forward, config)
     base = model.init(jax.random.PRNGKey(0), x)
-    params = self._random(model.adapt(jax.random.PRNGKey(1), base))
+    params = self._random(model.adapt(jax.random.PRNGKey(1), base, x))
     self.assertEqual(params["experts"]["w"].layout, "sio")
 
     def fresh():
@@ -663,7 +663,7 @@ class PeftLayoutTest(parameterized.TestCase):
     config = _config(rank=2)
     config.dropout = 0.1
     model = xrapture.transform(hk_experts_forward, config)
-    params = model.adapt(jax.random.PRNGKey(1), model.init(jax.random.PRNGKey(0), x))
+    params = model.adapt(jax.random.PRNGKey(1), model.init(jax.random.PRNGKey(0), x), x)
     with self.assertRaisesRegex(ValueError, "target_parameters.*lora_dropout"):
       xrapture.export_peft(os.path.join(self.tmp, "x"), params, config,
                            {"experts/w": "experts.weight"})
