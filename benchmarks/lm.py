@@ -53,7 +53,7 @@ class Config:
 
 
 def target_regex() -> str:
-  """The xrapture ``spec.targets`` regex for :data:`TARGETS`."""
+  """The xrapture ``config.targets`` regex for :data:`TARGETS`."""
   return r".*/(" + "|".join(TARGETS) + r")/w"
 
 

@@ -52,7 +52,7 @@ def build(cfg: lm.Config, n: int):
   for k in range(n):
     adapters = xrapture.add_adapter(adapters, f"a{k}",
                                     variants.adapted_params(cfg, base, seed=k + 1))
-  model = xrapture.transform(functools.partial(lm.forward, cfg=cfg), variants.lora_spec(cfg))
+  model = xrapture.transform(functools.partial(lm.forward, cfg=cfg), variants.lora_config(cfg))
   forward = jax.jit(lambda p, t: model.apply(p, None, t))
   forward_mixed = jax.jit(lambda p, ids, t: model.apply(
       xrapture.with_adapter_ids(p, ids), None, t))

@@ -103,7 +103,7 @@ def inference_steps(cfg, base, adapted, batch):
   """Forward passes: base params, merged params, and unmerged LoraWeights."""
   tokens = batch[0]
   forward = jax.jit(lambda p, t: lm.dense_model(cfg).apply(p, None, t))
-  model = xrapture.transform(lambda t: lm.forward(t, cfg=cfg), variants.lora_spec(cfg))
+  model = xrapture.transform(lambda t: lm.forward(t, cfg=cfg), variants.lora_config(cfg))
   forward_lora = jax.jit(lambda p, t: model.apply(p, None, t))
   merged = xrapture.merge_params(adapted)
   run = lambda f, p: (lambda: jax.block_until_ready(f(p, tokens)))

@@ -125,16 +125,16 @@ def bound(cfg: lm.Config, base: Any, batch: Any) -> JaxVariant:
   return JaxVariant("bound", make_step, (), _copy(base), batch, 0)
 
 
-def lora_spec(cfg: lm.Config):
-  spec = xrapture.default_spec()
-  spec.rank, spec.alpha = cfg.rank, cfg.alpha
-  spec.targets = (lm.target_regex(),)
-  return spec
+def lora_config(cfg: lm.Config):
+  config = xrapture.default_config()
+  config.rank, config.alpha = cfg.rank, cfg.alpha
+  config.targets = (lm.target_regex(),)
+  return config
 
 
 def adapted_params(cfg: lm.Config, base: Any, seed: int = 1) -> Any:
   """``model.adapt(rng, base)``, then ``b`` drawn non-zero (same for every variant)."""
-  model = xrapture.transform(functools.partial(lm.forward, cfg=cfg), lora_spec(cfg))
+  model = xrapture.transform(functools.partial(lm.forward, cfg=cfg), lora_config(cfg))
   params = model.adapt(jax.random.PRNGKey(seed), base)
   rng = np.random.default_rng(seed)
 
@@ -149,13 +149,13 @@ def adapted_params(cfg: lm.Config, base: Any, seed: int = 1) -> Any:
 def xrapture_variant(cfg: lm.Config, base: Any, adapted: Any, batch: Any,
                      copy: bool = True) -> JaxVariant:
   """The unmodified model through xrapture's public API, as a user writes it."""
-  spec = lora_spec(cfg)
+  config = lora_config(cfg)
   forward = functools.partial(lm.forward, cfg=cfg)
-  model = xrapture.transform(forward, spec)
-  tx = xrapture.wrap_optimizer(optax.adam(LEARNING_RATE), model.spec(base))
+  model = xrapture.transform(forward, config)
+  tx = xrapture.wrap_optimizer(optax.adam(LEARNING_RATE), model.lora_spec(base))
 
   def make_step():
-    fresh = xrapture.transform(forward, spec)  # a fresh trace cache, for compile timing
+    fresh = xrapture.transform(forward, config)  # a fresh trace cache, for compile timing
 
     def loss_fn(params, consts, tokens, targets):
       del consts
@@ -176,25 +176,25 @@ def quantized_params(cfg: lm.Config, adapted: Any, scheme: str,
   """``adapted`` with its whole base quantized (QLoRA).
 
   The adapted kernels' ``w``, and the frozen kernels and embedding table
-  (``spec.quantize_frozen``); every leaf a fresh JAX array, sharing no
+  (``config.quantize_frozen``); every leaf a fresh JAX array, sharing no
   buffer with ``adapted``.
   """
-  spec = lora_spec(cfg)
-  spec.quantize, spec.double_quant, spec.quantize_block = scheme, double_quant, block
-  spec.quantize_frozen = (r".*/w", r".*/embeddings")
-  return jax.tree.map(jnp.array, xrapture.quantize(adapted, spec))
+  config = lora_config(cfg)
+  config.quantize, config.double_quant, config.quantize_block = scheme, double_quant, block
+  config.quantize_frozen = (r".*/w", r".*/embeddings")
+  return jax.tree.map(jnp.array, xrapture.quantize(adapted, config))
 
 
 def qlora_variant(cfg: lm.Config, base: Any, quantized: Any, batch: Any,
                   name: str = "qlora") -> JaxVariant:
   """:func:`xrapture_variant` on a quantized base: ``jax.grad(allow_int=True)``."""
-  spec = lora_spec(cfg)
+  config = lora_config(cfg)
   forward = functools.partial(lm.forward, cfg=cfg)
   tx = xrapture.wrap_optimizer(optax.adam(LEARNING_RATE),
-                               xrapture.transform(forward, spec).spec(base))
+                               xrapture.transform(forward, config).lora_spec(base))
 
   def make_step():
-    fresh = xrapture.transform(forward, spec)
+    fresh = xrapture.transform(forward, config)
 
     def loss_fn(params, consts, tokens, targets):
       del consts

@@ -60,9 +60,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # <workdir>/base, pretraining it there first if it is missing.
   config.base_checkpoint = ''
 
-  # The LoRA method's spec: xrapture.default_spec(), whose docstring describes
+  # The LoRA method's config: xrapture.default_config(), whose docstring describes
   # every field; the ones changed here:
-  config.lora = xrapture.default_spec()
+  config.lora = xrapture.default_config()
   # Adapter rank r (d_model is 128).
   config.lora.rank = 16
   # The update b @ a is scaled by alpha / r.
@@ -81,7 +81,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # tenth); each the best of {3e-3, 1e-2, 3e-2} (full: also 1e-3) on the val
   # split with the other defaults.
   config.learning_rate = ml_collections.ConfigDict()
-  # For the adapters (and spec.full parameters) of the LoRA method.
+  # For the adapters (and config.full parameters) of the LoRA method.
   config.learning_rate.lora = 1e-2
   # For every parameter, in the full fine-tune.
   config.learning_rate.full = 1e-2

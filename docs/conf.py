@@ -40,7 +40,7 @@ napoleon_numpy_docstring = False
 # Class "Attributes:" sections as field lists, so they don't duplicate the
 # attributes autodoc documents.
 napoleon_use_ivar = True
-# default_spec documents its ConfigDict's fields in a "Fields:" section.
+# default_config documents its ConfigDict's fields in a "Fields:" section.
 napoleon_custom_sections = [("Fields", "params_style")]
 
 _LOGGER = logging.getLogger(__name__)

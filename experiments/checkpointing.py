@@ -153,7 +153,7 @@ class Checkpoints:
     Args:
       step: the number of steps taken.
       params: the (adapted) params, as host or (sharded) device arrays.
-      lora_spec: which leaves are trainable (``model.spec(base_params)``).
+      lora_spec: which leaves are trainable (``model.lora_spec(base_params)``).
       opt_state: the optimizer state.
       extra: JSON-able fields for the meta record.
     """

@@ -10,7 +10,7 @@ stacked with ``hk.layer_stack`` so every block's parameters share one
 A trained base lives in a directory (a pretraining workdir) as
 
 * ``base.safetensors``: every parameter (written with ``xrapture.save_adapter``
-  and a spec that marks all of them ``LORA_FULL``);
+  and a lora spec that marks all of them ``LORA_FULL``);
 * ``model.json``: the architecture it was trained with, written last: its
   presence marks a finished base.
 """

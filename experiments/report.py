@@ -98,10 +98,10 @@ def plot(panels: Sequence[tuple[str, dict[str, str]]], path: str) -> None:
     fig.savefig(tmp, dpi=100, format='png')
 
 
-def lora_label(spec: ml_collections.ConfigDict) -> str:
+def lora_label(config: ml_collections.ConfigDict) -> str:
   """``'LoRA r=16 (+ head/.*, 1-D params)'``: the LoRA row's name in the table."""
-  extra = list(spec.full) + (['1-D params'] if spec.tune_vectors else [])
-  return f'LoRA r={spec.rank}' + (f" (+ {', '.join(extra)})" if extra else '')
+  extra = list(config.full) + (['1-D params'] if config.tune_vectors else [])
+  return f'LoRA r={config.rank}' + (f" (+ {', '.join(extra)})" if extra else '')
 
 
 def write(config: ml_collections.ConfigDict, workdir: str,

@@ -45,7 +45,7 @@ class Run:
     params: initial params (with LoraWeights for a LoRA run), on the host.
     base_params: the frozen base, which checkpoints are applied to.
     lora_spec: per base parameter: adapter rank, ``LORA_FULL`` or
-      ``LORA_FREEZE`` (as ``model.spec(base_params)``).
+      ``LORA_FREEZE`` (as ``model.lora_spec(base_params)``).
     tx: the optimizer (frozen leaves get no state).
     fingerprint: JSON-able settings that determine the trajectory; a
       checkpoint written under other settings is refused. :func:`train` adds

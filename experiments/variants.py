@@ -4,7 +4,7 @@ Each returns a :class:`trainer.Run`: the params to start from, which of them
 train (a lora spec tree), the optimizer and the apply function. Only LoRA
 changes the model's parameters (targeted kernels become
 ``xrapture.LoraWeight``); the other two are the baselines LoRA is compared
-with, written the way one would without xrapture (full) or with its spec
+with, written the way one would without xrapture (full) or with its config
 alone (head-only: no adapters, one module trained in full).
 """
 
@@ -31,12 +31,19 @@ def _fingerprint(method: str, config: ml_collections.ConfigDict, **more) -> dict
   return record
 
 
+def _example(config: ml_collections.ConfigDict) -> jax.ShapeDtypeStruct:
+  """A batch of tokens as the model takes them, for xrapture to trace apply."""
+  return jax.ShapeDtypeStruct((1, config.seq_len), jnp.int32)
+
+
 def lora(config: ml_collections.ConfigDict, forward: Callable[..., jax.Array],
          base_params: Any) -> trainer.Run:
   """Adapters on the kernels ``config.lora.targets`` names; the rest frozen."""
   model = xrapture.transform(forward, config.lora)
-  lora_spec = model.spec(base_params)
-  example = jax.ShapeDtypeStruct((1, config.seq_len), jnp.int32)
+  # Layouts come from how the model uses each parameter: kernels stacked by
+  # hk.layer_stack are [L, in, out], their biases and norms [L, D] vectors.
+  example = _example(config)
+  lora_spec = model.lora_spec(base_params, example)
   params = model.adapt(jax.random.PRNGKey(config.seed), base_params, example)
   # LoRA+ (b's learning rate times this ratio), where the config has the field.
   ratio = config.get('loraplus_lr_ratio')
@@ -59,10 +66,10 @@ def full(config: ml_collections.ConfigDict, forward: Callable[..., jax.Array],
 def head(config: ml_collections.ConfigDict, forward: Callable[..., jax.Array],
          base_params: Any) -> trainer.Run:
   """Only the parameters ``config.head`` names train (the unembedding)."""
-  spec = xrapture.default_spec()
-  spec.targets = ()
-  spec.full = tuple(config.head)
-  lora_spec = xrapture.transform(forward, spec).spec(base_params)
+  head_only = xrapture.default_config()
+  head_only.targets = ()
+  head_only.full = tuple(config.head)
+  lora_spec = xrapture.transform(forward, head_only).lora_spec(base_params, _example(config))
   if xrapture.LORA_FULL not in jax.tree.leaves(lora_spec):
     raise ValueError(f'config.head {tuple(config.head)} matches no parameter.')
   tx = xrapture.wrap_optimizer(

@@ -4,7 +4,8 @@
 
 Damages saved adapter files (bit flips in header and data, truncations),
 fails writes (read-only target, full disk, fsync, rename), races writers and
-a reader, kills writing processes, and tries bad spec values (see xrapture/_src/testing/faults.py).
+a reader, kills writing processes, and tries bad config values (see
+xrapture/_src/testing/faults.py).
 Exits 1 if any case ended in an unclear error or a silent change.
 """
 

@@ -37,6 +37,7 @@ from xrapture._src.quant.quantize import quantize_array
 from xrapture._src.quant.quantized_array import dequantize
 from xrapture._src.quant.quantized_array import QuantizedArray
 from xrapture._src.transform.adapters import count_trainable
+from xrapture._src.transform.config import default_config
 from xrapture._src.transform.adapters import merge_params
 from xrapture._src.transform.adapters import split_lora_params
 from xrapture._src.transform.facade import XRapTure
@@ -55,7 +56,6 @@ from xrapture._src.transform.multi_adapter import set_adapter
 from xrapture._src.transform.multi_adapter import unmerge_adapter
 from xrapture._src.transform.quantization import merge_and_requantize
 from xrapture._src.transform.quantization import quantize
-from xrapture._src.transform.spec import default_spec
 from xrapture._src.transform.transform import LoraTransformed
 from xrapture._src.transform.transform import transform
 from xrapture._src.transform.transform import transform_with_state
@@ -69,8 +69,8 @@ __all__ = (
     "aux_field",
     "count_trainable",
     "CustomRuleDroppedWarning",
+    "default_config",
     "default_handler",
-    "default_spec",
     "delete_adapter",
     "dequantize",
     "disable_adapters",
@@ -120,6 +120,7 @@ __all__ = (
 #   "old_name": ("what to use instead", the_object),
 _DEPRECATED = {
     "ArrayValue": ("jax.Array", _jax.Array),
+    "default_spec": ("xrapture.default_config", default_config),
     "lora_matmul": ("a LoraWeight under xrapture.transform or "
                     "xrapture.implicit.use_implicit_args (its dot_general "
                     "handler runs this kernel)", _dot_general.lora_matmul),

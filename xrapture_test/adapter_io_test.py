@@ -30,15 +30,15 @@ def _net(x, hidden=6):
   return hk.Linear(3, name="head")(h)
 
 
-def _spec(**overrides):
-  spec = xrapture.default_spec()
-  spec.rank = 2
-  spec.alpha = 4.0
-  spec.full = ("head/w",)
-  spec.tune_vectors = True
+def _config(**overrides):
+  config = xrapture.default_config()
+  config.rank = 2
+  config.alpha = 4.0
+  config.full = ("head/w",)
+  config.tune_vectors = True
   for k, v in overrides.items():
-    setattr(spec, k, v)
-  return spec
+    setattr(config, k, v)
+  return config
 
 
 def _trained(hidden=6, base_dtype=None, **overrides):
@@ -51,10 +51,10 @@ def _trained(hidden=6, base_dtype=None, **overrides):
 
 @functools.lru_cache(maxsize=None)
 def _trained_cached(hidden, base_dtype, overrides):
-  model = xrapture.transform(lambda x: _net(x, hidden), _spec(**dict(overrides)))
+  model = xrapture.transform(lambda x: _net(x, hidden), _config(**dict(overrides)))
   base = model.init(jax.random.PRNGKey(0), _X)
-  # spec() traces apply with init's (float32) inputs: take it before the cast.
-  lora_spec = model.spec(base)
+  # lora_spec traces apply with float32 inputs: take it before the cast.
+  lora_spec = model.lora_spec(base, _X)
   if base_dtype is not None:
     base = jax.tree.map(lambda p: p.astype(base_dtype), base)
   x = _X if base_dtype is None else _X.astype(base_dtype)
@@ -200,10 +200,10 @@ class AdapterFileTest(parameterized.TestCase):
       experts = hk.get_parameter("experts", [2, 4, 5], init=jnp.ones)
       h = jnp.einsum("bthk,hkd->btd", jnp.einsum("btd,dhk->bthk", x, wq), wo)
       return jnp.einsum("ebtd,edf->ebtf", jnp.stack([h, -h]), experts)
-    spec = _spec(full=(), tune_vectors=False, targets=("all-linear",))
-    model = xrapture.transform(fn, spec)
+    config = _config(full=(), tune_vectors=False, targets=("all-linear",))
+    model = xrapture.transform(fn, config)
     base = jax.tree.map(lambda p: p * 0.1, model.init(jax.random.PRNGKey(0), _X))
-    params = model.adapt(jax.random.PRNGKey(1), base)
+    params = model.adapt(jax.random.PRNGKey(1), base, _X)
     rng = np.random.default_rng(4)
     trained = xrapture.tree_map_with_implicit(
         lambda p: p.replace(a=jnp.asarray(rng.normal(size=p.a.shape), jnp.float32),
@@ -212,7 +212,7 @@ class AdapterFileTest(parameterized.TestCase):
     self.assertEqual([trained["~"][k].layout for k in ("experts", "output_w", "query_w")],
                      ["sio", "iio", "ioo"])
     path = self._path()
-    xrapture.save_adapter(path, trained, model.spec(base))
+    xrapture.save_adapter(path, trained, model.lora_spec(base, _X))
     loaded = xrapture.load_adapter(path, base)
     self.assert_restored(loaded, trained, base)
     np.testing.assert_array_equal(model.apply(loaded, None, _X),
@@ -267,7 +267,7 @@ class AdapterFileTest(parameterized.TestCase):
     _, base, trained, lora_spec = _trained()
     path = self._path()
     xrapture.save_adapter(path, trained, lora_spec)
-    fresh = xrapture.transform(_net, _spec()).adapt(jax.random.PRNGKey(5), base, _X)
+    fresh = xrapture.transform(_net, _config()).adapt(jax.random.PRNGKey(5), base, _X)
     loaded = xrapture.load_adapter(path, fresh)
     self.assert_restored(loaded, trained, base)
 
@@ -346,10 +346,10 @@ class AdapterFileTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, r"'conv/w'.*conv/w::b.*missing"):
       xrapture.load_adapter(path, base)
 
-  def test_spec_of_another_tree(self):
+  def test_lora_spec_of_another_tree(self):
     _, _, trained, lora_spec = _trained()
     lora_spec = {k: v for k, v in lora_spec.items() if k != "head"}
-    with self.assertRaisesRegex(ValueError, "model.spec"):
+    with self.assertRaisesRegex(ValueError, r"model\.lora_spec\(base_params\)"):
       xrapture.save_adapter(self._path(), trained, lora_spec)
 
   def test_failed_save_keeps_the_old_file(self):

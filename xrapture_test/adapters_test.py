@@ -1,4 +1,4 @@
-"""Tests for xrapture/_src/transform/adapters.py: spec trees, init, merge, split."""
+"""Tests for xrapture/_src/transform/adapters.py: lora spec trees, init, merge, split."""
 
 import math
 import warnings
@@ -17,12 +17,12 @@ LoraWeight = xrapture.LoraWeight
 FULL, FREEZE = xrapture.LORA_FULL, xrapture.LORA_FREEZE
 
 
-def _spec(**overrides):
-  spec = xrapture.default_spec()
-  spec.rank = 2
+def _config(**overrides):
+  config = xrapture.default_config()
+  config.rank = 2
   for k, v in overrides.items():
-    setattr(spec, k, v)
-  return spec
+    setattr(config, k, v)
+  return config
 
 
 def _params():
@@ -41,17 +41,17 @@ def _params():
 class LoraSpecTest(parameterized.TestCase):
 
   def test_default_targets(self):
-    spec = adapters.lora_spec_from_config(_params(), _spec())
-    self.assertEqual(spec, {
+    lora_spec = adapters.lora_spec_from_config(_params(), _config())
+    self.assertEqual(lora_spec, {
         "mlp/~/linear_0": {"w": 2, "b": FREEZE},
         "mlp/~/linear_1": {"w": 2, "b": FREEZE},
         "embed": {"embeddings": FREEZE},
         "norm": {"scale": FREEZE}})
 
   def test_full_beats_targets_and_tune_vectors(self):
-    spec = adapters.lora_spec_from_config(
-        _params(), _spec(full=("mlp/~/linear_1/w", "embed/.*"), tune_vectors=True))
-    self.assertEqual(spec, {
+    lora_spec = adapters.lora_spec_from_config(
+        _params(), _config(full=("mlp/~/linear_1/w", "embed/.*"), tune_vectors=True))
+    self.assertEqual(lora_spec, {
         "mlp/~/linear_0": {"w": 2, "b": FULL},
         "mlp/~/linear_1": {"w": FULL, "b": FULL},
         "embed": {"embeddings": FULL},
@@ -60,14 +60,14 @@ class LoraSpecTest(parameterized.TestCase):
   def test_targets_are_fullmatched(self):
     # "linear_0" alone matches no whole path.
     with self.assertRaisesRegex(ValueError, "match no parameter"):
-      adapters.lora_spec_from_config(_params(), _spec(targets=("linear_0",)))
-    spec = adapters.lora_spec_from_config(_params(), _spec(targets=(".*linear_0/w",)))
-    self.assertEqual(spec["mlp/~/linear_0"]["w"], 2)
-    self.assertEqual(spec["mlp/~/linear_1"]["w"], FREEZE)
+      adapters.lora_spec_from_config(_params(), _config(targets=("linear_0",)))
+    lora_spec = adapters.lora_spec_from_config(_params(), _config(targets=(".*linear_0/w",)))
+    self.assertEqual(lora_spec["mlp/~/linear_0"]["w"], 2)
+    self.assertEqual(lora_spec["mlp/~/linear_1"]["w"], FREEZE)
 
   def test_no_match_lists_every_path_shape_and_dtype(self):
     with self.assertRaises(ValueError) as ctx:
-      adapters.lora_spec_from_config(_params(), _spec(targets=("nothing",)))
+      adapters.lora_spec_from_config(_params(), _config(targets=("nothing",)))
     message = str(ctx.exception)
     self.assertIn("('nothing',)", message)
     for line in ("mlp/~/linear_0/w  (4, 6) float32", "mlp/~/linear_1/b  (3,) float32",
@@ -76,42 +76,42 @@ class LoraSpecTest(parameterized.TestCase):
 
   def test_one_dimensional_targets(self):
     # Skipped next to a kernel...
-    spec = adapters.lora_spec_from_config(_params(), _spec(targets=(".*/b", ".*linear_0/w")))
-    self.assertEqual(spec["mlp/~/linear_0"]["b"], FREEZE)
-    self.assertEqual(spec["mlp/~/linear_0"]["w"], 2)
+    lora_spec = adapters.lora_spec_from_config(_params(), _config(targets=(".*/b", ".*linear_0/w")))
+    self.assertEqual(lora_spec["mlp/~/linear_0"]["b"], FREEZE)
+    self.assertEqual(lora_spec["mlp/~/linear_0"]["w"], 2)
     # ... an error alone.
     with self.assertRaisesRegex(ValueError, "1-D parameters never get adapters"):
-      adapters.lora_spec_from_config(_params(), _spec(targets=(".*/b", "norm/scale")))
+      adapters.lora_spec_from_config(_params(), _config(targets=(".*/b", "norm/scale")))
 
   def test_empty_targets_only_full(self):
-    spec = adapters.lora_spec_from_config(_params(), _spec(targets=(), full=("embed/.*",)))
-    self.assertEqual(spec["embed"]["embeddings"], FULL)
-    self.assertEqual(spec["mlp/~/linear_0"]["w"], FREEZE)
+    lora_spec = adapters.lora_spec_from_config(_params(), _config(targets=(), full=("embed/.*",)))
+    self.assertEqual(lora_spec["embed"]["embeddings"], FULL)
+    self.assertEqual(lora_spec["mlp/~/linear_0"]["w"], FREEZE)
 
   @parameterized.parameters((4, 4), (5, None), (3, 3))
   def test_rank_limit(self, rank, expected):
     params = {"lin": {"w": jnp.ones((4, 9))}}
     if expected is None:
       with self.assertRaisesRegex(ValueError, r"rank 5 for 'lin/w' exceeds min\(M, N\) = 4"):
-        adapters.lora_spec_from_config(params, _spec(rank=rank))
+        adapters.lora_spec_from_config(params, _config(rank=rank))
     else:
-      self.assertEqual(adapters.lora_spec_from_config(params, _spec(rank=rank))["lin"]["w"],
+      self.assertEqual(adapters.lora_spec_from_config(params, _config(rank=rank))["lin"]["w"],
                        expected)
 
   def test_rank_limit_uses_the_last_two_axes(self):
     # Without a trace, a [k, in, out] kernel is taken as a stack: min(in, out).
     params = {"conv": {"w": jnp.ones((9, 3, 5))}}
     with self.assertRaisesRegex(ValueError, r"min\(M, N\) = 3"):
-      adapters.lora_spec_from_config(params, _spec(rank=4))
+      adapters.lora_spec_from_config(params, _config(rank=4))
 
   def test_rank_limit_uses_the_layout(self):
     # Traced as a conv, the same kernel is the [9·3, 5] matrix.
     params = {"conv": {"w": jnp.ones((9, 3, 5))}}
     layouts = {0: layout_lib.KernelLayout("iio", uses=("conv_general_dilated",))}
     self.assertEqual(adapters.lora_spec_from_config(
-        params, _spec(rank=5), layouts)["conv"]["w"], 5)
+        params, _config(rank=5), layouts)["conv"]["w"], 5)
     with self.assertRaisesRegex(ValueError, r"rank 6 .*min\(M, N\) = 5.*\[27, 5\]"):
-      adapters.lora_spec_from_config(params, _spec(rank=6), layouts)
+      adapters.lora_spec_from_config(params, _config(rank=6), layouts)
 
   def test_all_linear(self):
     params = {"a": {"w": jnp.ones((4, 6))}, "head": {"w": jnp.ones((6, 1))},
@@ -122,33 +122,33 @@ class LoraSpecTest(parameterized.TestCase):
         2: layout_lib.KernelLayout("io", uses=("dot_general",)),         # head/w
         3: layout_lib.KernelLayout("io", uses=("gather",)),              # embeddings
     }
-    spec = adapters.lora_spec_from_config(params, _spec(targets=("all-linear",)), layouts)
+    lora_spec = adapters.lora_spec_from_config(params, _config(targets=("all-linear",)), layouts)
     # Every contracted kernel, whatever its name; not the [6, 1] head nor the
     # embedding lookup.
-    self.assertEqual(spec, {"a": {"w": 2}, "b": {"k": 2}, "head": {"w": FREEZE},
+    self.assertEqual(lora_spec, {"a": {"w": 2}, "b": {"k": 2}, "head": {"w": FREEZE},
                             "table": {"embeddings": FREEZE}})
     with self.assertRaisesRegex(ValueError, "all-linear.*example inputs"):
-      adapters.lora_spec_from_config(params, _spec(targets=("all-linear",)))
+      adapters.lora_spec_from_config(params, _config(targets=("all-linear",)))
 
   def test_rank_pattern_zero_freezes(self):
-    spec = adapters.lora_spec_from_config(
-        _params(), _spec(rank_pattern=((".*linear_1/w", 0),)))
-    self.assertEqual(spec["mlp/~/linear_1"]["w"], FREEZE)
-    self.assertEqual(spec["mlp/~/linear_0"]["w"], 2)
+    lora_spec = adapters.lora_spec_from_config(
+        _params(), _config(rank_pattern=((".*linear_1/w", 0),)))
+    self.assertEqual(lora_spec["mlp/~/linear_1"]["w"], FREEZE)
+    self.assertEqual(lora_spec["mlp/~/linear_0"]["w"], 2)
 
   @parameterized.parameters(0, -2)
   def test_rank_below_one_names_the_rank(self, rank):
     # Was "targets match no parameter": the rank is the problem.
-    with self.assertRaisesRegex(ValueError, rf"spec.rank = {rank} must be an integer >= 1"):
-      adapters.lora_spec_from_config(_params(), _spec(rank=rank))
+    with self.assertRaisesRegex(ValueError, rf"config.rank = {rank} must be an integer >= 1"):
+      adapters.lora_spec_from_config(_params(), _config(rank=rank))
 
   @parameterized.parameters(
       ("targets", ("(",)), ("full", ("[a",)), ("rank_pattern", (("(", 2),)),
       ("alpha_pattern", (("(", 2.0),)))
   def test_bad_regex_names_the_field(self, field, value):
     # Was a bare re.error.
-    with self.assertRaisesRegex(ValueError, rf"spec.{field}\[0\].* is not a valid regex"):
-      adapters.lora_spec_from_config(_params(), _spec(**{field: value}))
+    with self.assertRaisesRegex(ValueError, rf"config.{field}\[0\].* is not a valid regex"):
+      adapters.lora_spec_from_config(_params(), _config(**{field: value}))
 
   @parameterized.named_parameters(
       ("alpha_zero", "alpha", 0.0), ("alpha_nan", "alpha", float("nan")),
@@ -158,15 +158,15 @@ class LoraSpecTest(parameterized.TestCase):
   def test_adapt_refuses_degenerate_values(self, field, value):
     # These were accepted and trained nothing (alpha, init_stddev), failed
     # inside jax.grad (dtype) or at the first step (dropout).
-    spec = _spec(**{field: value})
-    model = xrapture.transform(lambda x: hk.Linear(3)(x), spec)
+    config = _config(**{field: value})
+    model = xrapture.transform(lambda x: hk.Linear(3)(x), config)
     x = jnp.ones((2, 4))
     base = model.init(jax.random.PRNGKey(0), x)
-    with self.assertRaisesRegex(ValueError, rf"spec.{field} = "):
+    with self.assertRaisesRegex(ValueError, rf"config.{field} = "):
       model.adapt(jax.random.PRNGKey(1), base)
-    with self.assertRaisesRegex(ValueError, rf"spec.{field} = "):
-      model.spec(base)
-    setattr(spec, field, getattr(xrapture.default_spec(), field))  # positive control
+    with self.assertRaisesRegex(ValueError, rf"config.{field} = "):
+      model.lora_spec(base)
+    setattr(config, field, getattr(xrapture.default_config(), field))  # positive control
     self.assertIsInstance(model.adapt(jax.random.PRNGKey(1), base)["linear"]["w"],
                           LoraWeight)
 
@@ -174,14 +174,14 @@ class LoraSpecTest(parameterized.TestCase):
   def test_integer_params(self, field):
     params = {"lin": {"w": jnp.ones((4, 6))}, "table": {"ids": jnp.ones((4, 6), jnp.int32)}}
     with self.assertRaisesRegex(ValueError, r"'table/ids' has integer dtype int32"):
-      adapters.lora_spec_from_config(params, _spec(**{field: (".*",)}))
+      adapters.lora_spec_from_config(params, _config(**{field: (".*",)}))
 
   def test_integer_vectors_are_not_trained_by_tune_vectors(self):
     params = {"lin": {"w": jnp.ones((4, 6)), "b": jnp.ones(6)},
               "step": {"n": jnp.zeros(1, jnp.int32)}}
-    spec = adapters.lora_spec_from_config(params, _spec(tune_vectors=True))
-    self.assertEqual(spec["lin"]["b"], FULL)
-    self.assertEqual(spec["step"]["n"], FREEZE)
+    lora_spec = adapters.lora_spec_from_config(params, _config(tune_vectors=True))
+    self.assertEqual(lora_spec["lin"]["b"], FULL)
+    self.assertEqual(lora_spec["step"]["n"], FREEZE)
 
 
 class InitLoraWeightTest(parameterized.TestCase):
@@ -230,14 +230,14 @@ def _count_expected(shapes_layouts, rank):
 
 class AdaptMergeSplitTest(parameterized.TestCase):
 
-  def _adapted(self, spec=None, layouts=None):
-    spec = spec or _spec(full=("embed/.*",))
+  def _adapted(self, config=None, layouts=None):
+    config = config or _config(full=("embed/.*",))
     params = _params()
     params["stack"] = {"w": jnp.asarray(np.random.default_rng(1).normal(size=(3, 4, 5)),
                                         jnp.float32)}
     params["conv"] = {"w": jnp.asarray(np.random.default_rng(2).normal(size=(3, 4, 5)),
                                        jnp.float32)}
-    lora_spec = adapters.lora_spec_from_config(params, spec)
+    lora_spec = adapters.lora_spec_from_config(params, config)
     leaves = jax.tree.leaves(params)
     conv_index = [i for i, x in enumerate(leaves) if x is params["conv"]["w"]][0]
 
@@ -245,7 +245,7 @@ class AdaptMergeSplitTest(parameterized.TestCase):
       # adapt asks about every targeted kernel (two 2-D, two 3-D here).
       self.assertLen(wanted, 4)
       return layouts or {conv_index: layout_lib.KernelLayout("iio")}
-    adapted = adapters.adapt_params(jax.random.PRNGKey(0), params, lora_spec, spec, layouts_fn)
+    adapted = adapters.adapt_params(jax.random.PRNGKey(0), params, lora_spec, config, layouts_fn)
     return params, adapted, lora_spec
 
   def test_adapt_params(self):
@@ -262,15 +262,15 @@ class AdaptMergeSplitTest(parameterized.TestCase):
                                     adapted["mlp/~/linear_1"]["w"].a[:, :3]))
 
   def test_adapt_params_alpha_pattern(self):
-    spec = _spec(alpha_pattern=(("conv/w", 3.0), (".*", 5.0)), rslora=True)
-    _, adapted, _ = self._adapted(spec)
+    config = _config(alpha_pattern=(("conv/w", 3.0), (".*", 5.0)), rslora=True)
+    _, adapted, _ = self._adapted(config)
     self.assertEqual(adapted["conv"]["w"].alpha, 3.0)
     self.assertEqual(adapted["stack"]["w"].alpha, 5.0)
     self.assertTrue(adapted["stack"]["w"].rslora)
 
-  def test_adapt_params_rejects_a_spec_of_another_tree(self):
+  def test_adapt_params_rejects_a_lora_spec_of_another_tree(self):
     with self.assertRaisesRegex(ValueError, "lora_spec has 1 leaves"):
-      adapters.adapt_params(jax.random.PRNGKey(0), _params(), {"x": 2}, _spec(),
+      adapters.adapt_params(jax.random.PRNGKey(0), _params(), {"x": 2}, _config(),
                             lambda wanted: {})
 
   @parameterized.parameters(False, True)
@@ -282,11 +282,11 @@ class AdaptMergeSplitTest(parameterized.TestCase):
                             b=jnp.asarray(rng.normal(size=x.b.shape), jnp.float32))
         if isinstance(x, LoraWeight) else x, adapted)
     expected = {}
-    for module, spec in (("mlp/~/linear_0", "mr,rn->mn"), ("stack", "lmr,lrn->lmn"),
+    for module, subscripts in (("mlp/~/linear_0", "mr,rn->mn"), ("stack", "lmr,lrn->lmn"),
                          ("conv", "kmr,rn->kmn")):
       lw = trained[module]["w"]
       w, a, b = (np.asarray(t, np.float64) for t in (lw.w, lw.a, lw.b))
-      expected[module] = w + (16.0 / 2) * np.einsum(spec, b, a)
+      expected[module] = w + (16.0 / 2) * np.einsum(subscripts, b, a)
     # Hand-written for the conv: one low-rank pair spanning the window, so
     # the [3·4, 5] matrix has rank 2.
     lw = trained["conv"]["w"]

@@ -27,7 +27,7 @@ from experiments import sharding  # pylint: disable=g-import-not-at-top,wrong-im
 
 
 def _setup():
-  """Base params, adapted params with one LoraWeight, its spec and Adam state."""
+  """Base params, adapted params with one LoraWeight, its lora spec and Adam state."""
   rng = np.random.default_rng(0)
   base = {'linear': {'w': jnp.asarray(rng.normal(size=(6, 8)), jnp.float32),
                      'b': jnp.zeros(8)},
@@ -220,10 +220,10 @@ class CheckpointingTest(parameterized.TestCase):
     w = self.params['linear']['w']
     params = {**self.params, 'linear': {**self.params['linear'], 'w': xrapture.LoraWeight(
         w.w, jnp.zeros((3, 8)), jnp.zeros((6, 3)), alpha=4.0)}}
-    spec = {**self.lora_spec, 'linear': {'w': 3, 'b': xrapture.LORA_FREEZE}}
-    tx = xrapture.wrap_optimizer(optax.adam(1e-2), spec)
+    lora_spec = {**self.lora_spec, 'linear': {'w': 3, 'b': xrapture.LORA_FREEZE}}
+    tx = xrapture.wrap_optimizer(optax.adam(1e-2), lora_spec)
     with self.assertRaisesRegex(ValueError, r'trainable parameters of another setup.*\[3, 8\]'):
-      self.checkpoints().restore_latest(params, spec, tx.init(params), self.mesh)
+      self.checkpoints().restore_latest(params, lora_spec, tx.init(params), self.mesh)
 
 
 if __name__ == '__main__':

@@ -282,13 +282,13 @@ class DoraTransformTest(parameterized.TestCase):
 
   def setUp(self):
     super().setUp()
-    self.spec = xrapture.default_spec()
-    self.spec.rank, self.spec.use_dora = 2, True
-    self.model = xrapture.transform(_mlp, self.spec)
+    self.config = xrapture.default_config()
+    self.config.rank, self.config.use_dora = 2, True
+    self.model = xrapture.transform(_mlp, self.config)
     self.x = _rand(0, 4, 6)
     self.base = self.model.init(jax.random.PRNGKey(0), self.x)
     self.params = self.model.adapt(jax.random.PRNGKey(1), self.base)
-    self.lora_spec = self.model.spec(self.base)
+    self.lora_spec = self.model.lora_spec(self.base)
 
   def _train(self, steps=3):
     tx = xrapture.wrap_optimizer(optax.adam(1e-2), self.lora_spec)
@@ -448,15 +448,15 @@ class DoraPeftTest(parameterized.TestCase):
                        1e-3)
 
   def test_trained_export_loads_in_peft(self):
-    spec = xrapture.default_spec()
-    spec.rank, spec.alpha, spec.use_dora = 2, 3.0, True
+    config = xrapture.default_config()
+    config.rank, config.alpha, config.use_dora = 2, 3.0, True
     # Conv kernels: export_peft's conv mapping of the new layouts belongs to
     # the `layouts` work; the conv import direction is tested above.
-    spec.targets = (r"(lin|head)/w", r".*/embeddings")
-    model = xrapture.transform(_hk_net, spec)
+    config.targets = (r"(lin|head)/w", r".*/embeddings")
+    model = xrapture.transform(_hk_net, config)
     model.init(jax.random.PRNGKey(0), self.ids, self.images)
     params = model.adapt(jax.random.PRNGKey(1), self.base)
-    lora_spec = model.spec(self.base)
+    lora_spec = model.lora_spec(self.base)
     tx = xrapture.wrap_optimizer(optax.adam(3e-2), lora_spec)
     state = tx.init(params)
     y = _rand(3, 2, OUT)
@@ -469,7 +469,7 @@ class DoraPeftTest(parameterized.TestCase):
     self.assertGreater(np.abs(params["lin"]["w"].magnitude
                               - np.linalg.norm(self.base["lin"]["w"], axis=0)).max(), 1e-3)
     want = np.asarray(model.apply(params, None, self.ids, self.images))
-    xrapture.export_peft(self.tmp, params, spec, _NAME_MAP)
+    xrapture.export_peft(self.tmp, params, config, _NAME_MAP)
     with open(os.path.join(self.tmp, "adapter_config.json")) as f:
       self.assertIn('"use_dora": true', f.read())
     with warnings.catch_warnings():

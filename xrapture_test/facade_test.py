@@ -88,9 +88,9 @@ class ConfigAndSpecsTest(parameterized.TestCase):
   @parameterized.parameters(False, True)
   def test_make_lora_specs(self, tune_vectors):
     rapture = xrapture.XRapTure(_config(fully_fine_tune_parameters=["head"]))
-    spec = rapture.make_lora_specs(_base(), tune_vectors=tune_vectors)
+    lora_spec = rapture.make_lora_specs(_base(), tune_vectors=tune_vectors)
     vector = xrapture.LORA_FULL if tune_vectors else xrapture.LORA_FREEZE
-    self.assertEqual(spec, {
+    self.assertEqual(lora_spec, {
         "conv": {"w": _RANK, "b": vector},
         "up": {"w": _RANK, "b": vector},
         "layer_norm": {"scale": vector, "offset": vector},
@@ -104,9 +104,9 @@ class ConfigAndSpecsTest(parameterized.TestCase):
     def decide(path, param):
       seen.append((jax.tree_util.keystr(path), param.shape))
       return 1 if jax.tree_util.keystr(path) == "['up']['w']" else xrapture.LORA_FREEZE
-    spec = rapture.make_lora_specs(_base(), decision_fn=decide)
-    self.assertEqual(spec["up"]["w"], 1)
-    self.assertEqual(spec["head"]["w"], xrapture.LORA_FREEZE)
+    lora_spec = rapture.make_lora_specs(_base(), decision_fn=decide)
+    self.assertEqual(lora_spec["up"]["w"], 1)
+    self.assertEqual(lora_spec["head"]["w"], xrapture.LORA_FREEZE)
     self.assertEqual(sorted(seen), [("['conv']['w']", (3, 3, 6)), ("['head']['w']", (8, 3)),
                                     ("['up']['w']", (6, 8))])  # vectors never asked
 
@@ -127,9 +127,9 @@ class InitMergeTest(parameterized.TestCase):
   def test_init_lora_parameters(self):
     base = _base()
     rapture = xrapture.XRapTure(_config())
-    spec = rapture.make_lora_specs(base)
+    lora_spec = rapture.make_lora_specs(base)
     params = xrapture.XRapTure.init_lora_parameters(
-        base, spec, jnp.bfloat16, jax.random.PRNGKey(3), stddev=0.5, alpha=3.0)
+        base, lora_spec, jnp.bfloat16, jax.random.PRNGKey(3), stddev=0.5, alpha=3.0)
     up, conv = params["up"]["w"], params["conv"]["w"]
     self.assertIs(up.w, base["up"]["w"])
     self.assertEqual((up.b.shape, up.a.shape), ((6, _RANK), (_RANK, 8)))
@@ -141,23 +141,23 @@ class InitMergeTest(parameterized.TestCase):
     self.assertEqual(up.alpha, 3.0)
     np.testing.assert_array_equal(np.asarray(up.b, np.float32), 0.0)
     self.assertIs(params["head"]["b"], base["head"]["b"])
-    default = xrapture.XRapTure.init_lora_parameters(base, spec)
+    default = xrapture.XRapTure.init_lora_parameters(base, lora_spec)
     self.assertEqual(default["up"]["w"].alpha, 1.0)  # the seed's default alpha
     self.assertEqual(default["up"]["w"].a.dtype, jnp.float32)
 
   def test_init_lora_parameters_rejects_vectors_with_rank(self):
     base = _base()
-    spec = jax.tree.map(lambda _: xrapture.LORA_FREEZE, base)
-    spec["up"]["b"] = 2
+    lora_spec = jax.tree.map(lambda _: xrapture.LORA_FREEZE, base)
+    lora_spec["up"]["b"] = 2
     with self.assertRaisesRegex(ValueError, "up/b"):
-      xrapture.XRapTure.init_lora_parameters(base, spec)
+      xrapture.XRapTure.init_lora_parameters(base, lora_spec)
 
   def test_init_lora_parameters_is_leaf(self):
     # A custom container, taken whole by is_leaf, is kept as it is when frozen.
     base = {"lin": {"w": jnp.ones((4, 5))}, "meta": (jnp.ones(2), jnp.zeros(2))}
-    spec = {"lin": {"w": 2}, "meta": xrapture.LORA_FREEZE}
+    lora_spec = {"lin": {"w": 2}, "meta": xrapture.LORA_FREEZE}
     params = xrapture.XRapTure.init_lora_parameters(
-        base, spec, is_leaf=lambda x: isinstance(x, tuple))
+        base, lora_spec, is_leaf=lambda x: isinstance(x, tuple))
     self.assertIs(params["meta"], base["meta"])
     self.assertIsInstance(params["lin"]["w"], xrapture.LoraWeight)
 
@@ -181,11 +181,11 @@ class InitMergeTest(parameterized.TestCase):
 class ApplyLoraTest(parameterized.TestCase):
 
   def _functional(self, alpha):
-    spec = xrapture.default_spec()
-    spec.rank, spec.alpha = _RANK, alpha
-    model = xrapture.transform(_net, spec)
+    config = xrapture.default_config()
+    config.rank, config.alpha = _RANK, alpha
+    model = xrapture.transform(_net, config)
     base = model.init(jax.random.PRNGKey(0), _X)
-    return model, base, model.adapt(jax.random.PRNGKey(9), base)
+    return model, base, model.adapt(jax.random.PRNGKey(9), base, _X)
 
   @parameterized.named_parameters(("transformed", "transformed"), ("pure_fn", "pure"))
   def test_same_numbers_as_functional_api(self, kind):
@@ -207,7 +207,7 @@ class ApplyLoraTest(parameterized.TestCase):
     out = rapture.apply_lora(module, base, optax.adam(1e-2), alpha=alpha,
                              rng=jax.random.PRNGKey(4))
     self.assertIsInstance(out, xrapture.XRapTureModule)
-    self.assertEqual(out.lora_specs, jax.tree.map(lambda s: max(s, 0), model.spec(base)))
+    self.assertEqual(out.lora_specs, jax.tree.map(lambda s: max(s, 0), model.lora_spec(base, _X)))
     # At init both equal the base model.
     np.testing.assert_allclose(run(out.lora_module, out.lora_parameters, _X),
                                base_fn.apply(base, None, _X), rtol=1e-6, atol=1e-6)
@@ -238,7 +238,7 @@ class ApplyLoraTest(parameterized.TestCase):
     seed_trained = train(lambda p: run(out.lora_module, p, _X), seed_params, out.lora_tx)
     functional_trained = train(
         lambda p: model.apply(p, None, _X), functional,
-        xrapture.wrap_optimizer(optax.adam(1e-2), model.spec(base)))
+        xrapture.wrap_optimizer(optax.adam(1e-2), model.lora_spec(base, _X)))
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
                  seed_trained, functional_trained)
     # ... and trained something: adapters moved, w did not.
@@ -313,9 +313,9 @@ class ApplyLoraTest(parameterized.TestCase):
   def test_wrap_tx(self, scalar_frozen_grads):
     base = _base()
     rapture = xrapture.XRapTure(_config(fully_fine_tune_parameters=["head"]))
-    spec = rapture.make_lora_specs(base)
-    params = _randomize(xrapture.XRapTure.init_lora_parameters(base, spec))
-    tx = xrapture.XRapTure.wrap_tx(optax.sgd(0.5), spec, scalar_frozen_grads)
+    lora_spec = rapture.make_lora_specs(base)
+    params = _randomize(xrapture.XRapTure.init_lora_parameters(base, lora_spec))
+    tx = xrapture.XRapTure.wrap_tx(optax.sgd(0.5), lora_spec, scalar_frozen_grads)
     state = tx.init(params)
     grads = jax.tree.map(jnp.ones_like, params)
     updates, _ = tx.update(grads, state, params)
@@ -335,9 +335,9 @@ class SplitLoraParamsTest(absltest.TestCase):
   def test_trainable_only(self):
     base = _base()
     rapture = xrapture.XRapTure(_config(fully_fine_tune_parameters=["head"]))
-    spec = rapture.make_lora_specs(base)
-    params = xrapture.XRapTure.init_lora_parameters(base, spec)
-    split = xrapture.split_lora_params(params, spec)
+    lora_spec = rapture.make_lora_specs(base)
+    params = xrapture.XRapTure.init_lora_parameters(base, lora_spec)
+    split = xrapture.split_lora_params(params, lora_spec)
     self.assertIs(split["up"]["w"].w, xrapture.EmptyNode)
     self.assertIs(split["up"]["w"].a, params["up"]["w"].a)
     self.assertIs(split["up"]["w"].b, params["up"]["w"].b)

@@ -34,7 +34,7 @@ class FaultInjectionTest(absltest.TestCase):
                      _COUNTS["writers"] * _COUNTS["rounds"])
     self.assertGreater(report.total("concurrent writers (reads)"), 0)
     self.assertEqual(report.total("kill -9 during save"), _COUNTS["kills"])
-    self.assertEqual(report.total("bad spec value"), len(faults.BAD_SPEC_VALUES))
+    self.assertEqual(report.total("bad config value"), len(faults.BAD_CONFIG_VALUES))
 
   def _saved(self):
     tmp = tempfile.TemporaryDirectory()

@@ -54,11 +54,11 @@ class ScaleTest(absltest.TestCase):
     params = {"l": {"w": lora, "b": r(4)},
               "d": {"w": dora.from_lora(xrapture.LoraWeight(r(5, 4), r(2, 4), r(5, 2)))},
               "full": {"w": r(3, 3)}}
-    spec = {"l": {"w": 2, "b": xrapture.LORA_FULL}, "d": {"w": 2},
-            "full": {"w": xrapture.LORA_FULL}}
+    lora_spec = {"l": {"w": 2, "b": xrapture.LORA_FULL}, "d": {"w": 2},
+                 "full": {"w": xrapture.LORA_FULL}}
     grads = jax.tree.map(lambda x: jnp.ones_like(x), params)
-    plain = xrapture.wrap_optimizer(optax.sgd(1.0), spec)
-    fast = xrapture.wrap_optimizer(optax.sgd(1.0), spec, loraplus_lr_ratio=RATIO)
+    plain = xrapture.wrap_optimizer(optax.sgd(1.0), lora_spec)
+    fast = xrapture.wrap_optimizer(optax.sgd(1.0), lora_spec, loraplus_lr_ratio=RATIO)
     u0, _ = plain.update(grads, plain.init(params), params)
     u1, _ = fast.update(grads, fast.init(params), params)
     for (path, x0), (_, x1) in zip(

@@ -35,10 +35,10 @@ def _forward(ids):
   return h @ embed.embeddings.T           # tied unembedding
 
 
-def _spec(rank, targets):
-  spec = xrapture.default_spec()
-  spec.rank, spec.alpha, spec.targets = rank, 2.0 * rank, targets
-  return spec
+def _config(rank, targets):
+  config = xrapture.default_config()
+  config.rank, config.alpha, config.targets = rank, 2.0 * rank, targets
+  return config
 
 
 def _randomize(params, seed):
@@ -66,7 +66,11 @@ class MixedBatchTest(parameterized.TestCase):
     for seed, (name, rank, targets) in enumerate((
         ("a", 2, (r".*/w", r"embed/embeddings")), ("b", 4, (r".*/w", r"embed/embeddings")),
         ("c", 3, (r".*/w",)), ("d", 1, (r".*/(q|v)/w",)))):
+<<<<<<< HEAD
       model = xrapture.transform(_forward, _spec(rank, targets))
+=======
+      model = xrapture.transform(_forward, _config(rank, targets))
+>>>>>>> rename
       params = _randomize(model.adapt(jax.random.PRNGKey(seed), cls.base, cls.ids), seed)
       adapters = xrapture.add_adapter(adapters, name, params)
     cls.adapters = adapters

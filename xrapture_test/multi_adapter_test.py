@@ -133,11 +133,11 @@ class AdapterSetTest(parameterized.TestCase):
       xrapture.add_adapter(self.adapters, "x", other)
 
   def test_full_trained_leaves_belong_to_the_adapter(self):
-    spec = jax.tree.map(lambda _: xrapture.LORA_FREEZE, self.base)
-    spec["down"]["b"] = xrapture.LORA_FULL
-    spec["up"]["w"] = 2
+    lora_spec = jax.tree.map(lambda _: xrapture.LORA_FREEZE, self.base)
+    lora_spec["down"]["b"] = xrapture.LORA_FULL
+    lora_spec["up"]["w"] = 2
     tuned = dict(self.fr, down=dict(self.fr["down"], b=self.base["down"]["b"] + 1.0))
-    adapters = xrapture.add_adapter(xrapture.AdapterSet(self.base), "t", tuned, spec)
+    adapters = xrapture.add_adapter(xrapture.AdapterSet(self.base), "t", tuned, lora_spec)
     params = xrapture.adapter_params(xrapture.set_adapter(adapters, "t"))
     np.testing.assert_array_equal(params["down"]["b"], tuned["down"]["b"])
     np.testing.assert_array_equal(self._run(params), self._run(tuned))

@@ -46,10 +46,10 @@ def _forward(x):
 
 
 def _model():
-  spec = xrapture.default_spec()
-  spec.rank, spec.alpha = 2, 4.0
-  spec.targets = (r"mlp/~/linear_\d/w",)
-  return xrapture.transform(_forward, spec)
+  config = xrapture.default_config()
+  config.rank, config.alpha = 2, 4.0
+  config.targets = (r"mlp/~/linear_\d/w",)
+  return xrapture.transform(_forward, config)
 
 
 def _data():
@@ -65,7 +65,7 @@ def _base_and_adapted():
   model = _model()
   x, _ = _data()
   base = jax.jit(model.init)(jax.random.PRNGKey(0), x)
-  lora_spec = model.spec(base)
+  lora_spec = model.lora_spec(base)
 
   @jax.jit
   def adapt(rng, base):

@@ -25,7 +25,7 @@ import safetensors.numpy
 
 import xrapture
 from xrapture._src.io import peft as peft_io
-from xrapture._src.transform import spec as spec_lib
+from xrapture._src.transform import config as config_lib
 
 from xrapture._src.testing import optional
 
@@ -245,15 +245,15 @@ def _random_adapters(params, ranks, alphas, rslora, seed=0):
       treedef, [wrap(f"{p[0].key}/{p[1].key}", v) for p, v in flat])
 
 
-def _spec(rank=2, alpha=3.0, rslora=False, rank_pattern=(), alpha_pattern=()):
-  spec = xrapture.default_spec()
-  spec.rank, spec.alpha, spec.rslora = rank, alpha, rslora
-  spec.rank_pattern, spec.alpha_pattern = rank_pattern, alpha_pattern
-  spec.targets = (r".*/w", r".*/embeddings")
-  return spec
+def _config(rank=2, alpha=3.0, rslora=False, rank_pattern=(), alpha_pattern=()):
+  config = xrapture.default_config()
+  config.rank, config.alpha, config.rslora = rank, alpha, rslora
+  config.rank_pattern, config.alpha_pattern = rank_pattern, alpha_pattern
+  config.targets = (r".*/w", r".*/embeddings")
+  return config
 
 
-# The cases: (name, spec kwargs). Patterns are xrapture regexes on Haiku paths.
+# The cases: (name, config kwargs). Patterns are xrapture regexes on Haiku paths.
 _CASES = (
     ("plain", {}),
     ("rslora", dict(rslora=True, alpha=5.0)),
@@ -262,17 +262,17 @@ _CASES = (
 )
 
 
-def _peft_config(spec, torch_names):
+def _peft_config(config, torch_names):
   """The LoraConfig PEFT users would write for the same adapters."""
   rank_pattern, alpha_pattern = {}, {}
   for tname in torch_names:
     hpath = name_map_inverse(tname)
-    if spec_lib.rank_for(spec, hpath) != spec.rank:
-      rank_pattern[tname] = spec_lib.rank_for(spec, hpath)
-    if spec_lib.alpha_for(spec, hpath) != spec.alpha:
-      alpha_pattern[tname] = spec_lib.alpha_for(spec, hpath)
+    if config_lib.rank_for(config, hpath) != config.rank:
+      rank_pattern[tname] = config_lib.rank_for(config, hpath)
+    if config_lib.alpha_for(config, hpath) != config.alpha:
+      alpha_pattern[tname] = config_lib.alpha_for(config, hpath)
   return peft.LoraConfig(
-      r=spec.rank, lora_alpha=spec.alpha, use_rslora=spec.rslora,
+      r=config.rank, lora_alpha=config.alpha, use_rslora=config.rslora,
       target_modules=sorted(torch_names), rank_pattern=rank_pattern,
       alpha_pattern=alpha_pattern)
 
@@ -341,16 +341,16 @@ class PeftCompatTest(_Base):
 
   @parameterized.named_parameters(*_CASES)
   def test_export_loads_in_peft(self, kw):
-    spec = _spec(**kw)
+    config = _config(**kw)
     params = _random_adapters(
-        self.base, lambda p: spec_lib.rank_for(spec, p),
-        lambda p: spec_lib.alpha_for(spec, p), spec.rslora)
+        self.base, lambda p: config_lib.rank_for(config, p),
+        lambda p: config_lib.alpha_for(config, p), config.rslora)
     want = np.asarray(self.apply(params, None, self.ids))
     base_out = np.asarray(self.apply(self.base, None, self.ids))
     self.assertGreater(np.abs(want - base_out).max(), 1e-2)  # adapters matter
 
     path = os.path.join(self.tmp, "adapter")
-    xrapture.export_peft(path, params, spec, name_map)
+    xrapture.export_peft(path, params, config, name_map)
     with warnings.catch_warnings(record=True) as caught:
       warnings.simplefilter("always")
       model = peft.PeftModel.from_pretrained(self._torch(), path).eval()
@@ -389,11 +389,11 @@ class PeftCompatTest(_Base):
     else:
       x = np.random.default_rng(2).normal(size=(2, 4, 4, 3)).astype(np.float32)
       x_torch, net = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))), TorchConvNet
-    spec = _spec(rank=2, alpha=4.0, rank_pattern=((r"head/w", 3),))
-    model = xrapture.transform(forward, spec)
+    config = _config(rank=2, alpha=4.0, rank_pattern=((r"head/w", 3),))
+    model = xrapture.transform(forward, config)
     base = model.init(jax.random.PRNGKey(0), x)
-    params = model.adapt(jax.random.PRNGKey(1), base)
-    tx = xrapture.wrap_optimizer(optax.sgd(0.3), model.spec(base))
+    params = model.adapt(jax.random.PRNGKey(1), base, x)
+    tx = xrapture.wrap_optimizer(optax.sgd(0.3), model.lora_spec(base, x))
     opt_state = tx.init(params)
     loss = lambda p: jnp.mean((model.apply(p, None, x) - 1.0) ** 2)
 
@@ -417,8 +417,8 @@ class PeftCompatTest(_Base):
 
   @parameterized.named_parameters(*_CASES)
   def test_peft_adapter_imports(self, kw):
-    spec = _spec(**kw)
-    model = peft.get_peft_model(self._torch(), _peft_config(spec, _all_torch_names()))
+    config = _config(**kw)
+    model = peft.get_peft_model(self._torch(), _peft_config(config, _all_torch_names()))
     _randomize_lora(model)
     model.eval()
     with torch.no_grad():
@@ -435,8 +435,8 @@ class PeftCompatTest(_Base):
       module_name, param = name_map_inverse(tname).rsplit("/", 1)
       lora = params[module_name][param]
       self.assertIsInstance(lora, xrapture.LoraWeight)
-      self.assertEqual(lora.rank, spec_lib.rank_for(spec, name_map_inverse(tname)))
-      self.assertEqual(lora.rslora, spec.rslora)
+      self.assertEqual(lora.rank, config_lib.rank_for(config, name_map_inverse(tname)))
+      self.assertEqual(lora.rslora, config.rslora)
     # Untouched leaves are the very same objects.
     self.assertIs(params["head"]["b"], self.base["head"]["b"])
 
@@ -575,11 +575,11 @@ class PeftLayoutTest(parameterized.TestCase):
 
   def test_multi_axis_kernels_are_the_linear_they_equal(self):
     x = np.random.default_rng(0).normal(size=(2, 4, DIM)).astype(np.float32)
-    spec = _spec(rank=2, alpha=3.0)
-    spec.targets = ("all-linear",)
-    model = xrapture.transform(hk_einsum_forward, spec)
+    config = _config(rank=2, alpha=3.0)
+    config.targets = ("all-linear",)
+    model = xrapture.transform(hk_einsum_forward, config)
     base = model.init(jax.random.PRNGKey(0), x)
-    params = self._random(model.adapt(jax.random.PRNGKey(1), base))
+    params = self._random(model.adapt(jax.random.PRNGKey(1), base, x))
     self.assertEqual((params["query"]["w"].layout, params["out"]["w"].layout),
                      ("ioo", "iio"))
     torch_model = TorchEinsum()
@@ -591,14 +591,14 @@ class PeftLayoutTest(parameterized.TestCase):
     want = np.asarray(model.apply(params, None, x))
     # 'iio' is also a Conv1D's layout: by default it is written as a conv
     # adapter (0.1.0's rule for kernels with more than two axes) ...
-    xrapture.export_peft(os.path.join(self.tmp, "conv"), params, spec, EINSUM_NAME_MAP)
+    xrapture.export_peft(os.path.join(self.tmp, "conv"), params, config, EINSUM_NAME_MAP)
     tensors = safetensors.numpy.load_file(
         os.path.join(self.tmp, "conv", peft_io.WEIGHTS_NAME))
     self.assertEqual(tensors["base_model.model.out.lora_A.weight"].shape,
                      (2, HEAD_DIM, HEADS))
     # ... and linear= says it is an nn.Linear.
     path = os.path.join(self.tmp, "einsum")
-    xrapture.export_peft(path, params, spec, EINSUM_NAME_MAP, linear=("out/w",))
+    xrapture.export_peft(path, params, config, EINSUM_NAME_MAP, linear=("out/w",))
     peft_model = peft.PeftModel.from_pretrained(torch_model, path).eval()
     with torch.no_grad():
       got = peft_model(torch.from_numpy(x)).numpy()
@@ -620,10 +620,10 @@ class PeftLayoutTest(parameterized.TestCase):
   @parameterized.named_parameters(("in_out", True), ("out_in", False))
   def test_expert_stack_is_a_target_parameter(self, transposed):
     x = np.random.default_rng(0).normal(size=(EXPERTS, 4, DIM)).astype(np.float32)
-    spec = _spec(rank=2, alpha=3.0)
-    model = xrapture.transform(hk_experts_forward, spec)
+    config = _config(rank=2, alpha=3.0)
+    model = xrapture.transform(hk_experts_forward, config)
     base = model.init(jax.random.PRNGKey(0), x)
-    params = self._random(model.adapt(jax.random.PRNGKey(1), base))
+    params = self._random(model.adapt(jax.random.PRNGKey(1), base, x))
     self.assertEqual(params["experts"]["w"].layout, "sio")
 
     def fresh():
@@ -639,7 +639,7 @@ class PeftLayoutTest(parameterized.TestCase):
                                  atol=1e-5)
     name_map = {"experts/w": "experts.weight"}
     path = os.path.join(self.tmp, "experts")
-    xrapture.export_peft(path, params, spec, name_map)
+    xrapture.export_peft(path, params, config, name_map)
     with open(os.path.join(path, peft_io.CONFIG_NAME)) as f:
       self.assertEqual(json.load(f)["target_parameters"], ["experts.weight"])
     peft_model = peft.PeftModel.from_pretrained(fresh(), path).eval()
@@ -660,25 +660,25 @@ class PeftLayoutTest(parameterized.TestCase):
 
   def test_expert_stack_refuses_dropout(self):
     x = np.zeros((EXPERTS, 4, DIM), np.float32)
-    spec = _spec(rank=2)
-    spec.dropout = 0.1
-    model = xrapture.transform(hk_experts_forward, spec)
-    params = model.adapt(jax.random.PRNGKey(1), model.init(jax.random.PRNGKey(0), x))
+    config = _config(rank=2)
+    config.dropout = 0.1
+    model = xrapture.transform(hk_experts_forward, config)
+    params = model.adapt(jax.random.PRNGKey(1), model.init(jax.random.PRNGKey(0), x), x)
     with self.assertRaisesRegex(ValueError, "target_parameters.*lora_dropout"):
-      xrapture.export_peft(os.path.join(self.tmp, "x"), params, spec,
+      xrapture.export_peft(os.path.join(self.tmp, "x"), params, config,
                            {"experts/w": "experts.weight"})
 
 
 class PeftFileTest(_Base):
   """Round trips and errors that need no torch."""
 
-  def _export(self, spec=None, **kw):
-    spec = spec or _spec(**kw)
+  def _export(self, config=None, **kw):
+    config = config or _config(**kw)
     params = _random_adapters(
-        self.base, lambda p: spec_lib.rank_for(spec, p),
-        lambda p: spec_lib.alpha_for(spec, p), spec.rslora)
+        self.base, lambda p: config_lib.rank_for(config, p),
+        lambda p: config_lib.alpha_for(config, p), config.rslora)
     path = os.path.join(self.tmp, "adapter")
-    xrapture.export_peft(path, params, spec, name_map)
+    xrapture.export_peft(path, params, config, name_map)
     return path, params
 
   @parameterized.named_parameters(*_CASES)
@@ -886,11 +886,11 @@ class PeftFileTest(_Base):
     self.assertFalse(os.path.exists(os.path.join(self.tmp, "x")))
 
   def test_export_refuses_full_training(self):
-    spec = _spec()
-    spec.tune_vectors = True
+    config = _config()
+    config.tune_vectors = True
     params = _random_adapters(self.base, lambda p: 2, lambda p: 3.0, False)
     with self.assertRaisesRegex(ValueError, "head/b"):
-      xrapture.export_peft(os.path.join(self.tmp, "x"), params, spec, name_map)
+      xrapture.export_peft(os.path.join(self.tmp, "x"), params, config, name_map)
 
   def test_export_refuses_window_on_a(self):
     x = np.zeros((1, 4, 4, 3), np.float32)
@@ -906,9 +906,9 @@ class PeftFileTest(_Base):
     path, _ = self._export()
     with open(os.path.join(path, "README.md"), "w") as f:
       f.write("kept")
-    spec = _spec(rank=3)
+    config = _config(rank=3)
     params = _random_adapters(self.base, lambda p: 3, lambda p: 3.0, False, seed=7)
-    xrapture.export_peft(path, params, spec, name_map)
+    xrapture.export_peft(path, params, config, name_map)
     back = xrapture.import_peft(path, self.base, name_map)
     self.assertEqual(back["head"]["w"].rank, 3)
     self.assertCountEqual(os.listdir(path), ["README.md", peft_io.CONFIG_NAME,

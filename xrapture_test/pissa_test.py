@@ -72,19 +72,19 @@ class PissaInitTest(parameterized.TestCase):
     np.testing.assert_allclose(a @ np.swapaxes(a, -1, -2), want, atol=1e-4)
 
   def test_transform_starts_equal_to_the_base(self):
-    spec = xrapture.default_spec()
-    spec.rank, spec.init = 2, "pissa"
+    config = xrapture.default_config()
+    config.rank, config.init = 2, "pissa"
     forward = lambda x: hk.Linear(OUT)(jnp.tanh(hk.Linear(HIDDEN)(x)))
-    model = xrapture.transform(forward, spec)
+    model = xrapture.transform(forward, config)
     x = jnp.asarray(np.random.default_rng(1).normal(size=(3, IN)), jnp.float32)
     base = model.init(jax.random.PRNGKey(0), x)
     params = model.adapt(jax.random.PRNGKey(1), base)
     np.testing.assert_allclose(model.apply(params, None, x),
                                hk.transform(forward).apply(base, None, x), atol=1e-5)
     self.assertGreater(np.abs(params["linear"]["w"].w - base["linear"]["w"]).max(), 0.1)
-    spec.init = "olora"
-    with self.assertRaisesRegex(ValueError, r"spec.init must be one of \('default', 'pissa'\)"):
-      xrapture.transform(forward, spec).adapt(jax.random.PRNGKey(1), base)
+    config.init = "olora"
+    with self.assertRaisesRegex(ValueError, r"config.init must be one of \('default', 'pissa'\)"):
+      xrapture.transform(forward, config).adapt(jax.random.PRNGKey(1), base)
 
 
 def _forward(x):
@@ -103,9 +103,9 @@ class PissaPeftTest(absltest.TestCase):
     self.x = rng.normal(size=(6, IN)).astype(np.float32)
     self.y = rng.normal(size=(6, OUT)).astype(np.float32)
     self.base = hk.transform(_forward).init(jax.random.PRNGKey(0), self.x)
-    self.spec = xrapture.default_spec()
-    self.spec.rank, self.spec.alpha, self.spec.init = 2, 3.0, "pissa"
-    self.model = xrapture.transform(_forward, self.spec)
+    self.config = xrapture.default_config()
+    self.config.rank, self.config.alpha, self.config.init = 2, 3.0, "pissa"
+    self.model = xrapture.transform(_forward, self.config)
     tmp = tempfile.TemporaryDirectory()
     self.addCleanup(tmp.cleanup)
     self.tmp = tmp.name
@@ -133,7 +133,7 @@ class PissaPeftTest(absltest.TestCase):
 
   def test_trained_export_loads_on_the_original_base(self):
     initial = self.model.adapt(jax.random.PRNGKey(1), self.base)
-    lora_spec = self.model.spec(self.base)
+    lora_spec = self.model.lora_spec(self.base)
     tx = xrapture.wrap_optimizer(optax.adam(3e-2), lora_spec)
     params, state = initial, tx.init(initial)
     loss = lambda p: jnp.mean((self.model.apply(p, None, self.x) - self.y) ** 2)
@@ -146,15 +146,15 @@ class PissaPeftTest(absltest.TestCase):
     self.assertGreater(np.abs(want - base_out).max(), 1e-3)   # training moved it
 
     with self.assertRaisesRegex(ValueError, "PiSSA.*initial="):
-      xrapture.export_peft(self.tmp + "/x", params, self.spec, _NAME_MAP)
-    plain_spec = xrapture.default_spec()
-    plain_spec.rank = 2
-    wrong = xrapture.transform(_forward, plain_spec).adapt(jax.random.PRNGKey(1), self.base)
+      xrapture.export_peft(self.tmp + "/x", params, self.config, _NAME_MAP)
+    plain_config = xrapture.default_config()
+    plain_config.rank = 2
+    wrong = xrapture.transform(_forward, plain_config).adapt(jax.random.PRNGKey(1), self.base)
     with self.assertRaisesRegex(ValueError, "initial params for 'head/w'.*does not belong"):
-      xrapture.export_peft(self.tmp + "/x", params, self.spec, _NAME_MAP, initial=wrong)
+      xrapture.export_peft(self.tmp + "/x", params, self.config, _NAME_MAP, initial=wrong)
 
     path = os.path.join(self.tmp, "converted")
-    xrapture.export_peft(path, params, self.spec, _NAME_MAP, initial=initial)
+    xrapture.export_peft(path, params, self.config, _NAME_MAP, initial=initial)
     with open(os.path.join(path, "adapter_config.json")) as f:
       config = json.load(f)
     self.assertEqual((config["r"], config["lora_alpha"], config["init_lora_weights"]),
@@ -182,11 +182,11 @@ class PissaPeftTest(absltest.TestCase):
 
 
 def _pissa_model(**fields):
-  spec = xrapture.default_spec()
-  spec.rank, spec.alpha, spec.init = 2, 3.0, "pissa"
+  config = xrapture.default_config()
+  config.rank, config.alpha, config.init = 2, 3.0, "pissa"
   for k, v in fields.items():
-    setattr(spec, k, v)
-  return xrapture.transform(_forward, spec)
+    setattr(config, k, v)
+  return xrapture.transform(_forward, config)
 
 
 def _trained(model, initial, x, y):
@@ -217,7 +217,7 @@ class PissaAdapterFileTest(absltest.TestCase):
     self.y = rng.normal(size=(6, OUT)).astype(np.float32)
     self.base = hk.transform(_forward).init(jax.random.PRNGKey(0), self.x)
     self.model = _pissa_model()
-    self.lora_spec = self.model.spec(self.base, self.x)
+    self.lora_spec = self.model.lora_spec(self.base, self.x)
     self.initial = self.model.adapt(jax.random.PRNGKey(1), self.base)
     self.params = _trained(self.model, self.initial, self.x, self.y)
     self.want = np.asarray(self.model.apply(self.params, None, self.x))
@@ -305,9 +305,9 @@ class PissaAdapterFileTest(absltest.TestCase):
       xrapture.load_adapter(self.path, self.initial)
 
   def test_initial_must_be_the_starting_point(self):
-    spec = xrapture.default_spec()
-    spec.rank = 2
-    plain = xrapture.transform(_forward, spec)
+    config = xrapture.default_config()
+    config.rank = 2
+    plain = xrapture.transform(_forward, config)
     wrong = plain.adapt(jax.random.PRNGKey(1), self.base)
     with self.assertRaisesRegex(ValueError, "initial params for 'head/w'.*does not belong"):
       xrapture.save_adapter(self.path, self.params, self.lora_spec, initial=wrong)
@@ -346,17 +346,17 @@ class QuantizedPissaFileTest(absltest.TestCase):
     self.path = os.path.join(tmp.name, "adapter.safetensors")
 
   def model(self, **fields):
-    spec = xrapture.default_spec()
-    spec.rank, spec.alpha = 2, 8.0
+    config = xrapture.default_config()
+    config.rank, config.alpha = 2, 8.0
     for k, v in fields.items():
-      setattr(spec, k, v)
-    return xrapture.transform(_wide, spec)
+      setattr(config, k, v)
+    return xrapture.transform(_wide, config)
 
   def test_pissa_on_the_quantized_residual(self):
     model = self.model(init="pissa", quantize="nf4")
     params = model.adapt(jax.random.PRNGKey(1), self.base)
     self.assertIsInstance(params["up"]["w"].w, xrapture.QuantizedArray)
-    xrapture.save_adapter(self.path, params, model.spec(self.base))
+    xrapture.save_adapter(self.path, params, model.lora_spec(self.base))
     self.assertEqual(_header(self.path)["entries"]["up/w"]["residual"]["quantized"],
                      dict(scheme="nf4", block_size=64, axis=-2, double_quant=False))
     with self.assertRaisesRegex(ValueError, "PiSSA adapters .* at 'head/w', 'up/w'"):
@@ -382,7 +382,7 @@ class QuantizedPissaFileTest(absltest.TestCase):
         lambda p: p.replace(a=p.a + 0.1 * rng.normal(size=p.a.shape).astype(np.float32))
         if isinstance(p, xrapture.LoraWeight) else p,
         initial, is_leaf=lambda p: isinstance(p, xrapture.LoraWeight))
-    xrapture.save_adapter(self.path, params, model.spec(self.base), initial=initial)
+    xrapture.save_adapter(self.path, params, model.lora_spec(self.base), initial=initial)
     loaded = xrapture.load_adapter(self.path, self.base)
     # Reference: W + s·(b@a - b₀@a₀) by hand (s = alpha / r = 8 / 2), float64.
     f64 = lambda v: np.asarray(v, np.float64)
@@ -402,7 +402,7 @@ class QuantizedPissaFileTest(absltest.TestCase):
     params = jax.tree.map(
         lambda p: p.replace(b=jnp.ones_like(p.b)) if isinstance(p, xrapture.LoraWeight)
         else p, params, is_leaf=lambda p: isinstance(p, xrapture.LoraWeight))
-    xrapture.save_adapter(self.path, params, model.spec(self.base))
+    xrapture.save_adapter(self.path, params, model.lora_spec(self.base))
     self.assertEqual(_header(self.path)["format_version"], 1)
     loaded = xrapture.load_adapter(self.path, self.base)
     self.assertIs(loaded["up"]["w"].w, self.base["up"]["w"])

@@ -36,11 +36,11 @@ def mlp(x):
   return hk.Linear(D_OUT, name="fc2")(h)
 
 
-def _spec(double_quant):
-  spec = xrapture.default_spec()
-  spec.rank, spec.alpha = RANK, ALPHA
-  spec.quantize, spec.quantize_block, spec.double_quant = "nf4", BLOCK, double_quant
-  return spec
+def _config(double_quant):
+  config = xrapture.default_config()
+  config.rank, config.alpha = RANK, ALPHA
+  config.quantize, config.quantize_block, config.double_quant = "nf4", BLOCK, double_quant
+  return config
 
 
 def _inputs(seed, n=5):
@@ -122,7 +122,7 @@ class QloraPeftTest(parameterized.TestCase):
     expected = _torch_out(peft_model.eval(), x)
 
     imported = xrapture.import_peft(self.dir, base, NAME_MAP)
-    params = xrapture.quantize(imported, _spec(double_quant))
+    params = xrapture.quantize(imported, _config(double_quant))
     self._check_same_base(params, torch_model, double_quant)
     with xrapture.strict_mode():
       got = xrapture.use_implicit_args(hk.transform(mlp).apply)(params, None, jnp.asarray(x))
@@ -133,10 +133,10 @@ class QloraPeftTest(parameterized.TestCase):
 
   @parameterized.parameters(False, True)
   def test_adapter_trained_on_our_nf4_base_loads_into_peft(self, double_quant):
-    base, spec = _base(), _spec(double_quant)
-    model = xrapture.transform(mlp, spec)
+    base, config = _base(), _config(double_quant)
+    model = xrapture.transform(mlp, config)
     params = model.adapt(jax.random.PRNGKey(1), base)
-    tx = xrapture.wrap_optimizer(optax.adam(3e-2), model.spec(base))
+    tx = xrapture.wrap_optimizer(optax.adam(3e-2), model.lora_spec(base))
     opt_state = tx.init(params)
     x_train = jnp.asarray(_inputs(2, 16))
     target = jnp.sin(x_train[:, :D_OUT])
@@ -150,7 +150,7 @@ class QloraPeftTest(parameterized.TestCase):
 
     for _ in range(5):
       params, opt_state = step(params, opt_state)
-    xrapture.export_peft(self.dir, params, spec, NAME_MAP)
+    xrapture.export_peft(self.dir, params, config, NAME_MAP)
 
     torch_model = _torch_qlora_base(base, double_quant)
     self._check_same_base(params, torch_model, double_quant)

@@ -1,6 +1,6 @@
-"""Tests for QLoRA: LoraWeights on a quantized base (xrapture.quantize, spec.quantize).
+"""Tests for QLoRA: LoraWeights on a quantized base (xrapture.quantize, config.quantize).
 
-xrapture/_src/transform/quantization.py, the spec's quantization fields, and
+xrapture/_src/transform/quantization.py, the config's quantization fields, and
 the LoRA handlers on a nested (quantized) ``w``. References are independent:
 the base as ``xrapture.quantize_array`` stores it (bit-equal to bitsandbytes,
 see quant_test.py), and the adapted model computed densely in numpy / plain
@@ -37,14 +37,14 @@ def lm(tokens):
   return h @ embed.embeddings.T
 
 
-def _spec(scheme="nf4", double_quant=False, **overrides):
-  spec = xrapture.default_spec()
-  spec.rank, spec.alpha = RANK, ALPHA
-  spec.targets = (r".*/w", r"embed/embeddings")
-  spec.quantize, spec.double_quant, spec.quantize_block = scheme, double_quant, 32
+def _config(scheme="nf4", double_quant=False, **overrides):
+  config = xrapture.default_config()
+  config.rank, config.alpha = RANK, ALPHA
+  config.targets = (r".*/w", r"embed/embeddings")
+  config.quantize, config.double_quant, config.quantize_block = scheme, double_quant, 32
   for key, value in overrides.items():
-    setattr(spec, key, value)
-  return spec
+    setattr(config, key, value)
+  return config
 
 
 def _tokens(seed=0, shape=(3, 7)):
@@ -67,10 +67,10 @@ _dequantize = jax.jit(xrapture.dequantize)
 _dense_apply = jax.jit(hk.transform(lm).apply)
 
 
-def _adapt(spec, base=None, seed=1):
-  """``model.adapt`` of :func:`lm` under ``spec`` (example tokens given: a layer stack)."""
+def _adapt(config, base=None, seed=1):
+  """``model.adapt`` of :func:`lm` under ``config`` (example tokens given: a layer stack)."""
   base = _base() if base is None else base
-  return xrapture.transform(lm, spec).adapt(jax.random.PRNGKey(seed), base, _tokens())
+  return xrapture.transform(lm, config).adapt(jax.random.PRNGKey(seed), base, _tokens())
 
 
 def _flat(params):
@@ -117,9 +117,9 @@ class QuantizeTest(parameterized.TestCase):
   @parameterized.parameters(*SCHEMES)
   def test_adapt_stores_every_lora_base_quantized(self, scheme, double_quant):
     base = _base()
-    spec = _spec(scheme, double_quant)
-    params = _adapt(spec, base)
-    plain = _adapt(_spec(None), base)
+    config = _config(scheme, double_quant)
+    params = _adapt(config, base)
+    plain = _adapt(_config(None), base)
     names, leaves, _ = _flat(params)
     _, plain_leaves, _ = _flat(plain)
     loras = 0
@@ -145,7 +145,7 @@ class QuantizeTest(parameterized.TestCase):
     self.assertEqual(loras, 4)
 
   def test_stacked_kernel_is_quantized_layer_by_layer(self):
-    params = _adapt(_spec(), _base())
+    params = _adapt(_config(), _base())
     lora = params["__layer_stack_no_per_layer/mid"]["w"]
     self.assertEqual(lora.w.shape, (L, H, H))
     self.assertEqual(lora.w.codes.shape, (L, H, H // 2))
@@ -155,29 +155,29 @@ class QuantizeTest(parameterized.TestCase):
       np.testing.assert_array_equal(lora.w.codes[i], alone.codes)
 
   def test_quantize_after_load_adapter_equals_adapt(self):
-    base, spec = _base(), _spec("nf4", True)
-    model = xrapture.transform(lm, _spec(None))
+    base, config = _base(), _config("nf4", True)
+    model = xrapture.transform(lm, _config(None))
     trained = _perturb(model.adapt(jax.random.PRNGKey(1), base, _tokens()))
     tmp = tempfile.TemporaryDirectory()
     self.addCleanup(tmp.cleanup)
     path = os.path.join(tmp.name, "adapter.safetensors")
-    xrapture.save_adapter(path, trained, model.spec(base, _tokens()))
-    loaded = xrapture.quantize(xrapture.load_adapter(path, base), spec)
-    direct = xrapture.quantize(trained, spec)
+    xrapture.save_adapter(path, trained, model.lora_spec(base, _tokens()))
+    loaded = xrapture.quantize(xrapture.load_adapter(path, base), config)
+    direct = xrapture.quantize(trained, config)
     for got, want in zip(jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(direct)):
       np.testing.assert_array_equal(got, want)
     self.assertIsInstance(loaded["up"]["w"].w, xrapture.QuantizedArray)
 
   def test_materialize_gives_the_dequantized_base_plus_update(self):
-    params = _perturb(_adapt(_spec(), _base()))
+    params = _perturb(_adapt(_config(), _base()))
     lora = params["up"]["w"]
     np.testing.assert_allclose(lora.materialize(), _numpy_merged(params)["up"]["w"],
                                rtol=1e-6, atol=1e-6)
 
   def test_quantize_frozen_kernels_too(self):
-    spec = _spec("nf4", targets=(r"up/w",), quantize_frozen=(r".*/w", r".*/b"))
+    config = _config("nf4", targets=(r"up/w",), quantize_frozen=(r".*/w", r".*/b"))
     base = _base()
-    params = _adapt(spec, base)
+    params = _adapt(config, base)
     self.assertIsInstance(params["up"]["w"].w, xrapture.QuantizedArray)
     for name in ("__layer_stack_no_per_layer/mid", "down"):
       q = params[name]["w"]
@@ -190,7 +190,7 @@ class QuantizeTest(parameterized.TestCase):
     self.assertIs(params[stacked_bias]["b"], base[stacked_bias]["b"])
 
   def test_without_quantize_nothing_changes(self):
-    params = _adapt(_spec(None), _base())
+    params = _adapt(_config(None), _base())
     self.assertFalse([x for x in jax.tree_util.tree_leaves(
         params, is_leaf=lambda x: isinstance(x, xrapture.QuantizedArray))
                       if isinstance(x, xrapture.QuantizedArray)])
@@ -235,13 +235,18 @@ class NestedTest(parameterized.TestCase):
   """The LoRA handlers on a quantized ``w``, in strict mode: nothing materialized."""
 
   def _params(self, scheme="nf4", double_quant=False, **overrides):
-    return _perturb(_adapt(_spec(scheme, double_quant, **overrides)))
+    return _perturb(_adapt(_config(scheme, double_quant, **overrides)))
 
   @parameterized.parameters(*SCHEMES)
   def test_forward_matches_dense(self, scheme, double_quant):
     params, tokens = self._params(scheme, double_quant), _tokens(3)
+<<<<<<< HEAD
     model = xrapture.transform(lm, _spec(scheme, double_quant))
     expected = _dense_apply(_numpy_merged(params), None, tokens)
+=======
+    model = xrapture.transform(lm, _config(scheme, double_quant))
+    expected = hk.transform(lm).apply(_numpy_merged(params), None, tokens)
+>>>>>>> rename
     with xrapture.strict_mode():
       for got in (model.apply(params, None, tokens),
                   jax.jit(model.apply)(params, None, tokens)):
@@ -250,7 +255,7 @@ class NestedTest(parameterized.TestCase):
   @parameterized.parameters(*SCHEMES)
   def test_gradients_match_dense_and_none_for_w(self, scheme, double_quant):
     params, tokens = self._params(scheme, double_quant), _tokens(4)
-    model = xrapture.transform(lm, _spec(scheme, double_quant))
+    model = xrapture.transform(lm, _config(scheme, double_quant))
     loss = lambda p: jnp.sum(jnp.tanh(model.apply(p, None, tokens)))
     with xrapture.strict_mode():
       grads = jax.jit(jax.grad(loss, allow_int=True))(params)
@@ -265,7 +270,7 @@ class NestedTest(parameterized.TestCase):
 
   def test_no_dense_kernel_is_kept_or_formed(self):
     params, tokens = self._params("nf4", True), _tokens(5)
-    model = xrapture.transform(lm, _spec("nf4", True))
+    model = xrapture.transform(lm, _config("nf4", True))
     loss = lambda p: jnp.sum(jnp.tanh(model.apply(p, None, tokens)))
     kernels = _kernel_shapes(params)
 
@@ -300,7 +305,7 @@ class NestedTest(parameterized.TestCase):
         x = jnp.tanh(hk.Linear(k, name=f"l{i}")(x))
       return x
     x = jnp.ones((4, k))
-    model = xrapture.transform(f, _spec("nf4"))
+    model = xrapture.transform(f, _config("nf4"))
     params = _perturb(model.adapt(jax.random.PRNGKey(1), model.init(jax.random.PRNGKey(0), x)))
     loss = lambda p, x: jnp.sum(model.apply(p, None, x))
     kernel_bytes = k * k * 4
@@ -319,9 +324,9 @@ class NestedTest(parameterized.TestCase):
     self.assertGreaterEqual(planned_temp(dequantized), n * kernel_bytes)
 
   def test_lora_dropout_matches_the_dequantized_base(self):
-    spec = _spec("nf4", dropout=0.3)
+    config = _config("nf4", dropout=0.3)
     params, tokens = self._params(dropout=0.3), _tokens(6)
-    model = xrapture.transform(lm, spec)
+    model = xrapture.transform(lm, config)
     dense_base = jax.tree_util.tree_map(
         lambda x: jnp.asarray(_dense_kernel(x)) if isinstance(x, xrapture.QuantizedArray) else x,
         params, is_leaf=lambda x: isinstance(x, xrapture.QuantizedArray))
@@ -341,7 +346,7 @@ class NestedTest(parameterized.TestCase):
     w = jnp.asarray(rng.normal(0, 0.1, w_shape), jnp.float32)
     lora = xrapture.LoraWeight(w, *_factor_arrays(w_shape, layout, rng),
                                alpha=ALPHA, layout=layout)
-    params = xrapture.quantize({"k": {"w": lora}}, _spec("nf4"))
+    params = xrapture.quantize({"k": {"w": lora}}, _config("nf4"))
     q = params["k"]["w"]
     x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
     fn = lambda x, w: jnp.einsum(eq, x, w)
@@ -359,7 +364,7 @@ class NestedTest(parameterized.TestCase):
     def f(x):
       return hk.Conv1D(32, 3, name="conv")(x)
     x = jnp.asarray(np.random.default_rng(9).normal(size=(2, 9, 64)), jnp.float32)
-    model = xrapture.transform(f, _spec("nf4", targets=(r"conv/w",)))
+    model = xrapture.transform(f, _config("nf4", targets=(r"conv/w",)))
     params = _perturb(model.adapt(jax.random.PRNGKey(1), model.init(jax.random.PRNGKey(0), x), x))
     self.assertEqual(params["conv"]["w"].w.codes.shape, (3, 32, 32))   # window slices, [out, in/2]
     with xrapture.strict_mode():
@@ -374,7 +379,7 @@ class NestedTest(parameterized.TestCase):
     w = jnp.asarray(rng.normal(0, 0.1, (groups, 64, 32)), jnp.float32)
     a, b = _factor_arrays((groups, 64, 32), "sio", rng)
     lora = xrapture.LoraWeight(w, a, b, alpha=ALPHA, layout="sio")
-    q = xrapture.quantize({"experts": {"w": lora}}, _spec("nf4", True))["experts"]["w"]
+    q = xrapture.quantize({"experts": {"w": lora}}, _config("nf4", True))["experts"]["w"]
     x = jnp.asarray(rng.normal(size=(10, 64)), jnp.float32)
     sizes = jnp.asarray([4, 1, 5], jnp.int32)
     fn = lambda x, w: jax.lax.ragged_dot(x, w, sizes)
@@ -390,7 +395,7 @@ class NestedTest(parameterized.TestCase):
     policy = jmp.get_policy("params=float32,compute=bfloat16,output=float32")
     hk.mixed_precision.set_policy(hk.Linear, policy)
     self.addCleanup(hk.mixed_precision.clear_policy, hk.Linear)
-    model = xrapture.transform(lm, _spec("nf4"))
+    model = xrapture.transform(lm, _config("nf4"))
     with xrapture.strict_mode():
       got = model.apply(params, None, tokens)
     # A fresh jit: the policy is read at trace time.
@@ -411,7 +416,7 @@ class NestedTest(parameterized.TestCase):
       return jax.sharding.NamedSharding(mesh, P())
 
     params, tokens = self._params("nf4", True), _tokens(12, (4, 7))
-    model = xrapture.transform(lm, _spec("nf4", True))
+    model = xrapture.transform(lm, _config("nf4", True))
     loss = lambda p, t: jnp.sum(jnp.tanh(model.apply(p, None, t)))
     shardings = jax.tree_util.tree_map(sharding, params)
     sharded = jax.device_put(params, shardings)
@@ -445,10 +450,10 @@ class TrainingTest(parameterized.TestCase):
   @parameterized.parameters(*SCHEMES)
   def test_training_steps_leave_the_base_bit_equal(self, scheme, double_quant):
     base, tokens = _base(), _tokens(13)
-    spec = _spec(scheme, double_quant)
-    model = xrapture.transform(lm, spec)
-    lora_spec = model.spec(base, tokens)
-    params = _adapt(spec, base)
+    config = _config(scheme, double_quant)
+    model = xrapture.transform(lm, config)
+    lora_spec = model.lora_spec(base, tokens)
+    params = _adapt(config, base)
     tx = xrapture.wrap_optimizer(optax.adam(1e-2), lora_spec)
     opt_state = tx.init(params)
     codes = {x.codes.shape for x in jax.tree_util.tree_leaves(
@@ -481,10 +486,10 @@ class TrainingTest(parameterized.TestCase):
 
   def test_count_and_split(self):
     base = _base()
-    model = xrapture.transform(lm, _spec("nf4", True))
-    lora_spec = model.spec(base, _tokens())
-    quantized = _adapt(_spec("nf4", True), base)
-    plain = _adapt(_spec(None), base)
+    model = xrapture.transform(lm, _config("nf4", True))
+    lora_spec = model.lora_spec(base, _tokens())
+    quantized = _adapt(_config("nf4", True), base)
+    plain = _adapt(_config(None), base)
     self.assertEqual(xrapture.count_trainable(quantized, lora_spec),
                      xrapture.count_trainable(plain, lora_spec))
     trainable = jax.tree_util.tree_leaves(xrapture.split_lora_params(quantized, lora_spec))
@@ -494,8 +499,8 @@ class TrainingTest(parameterized.TestCase):
     self.assertFalse([l for l in trainable if l.dtype == jnp.uint8])
 
   def test_plain_grad_names_the_fix(self):
-    params = _adapt(_spec("nf4"))
-    model = xrapture.transform(lm, _spec("nf4"))
+    params = _adapt(_config("nf4"))
+    model = xrapture.transform(lm, _config("nf4"))
     with self.assertRaisesRegex(TypeError, "allow_int"):
       jax.grad(lambda p: jnp.sum(model.apply(p, None, _tokens())))(params)
 
@@ -503,8 +508,8 @@ class TrainingTest(parameterized.TestCase):
 class MergeTest(parameterized.TestCase):
 
   def test_merge_params_gives_full_precision(self):
-    spec = _spec("nf4", True, quantize_frozen=(r"down/w",), targets=(r"up/w", r".*/mid/w"))
-    params, tokens = _perturb(_adapt(spec)), _tokens(14)
+    config = _config("nf4", True, quantize_frozen=(r"down/w",), targets=(r"up/w", r".*/mid/w"))
+    params, tokens = _perturb(_adapt(config)), _tokens(14)
     self.assertIsInstance(params["down"]["w"], xrapture.QuantizedArray)
     merged = xrapture.merge_params(params)
     expected = _numpy_merged(params)
@@ -513,14 +518,19 @@ class MergeTest(parameterized.TestCase):
       self.assertEqual(got.dtype, jnp.float32)
       np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     with xrapture.strict_mode():
+<<<<<<< HEAD
       adapted = xrapture.transform(lm, spec).apply(params, None, tokens)
     np.testing.assert_allclose(_dense_apply(merged, None, tokens), adapted,
+=======
+      adapted = xrapture.transform(lm, config).apply(params, None, tokens)
+    np.testing.assert_allclose(hk.transform(lm).apply(merged, None, tokens), adapted,
+>>>>>>> rename
                                rtol=2e-5, atol=2e-5)
 
   @parameterized.parameters(*SCHEMES)
   def test_merge_and_requantize(self, scheme, double_quant):
-    spec = _spec(scheme, double_quant)
-    params, tokens = _perturb(_adapt(spec)), _tokens(15)
+    config = _config(scheme, double_quant)
+    params, tokens = _perturb(_adapt(config)), _tokens(15)
     merged, errors = xrapture.merge_and_requantize(params)
     reference = _numpy_merged(params)           # float64 numpy: deq(w) + s · b @ a
     names, leaves, _ = _flat(params)
@@ -557,43 +567,43 @@ class MergeTest(parameterized.TestCase):
 class BadInputTest(parameterized.TestCase):
 
   def test_block_size_not_dividing_the_input_axis(self):
-    spec = _spec("nf4", quantize_block=64)   # H = 96 is not a multiple of 64
+    config = _config("nf4", quantize_block=64)   # H = 96 is not a multiple of 64
     with self.assertRaisesRegex(
         ValueError, r"Cannot quantize the base kernel of LoraWeight "
-        r"'__layer_stack_no_per_layer/mid/w' of shape \(2, 96, 96\) with spec.quantize = "
-        r"'nf4', spec.quantize_block = 64: .*size 96.*use one of \[32\]"):
-      _adapt(spec, _base())
+        r"'__layer_stack_no_per_layer/mid/w' of shape \(2, 96, 96\) with config.quantize = "
+        r"'nf4', config.quantize_block = 64: .*size 96.*use one of \[32\]"):
+      _adapt(config, _base())
 
   @parameterized.parameters("nf8", "NF4", "int4")
   def test_unknown_scheme(self, scheme):
-    spec = _spec(scheme)
+    config = _config(scheme)
     with self.assertRaisesRegex(
-        ValueError, rf"spec.quantize = '{scheme}' must be None \(full-precision base\) or "
+        ValueError, rf"config.quantize = '{scheme}' must be None \(full-precision base\) or "
         r"one of \('nf4', 'int8'\)"):
-      _adapt(spec, _base())
-    with self.assertRaisesRegex(ValueError, rf"spec.quantize = '{scheme}'"):
-      xrapture.quantize({}, spec)
+      _adapt(config, _base())
+    with self.assertRaisesRegex(ValueError, rf"config.quantize = '{scheme}'"):
+      xrapture.quantize({}, config)
 
   def test_quantize_without_scheme(self):
-    with self.assertRaisesRegex(ValueError, r"spec.quantize = None.*one of \('nf4', 'int8'\)"):
-      xrapture.quantize({}, _spec(None))
+    with self.assertRaisesRegex(ValueError, r"config.quantize = None.*one of \('nf4', 'int8'\)"):
+      xrapture.quantize({}, _config(None))
 
   def test_already_quantized_kernel(self):
-    spec = _spec()
-    params = _adapt(spec, _base())
+    config = _config()
+    params = _adapt(config, _base())
     with self.assertRaisesRegex(
         ValueError, r"Cannot quantize the base kernel of LoraWeight '\S+/w': it is "
         r"already a QuantizedArray"):
-      xrapture.quantize(params, spec)
+      xrapture.quantize(params, config)
 
   def test_integer_kernels(self):
     w = jnp.arange(64 * 8, dtype=jnp.int32).reshape(64, 8)
     with self.assertRaisesRegex(ValueError, r"Cannot quantize frozen parameter 'table/w' of "
                                 r"dtype int32 \(shape \(64, 8\)\).*floating-point kernels only"):
-      xrapture.quantize({"table": {"w": w}}, _spec(quantize_frozen=(r".*/w",)))
+      xrapture.quantize({"table": {"w": w}}, _config(quantize_frozen=(r".*/w",)))
     lora = xrapture.LoraWeight(w, jnp.zeros((2, 8)), jnp.zeros((64, 2)))
     with self.assertRaisesRegex(ValueError, r"LoraWeight 'lin/w' of dtype int32"):
-      xrapture.quantize({"lin": {"w": lora}}, _spec())
+      xrapture.quantize({"lin": {"w": lora}}, _config())
 
   def test_quantized_adapter_factors(self):
     w = jnp.ones((64, 64))
@@ -601,15 +611,15 @@ class BadInputTest(parameterized.TestCase):
     lora = xrapture.LoraWeight(w, q, jnp.zeros((64, 2)))
     with self.assertRaisesRegex(ValueError, r"LoraWeight 'lin/w' has a quantized adapter "
                                 r"factor 'a': adapters are trained"):
-      xrapture.quantize({"lin": {"w": lora}}, _spec())
+      xrapture.quantize({"lin": {"w": lora}}, _config())
 
   def test_quantize_frozen_matching_a_trained_parameter(self):
-    spec = _spec(targets=(r"up/w",), full=(r"down/w",), quantize_frozen=(r".*/w",))
+    config = _config(targets=(r"up/w",), full=(r"down/w",), quantize_frozen=(r".*/w",))
     # Without quantize_frozen, down/w (trained in full) is left alone ...
-    _adapt(_spec(targets=(r"up/w",), full=(r"down/w",)), _base())
-    with self.assertRaisesRegex(ValueError, r"spec.quantize_frozen matches 'down/w', which "
-                                r"spec.full trains: only frozen parameters"):
-      _adapt(spec, _base())
+    _adapt(_config(targets=(r"up/w",), full=(r"down/w",)), _base())
+    with self.assertRaisesRegex(ValueError, r"config.quantize_frozen matches 'down/w', which "
+                                r"config.full trains: only frozen parameters"):
+      _adapt(config, _base())
 
 
 if __name__ == "__main__":

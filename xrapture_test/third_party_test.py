@@ -197,15 +197,15 @@ class ThirdPartyModelsTest(parameterized.TestCase):
     else:
       base_init = hk_model.init(jax.random.PRNGKey(0), *inputs)
       base, state = base_init if stateful else (base_init, None)
-    spec = xrapture.default_spec()
-    spec.rank, spec.alpha, spec.targets = rank, 2.0 * rank, ("all-linear",)
+    config = xrapture.default_config()
+    config.rank, config.alpha, config.targets = rank, 2.0 * rank, ("all-linear",)
     make = xrapture.transform_with_state if stateful else xrapture.transform
-    model = make(fn, spec)
+    model = make(fn, config)
     extra = {"state": state} if stateful else {}
     with xrapture.strict_mode(), warnings.catch_warnings():
       warnings.simplefilter("error")
       params = model.adapt(jax.random.PRNGKey(1), base, *inputs, **extra)
-      lora_spec = model.spec(base, *inputs, **extra)
+      lora_spec = model.lora_spec(base, *inputs, **extra)
 
     found = {p: v for p, v in _paths(params).items() if isinstance(v, xrapture.LoraWeight)}
     for path, layout in expected.items():
@@ -280,9 +280,9 @@ class ThirdPartyModelsTest(parameterized.TestCase):
     hk_model = hk.transform_with_state(_vqvae)
     x = _normal(5, 11)
     base, state = hk_model.init(jax.random.PRNGKey(0), x)
-    spec = xrapture.default_spec()
-    spec.rank, spec.targets = 2, (r"vq/embeddings",)
-    model = xrapture.transform_with_state(_vqvae, spec)
+    config = xrapture.default_config()
+    config.rank, config.targets = 2, (r"vq/embeddings",)
+    model = xrapture.transform_with_state(_vqvae, config)
     with xrapture.strict_mode():
       with self.assertRaisesRegex(xrapture.MaterializationError,
                                   r"'vq/embeddings'.*(square|integer_pow|mul)"):
@@ -292,7 +292,7 @@ class ThirdPartyModelsTest(parameterized.TestCase):
     base, state = hk.transform_with_state(_pretrained_resnet).init(
         jax.random.PRNGKey(0), _normal(2, 16, 16, 3))
     del state
-    model = xrapture.transform_with_state(_resnet, xrapture.default_spec())
+    model = xrapture.transform_with_state(_resnet, xrapture.default_config())
     with self.assertRaisesRegex(ValueError, r"(?s)init failed.*No value for 'average'"
                                 r".*state=state"):
       model.adapt(jax.random.PRNGKey(1), base, _normal(2, 16, 16, 3))

@@ -16,13 +16,13 @@ _RANK = 2
 _ALPHA = 4.0
 
 
-def _spec(**overrides):
-  spec = xrapture.default_spec()
-  spec.rank = _RANK
-  spec.alpha = _ALPHA
+def _config(**overrides):
+  config = xrapture.default_config()
+  config.rank = _RANK
+  config.alpha = _ALPHA
   for key, value in overrides.items():
-    setattr(spec, key, value)
-  return spec
+    setattr(config, key, value)
+  return config
 
 
 def _flat(params):
@@ -56,7 +56,7 @@ def _delta(layout, b, a):
 def _dense_reference(params, scale):
   """``w + scale · b @ a`` per LoraWeight, in float64 numpy, cast to w's dtype.
 
-  ``scale`` is what the test expects (``alpha / r`` from the spec), not what
+  ``scale`` is what the test expects (``alpha / r`` from the config), not what
   the LoraWeight says.
   """
   def one(x):
@@ -77,7 +77,7 @@ def _assert_close(actual, expected, rtol):
 
 
 # ---------------------------------------------------------------------------
-# Models. Each: (fn, inputs, extra spec fields, {adapted path: layout}).
+# Models. Each: (fn, inputs, extra config fields, {adapted path: layout}).
 # ---------------------------------------------------------------------------
 
 _X3 = np.random.default_rng(0).normal(size=(2, 5, 6)).astype(np.float32)
@@ -170,9 +170,9 @@ class HaikuModulesTest(parameterized.TestCase):
 
   @parameterized.named_parameters(*[(name,) + v for name, v in _MODELS.items()])
   def test_adapt_apply_merge_and_dense_reference(self, fn, inputs, overrides, layouts):
-    model = xrapture.transform(fn, _spec(**overrides))
+    model = xrapture.transform(fn, _config(**overrides))
     base = model.init(jax.random.PRNGKey(0), *inputs)
-    params = model.adapt(jax.random.PRNGKey(1), base)
+    params = model.adapt(jax.random.PRNGKey(1), base, *inputs)
     names, leaves, _ = _flat(params)
     base_names, base_leaves, _ = _flat(base)
     self.assertEqual(names, base_names)
@@ -215,13 +215,14 @@ class HaikuModulesTest(parameterized.TestCase):
     # The trainable count follows from the base shapes and layouts alone.
     expected = sum(_expected_trainable(base_by_name[n].shape,
                                        layouts[n], _RANK) for n in layouts)
-    self.assertEqual(xrapture.count_trainable(params, model.spec(base)), expected)
+    self.assertEqual(xrapture.count_trainable(params, model.lora_spec(base, *inputs)),
+                     expected)
 
   def test_layer_stack_output_matches_a_python_loop_over_layers(self):
     # Independent of Haiku's scan: apply the adapted layers one by one in numpy.
-    model = xrapture.transform(_stack_linear, _spec())
+    model = xrapture.transform(_stack_linear, _config())
     base = model.init(jax.random.PRNGKey(0), _VEC)
-    params = _perturb(model.adapt(jax.random.PRNGKey(1), base))
+    params = _perturb(model.adapt(jax.random.PRNGKey(1), base, _VEC))
     lw = params["__layer_stack_no_per_layer/linear"]["w"]
     bias = np.asarray(params["__layer_stack_no_per_layer/linear"]["b"], np.float64)
     w, a, b = (np.asarray(t, np.float64) for t in (lw.w, lw.a, lw.b))
@@ -232,9 +233,9 @@ class HaikuModulesTest(parameterized.TestCase):
     _assert_close(model.apply(params, None, _VEC), h, 1e-5)
 
   def test_linear_output_matches_numpy(self):
-    model = xrapture.transform(_linear, _spec())
+    model = xrapture.transform(_linear, _config())
     base = model.init(jax.random.PRNGKey(0), _X3)
-    params = _perturb(model.adapt(jax.random.PRNGKey(1), base))
+    params = _perturb(model.adapt(jax.random.PRNGKey(1), base, _X3))
     lw, bias = params["linear"]["w"], np.asarray(params["linear"]["b"], np.float64)
     w, a, b = (np.asarray(t, np.float64) for t in (lw.w, lw.a, lw.b))
     x = _X3.astype(np.float64)
@@ -242,26 +243,26 @@ class HaikuModulesTest(parameterized.TestCase):
     _assert_close(model.apply(params, None, _X3), expected, 1e-5)
 
   def test_embed_lookup_matches_numpy(self):
-    model = xrapture.transform(_embed_array_index, _spec(targets=(".*/embeddings",)))
+    model = xrapture.transform(_embed_array_index, _config(targets=(".*/embeddings",)))
     base = model.init(jax.random.PRNGKey(0), _IDS)
-    params = _perturb(model.adapt(jax.random.PRNGKey(1), base))
+    params = _perturb(model.adapt(jax.random.PRNGKey(1), base, _IDS))
     lw = params["embed"]["embeddings"]
     w, a, b = (np.asarray(t, np.float64) for t in (lw.w, lw.a, lw.b))
     expected = w[_IDS] + (_ALPHA / _RANK) * b[_IDS] @ a
     _assert_close(model.apply(params, None, _IDS), expected, 1e-5)
 
-  def test_default_spec_adapts_kernels_not_embeddings(self):
+  def test_default_config_adapts_kernels_not_embeddings(self):
     def fn(ids):
       return hk.Linear(3)(hk.Embed(10, 4)(ids))
-    model = xrapture.transform(fn)  # default spec, rank 8 > 3 is an error
+    model = xrapture.transform(fn)  # default config, rank 8 > 3 is an error
     base = model.init(jax.random.PRNGKey(0), _IDS)
     with self.assertRaisesRegex(ValueError, "rank 8 .*linear/w"):
-      model.adapt(jax.random.PRNGKey(1), base)
-    model = xrapture.transform(fn, _spec())
-    spec = model.spec(base)
-    self.assertEqual(spec["linear"]["w"], _RANK)
-    self.assertEqual(spec["embed"]["embeddings"], xrapture.LORA_FREEZE)
-    self.assertEqual(spec["linear"]["b"], xrapture.LORA_FREEZE)
+      model.adapt(jax.random.PRNGKey(1), base, _IDS)
+    model = xrapture.transform(fn, _config())
+    lora_spec = model.lora_spec(base, _IDS)
+    self.assertEqual(lora_spec["linear"]["w"], _RANK)
+    self.assertEqual(lora_spec["embed"]["embeddings"], xrapture.LORA_FREEZE)
+    self.assertEqual(lora_spec["linear"]["b"], xrapture.LORA_FREEZE)
 
   def test_bf16_mixed_precision(self):
     policy = jmp.get_policy("params=float32,compute=bfloat16,output=float32")
@@ -269,9 +270,9 @@ class HaikuModulesTest(parameterized.TestCase):
     def fn(x):
       return hk.Linear(4)(jax.nn.gelu(hk.Linear(8)(x)))
     with hk.mixed_precision.push_policy(hk.Linear, policy):
-      model = xrapture.transform(fn, _spec())
+      model = xrapture.transform(fn, _config())
       base = model.init(jax.random.PRNGKey(0), _X3)
-      params = model.adapt(jax.random.PRNGKey(1), base)
+      params = model.adapt(jax.random.PRNGKey(1), base, _X3)
       base_apply = jax.jit(hk.transform(fn).apply)   # traced under the policy
       y_base = base_apply(base, None, _X3)
       with xrapture.strict_mode():
@@ -293,11 +294,11 @@ class HaikuModulesTest(parameterized.TestCase):
       h = hk.Conv1D(6, 3)(x)  # a 3-D kernel: adapt traces apply with the flag
       h = hk.BatchNorm(True, True, 0.9)(h, is_training)
       return hk.Linear(3)(h)
-    model = xrapture.transform_with_state(fn, _spec())
+    model = xrapture.transform_with_state(fn, _config())
     base_fn = hk.transform_with_state(fn)
     base_apply = jax.jit(base_fn.apply, static_argnums=4)
     base, state = model.init(jax.random.PRNGKey(0), _SEQ, True)
-    params = model.adapt(jax.random.PRNGKey(1), base)
+    params = model.adapt(jax.random.PRNGKey(1), base, _SEQ, True)
     self.assertEqual(params["conv1_d"]["w"].a.shape, (_RANK, 6))
     self.assertIsInstance(params["linear"]["w"], xrapture.LoraWeight)
     self.assertIs(params["batch_norm"]["scale"], base["batch_norm"]["scale"])
@@ -329,9 +330,9 @@ class HaikuModulesTest(parameterized.TestCase):
       counter = hk.get_state("n", [], jnp.int32, init=jnp.zeros)
       hk.set_state("n", counter + 1)
       return h
-    model = xrapture.transform_with_state(fn, _spec())
+    model = xrapture.transform_with_state(fn, _config())
     base, state = model.init(jax.random.PRNGKey(0), _SEQ)
-    params = model.adapt(jax.random.PRNGKey(1), base)
+    params = model.adapt(jax.random.PRNGKey(1), base, _SEQ)
     lw = params["__layer_stack_no_per_layer/conv1_d"]["w"]
     self.assertEqual(lw.a.shape, (2, _RANK, 4))
     self.assertEqual(lw.b.shape, (2, 3, 4, _RANK))
@@ -343,20 +344,20 @@ class HaikuModulesTest(parameterized.TestCase):
     self.assertEqual(int(new_state["~"]["n"]), 1)
 
 
-class SpecOptionsTest(parameterized.TestCase):
+class ConfigOptionsTest(parameterized.TestCase):
 
-  def _two_linears(self, spec):
+  def _two_linears(self, config):
     def fn(x):
       return hk.Linear(5, name="first")(jnp.tanh(hk.Linear(8, name="second")(x)))
-    model = xrapture.transform(fn, spec)
+    model = xrapture.transform(fn, config)
     base = model.init(jax.random.PRNGKey(0), _X3)
     return fn, model, base
 
   def test_rank_and_alpha_patterns_and_rslora(self):
     for rslora in (False, True):
-      spec = _spec(rank_pattern=(("second/w", 4),), alpha_pattern=(("first/w", 1.0),),
+      config = _config(rank_pattern=(("second/w", 4),), alpha_pattern=(("first/w", 1.0),),
                    rslora=rslora)
-      fn, model, base = self._two_linears(spec)
+      fn, model, base = self._two_linears(config)
       params = _perturb(model.adapt(jax.random.PRNGKey(1), base))
       first, second = params["first"]["w"], params["second"]["w"]
       self.assertEqual((first.b.shape[-1], second.b.shape[-1]), (_RANK, 4))
@@ -374,7 +375,7 @@ class SpecOptionsTest(parameterized.TestCase):
     # rank 4: alpha/r and alpha/sqrt(r) differ, so the test above can fail.
     outs = []
     for rslora in (False, True):
-      _, model, base = self._two_linears(_spec(rank=4, rslora=rslora))
+      _, model, base = self._two_linears(_config(rank=4, rslora=rslora))
       params = _perturb(model.adapt(jax.random.PRNGKey(1), base))
       outs.append(model.apply(params, None, _X3))
     self.assertGreater(float(jnp.abs(outs[0] - outs[1]).max()), 1e-3)
@@ -387,7 +388,7 @@ class SpecOptionsTest(parameterized.TestCase):
   def test_adapter_dtype(self, model_name, base_dtype, adapter_dtype):
     fn, (x,), _, layouts = _MODELS[model_name]
     x = x.astype(base_dtype)
-    model = xrapture.transform(fn, _spec(dtype=adapter_dtype))
+    model = xrapture.transform(fn, _config(dtype=adapter_dtype))
     base = jax.tree.map(lambda p: p.astype(base_dtype), model.init(jax.random.PRNGKey(0), x))
     params = model.adapt(jax.random.PRNGKey(1), base, x)
     (name,) = layouts
@@ -415,16 +416,16 @@ class SpecOptionsTest(parameterized.TestCase):
     def fn(x):
       return hk.Linear(64)(x)
     x = np.ones((1, 64), np.float32)
-    model = xrapture.transform(fn, _spec(rank=32, init_stddev=0.5))
+    model = xrapture.transform(fn, _config(rank=32, init_stddev=0.5))
     params = model.adapt(jax.random.PRNGKey(1), model.init(jax.random.PRNGKey(0), x))
     a = np.asarray(params["linear"]["w"].a)
     self.assertAlmostEqual(float(a.std()), 0.5, delta=0.03)
     self.assertAlmostEqual(float(a.mean()), 0.0, delta=0.03)
 
   def test_full_and_tune_vectors(self):
-    spec = _spec(full=("second/w",), tune_vectors=True)
-    _, model, base = self._two_linears(spec)
-    lora_spec = model.spec(base)
+    config = _config(full=("second/w",), tune_vectors=True)
+    _, model, base = self._two_linears(config)
+    lora_spec = model.lora_spec(base)
     self.assertEqual(lora_spec["second"]["w"], xrapture.LORA_FULL)
     self.assertEqual(lora_spec["first"]["w"], _RANK)
     self.assertEqual(lora_spec["first"]["b"], xrapture.LORA_FULL)
@@ -434,8 +435,8 @@ class SpecOptionsTest(parameterized.TestCase):
     self.assertEqual(xrapture.count_trainable(params, lora_spec), expected)
 
   def test_one_dimensional_target_is_skipped(self):
-    _, model, base = self._two_linears(_spec(targets=(".*/b", "first/w")))
-    lora_spec = model.spec(base)
+    _, model, base = self._two_linears(_config(targets=(".*/b", "first/w")))
+    lora_spec = model.lora_spec(base)
     self.assertEqual(lora_spec["first"]["b"], xrapture.LORA_FREEZE)
     self.assertEqual(lora_spec["second"]["b"], xrapture.LORA_FREEZE)
     params = model.adapt(jax.random.PRNGKey(1), base)
@@ -443,19 +444,19 @@ class SpecOptionsTest(parameterized.TestCase):
     self.assertIsInstance(params["first"]["w"], xrapture.LoraWeight)
 
   def test_only_one_dimensional_targets_is_an_error(self):
-    _, model, base = self._two_linears(_spec(targets=(".*/b",)))
+    _, model, base = self._two_linears(_config(targets=(".*/b",)))
     with self.assertRaisesRegex(ValueError, r"(?s)match no parameter.*first/w.*second/b"):
       model.adapt(jax.random.PRNGKey(1), base)
 
   def test_targets_matching_nothing_list_available_paths(self):
-    _, model, base = self._two_linears(_spec(targets=("mlp/.*",)))
+    _, model, base = self._two_linears(_config(targets=("mlp/.*",)))
     with self.assertRaises(ValueError) as ctx:
-      model.spec(base)
+      model.lora_spec(base)
     for path in ("first/w", "first/b", "second/w", "second/b"):
       self.assertIn(path, str(ctx.exception))
 
   def test_rank_larger_than_kernel(self):
-    _, model, base = self._two_linears(_spec(rank_pattern=(("second/w", 7),)))
+    _, model, base = self._two_linears(_config(rank_pattern=(("second/w", 7),)))
     with self.assertRaisesRegex(ValueError, r"rank 7.*second/w.*6"):
       model.adapt(jax.random.PRNGKey(1), base)
 
@@ -463,26 +464,29 @@ class SpecOptionsTest(parameterized.TestCase):
     def fn(x):
       table = hk.get_parameter("table", [4, 6], jnp.int32, init=jnp.zeros)
       return hk.Linear(3)(x) + table.sum()
-    model = xrapture.transform(fn, _spec(targets=(".*",)))
+    model = xrapture.transform(fn, _config(targets=(".*",)))
     base = model.init(jax.random.PRNGKey(0), _VEC)
     with self.assertRaisesRegex(ValueError, r"'~/table'.*int32"):
-      model.adapt(jax.random.PRNGKey(1), base)
+      model.adapt(jax.random.PRNGKey(1), base, _VEC)
     # Not targeted, it is left alone.
-    model = xrapture.transform(fn, _spec())
-    params = model.adapt(jax.random.PRNGKey(1), base)
+    model = xrapture.transform(fn, _config())
+    params = model.adapt(jax.random.PRNGKey(1), base, _VEC)
     self.assertIs(params["~"]["table"], base["~"]["table"])
 
   def test_three_dimensional_kernel_needs_example_inputs(self):
-    model = xrapture.transform(_conv1d, _spec())
-    base = hk.transform(_conv1d).init(jax.random.PRNGKey(0), _SEQ)  # not model.init
-    with self.assertRaisesRegex(ValueError, r"(?s)'conv1_d/w' \(3, 4, 5\).*model\.adapt\("
-                                r"rng, params, \*inputs\).*model\.init"):
+    model = xrapture.transform(_conv1d, _config())
+    base = model.init(jax.random.PRNGKey(0), _SEQ)  # remembers nothing
+    with self.assertRaisesRegex(ValueError, r"(?s)'conv1_d/w' \(3, 4, 5\): targeted.*"
+                                r"Pass the example inputs: model\.adapt\(rng, params, \*inputs\)"):
       model.adapt(jax.random.PRNGKey(1), base)
+    with self.assertRaisesRegex(ValueError, r"(?s)'conv1_d/w' \(3, 4, 5\): targeted.*"
+                                r"Pass the example inputs: model\.lora_spec\(params, \*inputs\)"):
+      model.lora_spec(base)
     for example in (_SEQ, jax.ShapeDtypeStruct(_SEQ.shape, _SEQ.dtype)):
       params = model.adapt(jax.random.PRNGKey(1), base, example)
       self.assertEqual(params["conv1_d"]["w"].a.shape, (_RANK, 5))
     # Two-dimensional kernels need no inputs.
-    model = xrapture.transform(_linear, _spec())
+    model = xrapture.transform(_linear, _config())
     params = model.adapt(jax.random.PRNGKey(1),
                          hk.transform(_linear).init(jax.random.PRNGKey(0), _X3))
     self.assertIsInstance(params["linear"]["w"], xrapture.LoraWeight)
@@ -490,25 +494,24 @@ class SpecOptionsTest(parameterized.TestCase):
   def test_layer_stack_vectors_are_vectors(self):
     """Inside hk.layer_stack a bias or LayerNorm scale is [L, D]: a vector.
 
-    The spec reads the scan depth from apply's jaxpr, so tune_vectors trains
+    The config reads the scan depth from apply's jaxpr, so tune_vectors trains
     these per-layer vectors in full and a target matching them skips them.
     """
     def fn(x):
       return hk.layer_stack(3)(lambda h: hk.LayerNorm(-1, True, True)(hk.Linear(6)(h)))(x)
     stack = "__layer_stack_no_per_layer"
-    model = xrapture.transform(fn, _spec(tune_vectors=True))
+    model = xrapture.transform(fn, _config(tune_vectors=True))
     base = model.init(jax.random.PRNGKey(0), _VEC)
-    lora_spec = model.spec(base)
+    lora_spec = model.lora_spec(base, _VEC)
     self.assertEqual(lora_spec[f"{stack}/linear"]["w"], _RANK)
     self.assertEqual(lora_spec[f"{stack}/linear"]["b"], xrapture.LORA_FULL)
     self.assertEqual(lora_spec[f"{stack}/layer_norm"]["scale"], xrapture.LORA_FULL)
-    model = xrapture.transform(fn, _spec(targets=(".*",)))
-    model.init(jax.random.PRNGKey(0), _VEC)
-    params = model.adapt(jax.random.PRNGKey(1), base)
+    model = xrapture.transform(fn, _config(targets=(".*",)))
+    params = model.adapt(jax.random.PRNGKey(1), base, _VEC)
     self.assertIs(params[f"{stack}/layer_norm"]["scale"], base[f"{stack}/layer_norm"]["scale"])
 
   def test_adapt_is_deterministic_in_rng(self):
-    model = xrapture.transform(_linear, _spec())
+    model = xrapture.transform(_linear, _config())
     base = model.init(jax.random.PRNGKey(0), _X3)
     one = model.adapt(jax.random.PRNGKey(1), base)["linear"]["w"].a
     two = model.adapt(jax.random.PRNGKey(1), base)["linear"]["w"].a
@@ -517,7 +520,7 @@ class SpecOptionsTest(parameterized.TestCase):
     self.assertFalse(np.array_equal(one, three))
 
   def test_init_is_haiku_init(self):
-    model = xrapture.transform(_mha, _spec())
+    model = xrapture.transform(_mha, _config())
     ours = model.init(jax.random.PRNGKey(3), _X3)
     theirs = hk.transform(_mha).init(jax.random.PRNGKey(3), _X3)
     jax.tree.map(np.testing.assert_array_equal, ours, theirs)
@@ -554,10 +557,10 @@ def _lm_loss(logits, ids):
 class TransformerTest(parameterized.TestCase):
 
   def test_strict_mode_forward_and_grad(self):
-    model = xrapture.transform(_lm, _spec(targets=(".*/w", ".*/embeddings")))
+    model = xrapture.transform(_lm, _config(targets=(".*/w", ".*/embeddings")))
     ids = np.random.default_rng(0).integers(0, _VOCAB, (2, _T)).astype(np.int32)
     base = jax.jit(model.init)(jax.random.PRNGKey(0), ids)
-    params = _perturb(model.adapt(jax.random.PRNGKey(1), base), stddev=0.05)
+    params = _perturb(model.adapt(jax.random.PRNGKey(1), base, ids), stddev=0.05)
     stack = "__layer_stack_no_per_layer"
     self.assertEqual(params[f"{stack}/mlp/~/linear_0"]["w"].a.shape,
                      (_LAYERS, _RANK, 2 * _D))
@@ -567,7 +570,7 @@ class TransformerTest(parameterized.TestCase):
     # down (2d×d); then the embeddings (V×d) and the untied head (d×V).
     d, r = _D, _RANK
     per_layer = 4 * r * (d + d) + r * (d + 2 * d) + r * (2 * d + d)
-    self.assertEqual(xrapture.count_trainable(params, model.spec(base)),
+    self.assertEqual(xrapture.count_trainable(params, model.lora_spec(base, ids)),
                      _LAYERS * per_layer + 2 * r * (_VOCAB + d))
 
     def loss(p):
@@ -614,9 +617,9 @@ def _einsum_attention(x):
 class LayoutFromUseTest(parameterized.TestCase):
 
   def test_multi_axis_kernels_get_their_grouped_matrix(self):
-    model = xrapture.transform(_einsum_attention, _spec(targets=("all-linear",)))
+    model = xrapture.transform(_einsum_attention, _config(targets=("all-linear",)))
     base = model.init(jax.random.PRNGKey(0), _X3)
-    params = model.adapt(jax.random.PRNGKey(1), base)
+    params = model.adapt(jax.random.PRNGKey(1), base, _X3)
     lw = params["~"]
     self.assertEqual((lw["query_w"].layout, lw["key_w"].layout, lw["output_w"].layout),
                      ("ioo", "ioo", "iio"))
@@ -624,7 +627,7 @@ class LayoutFromUseTest(parameterized.TestCase):
     self.assertNotIsInstance(lw["logit_w"], xrapture.LoraWeight)
     # r·(in + out) numbers per kernel, and rank <= r as the grouped matrix.
     expected = _RANK * ((6 + 6) + (6 + 6) + (6 + 5))
-    self.assertEqual(xrapture.count_trainable(params, model.spec(base)), expected)
+    self.assertEqual(xrapture.count_trainable(params, model.lora_spec(base, _X3)), expected)
     perturbed = _perturb(params)
     merged = xrapture.merge_params(perturbed)
     for name, rows in (("query_w", 6), ("key_w", 6), ("output_w", 6)):
@@ -638,12 +641,12 @@ class LayoutFromUseTest(parameterized.TestCase):
 
   def test_conv_rank_limit_counts_the_window(self):
     # ResNet's stem (7, 7, 3, c): rank 8 > 3 input channels is fine on [147, c].
-    model = xrapture.transform(lambda x: hk.Conv2D(16, 7, stride=2)(x), _spec(rank=8))
+    model = xrapture.transform(lambda x: hk.Conv2D(16, 7, stride=2)(x), _config(rank=8))
     base = model.init(jax.random.PRNGKey(0), _IMG)
-    params = model.adapt(jax.random.PRNGKey(1), base)
+    params = model.adapt(jax.random.PRNGKey(1), base, _IMG)
     self.assertEqual(params["conv2_d"]["w"].grouped_shape, (147, 16))
     with self.assertRaisesRegex(ValueError, r"rank 20 .*min\(M, N\) = 16.*\[147, 16\]"):
-      xrapture.transform(lambda x: hk.Conv2D(16, 7)(x), _spec(rank=20)).adapt(
+      xrapture.transform(lambda x: hk.Conv2D(16, 7)(x), _config(rank=20)).adapt(
           jax.random.PRNGKey(1), base, _IMG)
 
   def test_incompatible_uses_are_an_error_at_adapt(self):
@@ -651,35 +654,35 @@ class LayoutFromUseTest(parameterized.TestCase):
       w = hk.get_parameter("w", [6, 2, 3], init=jnp.ones)
       return (jnp.einsum("bti,ijk->btjk", x, w).sum()
               + jnp.einsum("btj,ijk->btik", x[..., :2], w).sum())
-    model = xrapture.transform(fn, _spec(targets=(".*/w",)))
+    model = xrapture.transform(fn, _config(targets=(".*/w",)))
     base = model.init(jax.random.PRNGKey(0), _X3)
     with self.assertRaisesRegex(
         ValueError, r"(?s)'~/w' \(6, 2, 3\).*in axes \(0,\).*in axes \(1,\).*Exclude"):
-      model.adapt(jax.random.PRNGKey(1), base)
+      model.adapt(jax.random.PRNGKey(1), base, _X3)
 
   def test_grouped_conv_is_an_error_at_adapt(self):
-    model = xrapture.transform(lambda x: hk.DepthwiseConv1D(1, 3)(x), _spec(rank=1))
+    model = xrapture.transform(lambda x: hk.DepthwiseConv1D(1, 3)(x), _config(rank=1))
     base = model.init(jax.random.PRNGKey(0), _SEQ)
     with self.assertRaisesRegex(
         ValueError, r"(?s)grouped or depthwise conv.*'depthwise_conv1_d/w'.*Exclude"):
-      model.adapt(jax.random.PRNGKey(1), base)
+      model.adapt(jax.random.PRNGKey(1), base, _SEQ)
     # all-linear skips it (and finds nothing else here).
     model = xrapture.transform(lambda x: hk.Linear(3)(hk.DepthwiseConv1D(1, 3)(x)),
-                               _spec(rank=1, targets=("all-linear",)))
+                               _config(rank=1, targets=("all-linear",)))
     base = model.init(jax.random.PRNGKey(0), _SEQ)
-    spec = model.spec(base)
-    self.assertEqual(spec["depthwise_conv1_d"]["w"], xrapture.LORA_FREEZE)
-    self.assertEqual(spec["linear"]["w"], 1)
+    lora_spec = model.lora_spec(base, _SEQ)
+    self.assertEqual(lora_spec["depthwise_conv1_d"]["w"], xrapture.LORA_FREEZE)
+    self.assertEqual(lora_spec["linear"]["w"], 1)
 
   def test_elementwise_use_warns_at_adapt(self):
     def fn(x):
       e = hk.get_parameter("codebook", [6, 4], init=jnp.ones)
       return x @ e - jnp.sum(e ** 2, axis=0)  # distances to each code
-    model = xrapture.transform(fn, _spec(targets=(".*/codebook",)))
+    model = xrapture.transform(fn, _config(targets=(".*/codebook",)))
     base = model.init(jax.random.PRNGKey(0), _X3)
     with warnings.catch_warnings(record=True) as caught:
       warnings.simplefilter("always")
-      model.adapt(jax.random.PRNGKey(1), base)
+      model.adapt(jax.random.PRNGKey(1), base, _X3)
     messages = [str(w.message) for w in caught
                 if issubclass(w.category, xrapture.MaterializationWarning)]
     self.assertLen(messages, 1)
@@ -687,19 +690,19 @@ class LayoutFromUseTest(parameterized.TestCase):
     self.assertIn("integer_pow", messages[0])
     with xrapture.strict_mode():
       with self.assertRaisesRegex(xrapture.MaterializationError, "~/codebook"):
-        model.adapt(jax.random.PRNGKey(1), base)
+        model.adapt(jax.random.PRNGKey(1), base, _X3)
     # all-linear leaves it alone.
     model = xrapture.transform(lambda x: hk.Linear(3)(fn(x)),
-                               _spec(targets=("all-linear",)))
+                               _config(targets=("all-linear",)))
     base = model.init(jax.random.PRNGKey(0), _X3)
     with xrapture.strict_mode(), warnings.catch_warnings():
       warnings.simplefilter("error")
-      params = model.adapt(jax.random.PRNGKey(1), base)
+      params = model.adapt(jax.random.PRNGKey(1), base, _X3)
     self.assertNotIsInstance(params["~"]["codebook"], xrapture.LoraWeight)
     self.assertIsInstance(params["linear"]["w"], xrapture.LoraWeight)
 
   def test_all_linear_needs_example_inputs(self):
-    model = xrapture.transform(_linear, _spec(targets=("all-linear",)))
+    model = xrapture.transform(_linear, _config(targets=("all-linear",)))
     base = hk.transform(_linear).init(jax.random.PRNGKey(0), _X3)
     with self.assertRaisesRegex(ValueError, "all-linear.*example inputs"):
       model.adapt(jax.random.PRNGKey(1), base)
@@ -713,7 +716,7 @@ class LayoutFromUseTest(parameterized.TestCase):
     base, state = hk.transform_with_state(
         lambda x: hk.BatchNorm(True, True, 0.9)(hk.Conv1D(6, 3)(x), is_training=True)
     ).init(jax.random.PRNGKey(0), _SEQ)
-    model = xrapture.transform_with_state(fn, _spec())
+    model = xrapture.transform_with_state(fn, _config())
     with self.assertRaisesRegex(ValueError, r"(?s)init failed.*average.*state=state"):
       model.adapt(jax.random.PRNGKey(1), base, _SEQ)
     params = model.adapt(jax.random.PRNGKey(1), base, _SEQ, state=state)
@@ -724,7 +727,106 @@ class LayoutFromUseTest(parameterized.TestCase):
     y_ref, _ = jax.jit(hk.transform_with_state(fn).apply)(
         _dense_reference(perturbed, _ALPHA / _RANK), state, None, _SEQ)
     _assert_close(y, y_ref, 1e-4)
-    self.assertEqual(model.spec(base, _SEQ, state=state)["conv1_d"]["w"], _RANK)
+    self.assertEqual(model.lora_spec(base, _SEQ, state=state)["conv1_d"]["w"], _RANK)
+
+
+def _stack_conv_norm(x):
+  """A layer stack: a [L, k, in, out] conv kernel and [L, D] bias and norms."""
+  return hk.layer_stack(2)(
+      lambda h: hk.LayerNorm(-1, True, True)(jnp.tanh(hk.Conv1D(4, 3)(h))))(x)
+
+
+def _linear_after_embed(ids):
+  return hk.Linear(3)(hk.Embed(10, 4)(ids))
+
+
+def _trees_equal(x, y):
+  """The same tree (LoraWeight layouts included) with bit-equal leaves."""
+  flat_x, tree_x = jax.tree_util.tree_flatten(x)
+  flat_y, tree_y = jax.tree_util.tree_flatten(y)
+  return tree_x == tree_y and all(np.array_equal(u, v) for u, v in zip(flat_x, flat_y))
+
+
+class NoHiddenStateTest(parameterized.TestCase):
+  """``lora_spec`` and ``adapt`` answer from their arguments, whatever ran before."""
+
+  _STACK = "__layer_stack_no_per_layer"
+
+  def test_same_answer_whether_or_not_init_ran(self):
+    config = _config(tune_vectors=True)
+    used = xrapture.transform(_stack_conv_norm, config)
+    base = used.init(jax.random.PRNGKey(0), _SEQ)
+    fresh = xrapture.transform(_stack_conv_norm, config)  # init never ran on it
+    # An init with other shapes afterwards changes nothing either.
+    used.init(jax.random.PRNGKey(0), _SEQ[:1, :5])
+    conv, norm = f"{self._STACK}/conv1_d", f"{self._STACK}/layer_norm"
+    for inputs in ((_SEQ,), (jax.ShapeDtypeStruct(_SEQ.shape, _SEQ.dtype),)):
+      want = fresh.lora_spec(base, *inputs)
+      # Independent of xrapture's answer: the stacked kernel gets the rank,
+      # the [L, D] bias and norms are vectors that tune_vectors trains.
+      self.assertEqual(want, {conv: {"w": _RANK, "b": xrapture.LORA_FULL},
+                              norm: {"scale": xrapture.LORA_FULL,
+                                     "offset": xrapture.LORA_FULL}})
+      self.assertEqual(used.lora_spec(base, *inputs), want)
+      adapted = fresh.adapt(jax.random.PRNGKey(1), base, *inputs)
+      self.assertEqual(adapted[conv]["w"].layout, "siio")
+      self.assertTrue(_trees_equal(used.adapt(jax.random.PRNGKey(1), base, *inputs),
+                                   adapted))
+    # Without inputs both refuse, with the same message.
+    errors = []
+    for model in (used, fresh):
+      with self.assertRaises(ValueError) as ctx:
+        model.lora_spec(base)
+      errors.append(str(ctx.exception))
+    self.assertEqual(errors[0], errors[1])
+
+  def test_without_inputs_the_error_names_each_parameter_and_the_fix(self):
+    model = xrapture.transform(_stack_conv_norm, _config(tune_vectors=True))
+    base = model.init(jax.random.PRNGKey(0), _SEQ)
+    conv, norm = f"{self._STACK}/conv1_d", f"{self._STACK}/layer_norm"
+    with self.assertRaises(ValueError) as ctx:
+      model.lora_spec(base)
+    message = str(ctx.exception)
+    self.assertIn(f"'{conv}/w' (2, 3, 4, 4): targeted", message)
+    for path in (f"{conv}/b", f"{norm}/scale", f"{norm}/offset"):
+      self.assertIn(f"'{path}' (2, 4): tune_vectors", message)
+    self.assertTrue(message.endswith(
+        "Pass the example inputs: model.lora_spec(params, *inputs)."), message)
+    # adapt's result does not depend on tune_vectors: only the kernel is named.
+    with self.assertRaises(ValueError) as ctx:
+      model.adapt(jax.random.PRNGKey(1), base)
+    message = str(ctx.exception)
+    self.assertIn(f"'{conv}/w' (2, 3, 4, 4): targeted", message)
+    self.assertNotIn(norm, message)
+    self.assertTrue(message.endswith(
+        "Pass the example inputs: model.adapt(rng, params, *inputs)."), message)
+    # ... but what quantize_frozen quantizes does: a [L, D] norm is not.
+    model = xrapture.transform(_stack_conv_norm, _config(
+        targets=(), quantize="nf4", quantize_frozen=(r".*/scale",)))
+    with self.assertRaisesRegex(ValueError, rf"'{norm}/scale' \(2, 4\): quantize_frozen"):
+      model.adapt(jax.random.PRNGKey(1), base)
+    with self.assertRaisesRegex(ValueError, r'all-linear.*model\.lora_spec\(params, \*inputs\)'):
+      xrapture.transform(_linear, _config(targets=("all-linear",))).lora_spec(
+          hk.transform(_linear).init(jax.random.PRNGKey(0), _X3))
+
+  def test_two_dimensional_kernels_need_no_inputs(self):
+    model = xrapture.transform(_linear, _config(tune_vectors=True))
+    base = model.init(jax.random.PRNGKey(0), _X3)
+    self.assertEqual(model.lora_spec(base), model.lora_spec(base, _X3))
+    self.assertEqual(model.lora_spec(base)["linear"],
+                     {"w": _RANK, "b": xrapture.LORA_FULL})
+    self.assertTrue(_trees_equal(model.adapt(jax.random.PRNGKey(1), base),
+                                 model.adapt(jax.random.PRNGKey(1), base, _X3)))
+    # An untargeted 2-D parameter could be a layer stack's vectors: with
+    # tune_vectors that takes the inputs; without, it is frozen either way.
+    model = xrapture.transform(_linear_after_embed, _config(tune_vectors=True))
+    base = model.init(jax.random.PRNGKey(0), _IDS)
+    with self.assertRaisesRegex(ValueError, r"'embed/embeddings' \(10, 4\): tune_vectors"):
+      model.lora_spec(base)
+    self.assertEqual(model.lora_spec(base, _IDS)["embed"]["embeddings"],
+                     xrapture.LORA_FREEZE)
+    model = xrapture.transform(_linear_after_embed, _config())
+    self.assertEqual(model.lora_spec(base), model.lora_spec(base, _IDS))
 
 
 if __name__ == "__main__":

@@ -31,16 +31,16 @@ def _setup(**overrides):
 @functools.lru_cache(maxsize=None)
 def _setup_cached(overrides):
   overrides = dict(overrides)
-  spec = xrapture.default_spec()
-  spec.rank = _RANK
-  spec.alpha = 4.0
-  spec.full = ("head/w",)
+  config = xrapture.default_config()
+  config.rank = _RANK
+  config.alpha = 4.0
+  config.full = ("head/w",)
   for k, v in overrides.items():
-    setattr(spec, k, v)
-  model = xrapture.transform(_net, spec)
+    setattr(config, k, v)
+  model = xrapture.transform(_net, config)
   base = jax.jit(model.init)(jax.random.PRNGKey(0), _X)
-  params = model.adapt(jax.random.PRNGKey(1), base)
-  return model, base, params, model.spec(base)
+  params = model.adapt(jax.random.PRNGKey(1), base, _X)
+  return model, base, params, model.lora_spec(base, _X)
 
 
 def _leaves_with_paths(tree):
@@ -205,12 +205,12 @@ class WrapOptimizerTest(parameterized.TestCase):
       count = hk.get_parameter("count", [3], jnp.int32, init=jnp.zeros)
       return hk.Linear(4)(x) + count.sum()
 
-    spec = xrapture.default_spec()
-    spec.rank, spec.tune_vectors = 2, True
-    model = xrapture.transform(net, spec)
+    config = xrapture.default_config()
+    config.rank, config.tune_vectors = 2, True
+    model = xrapture.transform(net, config)
     base = model.init(jax.random.PRNGKey(0), _X)
     params = model.adapt(jax.random.PRNGKey(1), base)
-    tx = xrapture.wrap_optimizer(optax.adam(1e-2), model.spec(base))
+    tx = xrapture.wrap_optimizer(optax.adam(1e-2), model.lora_spec(base))
     state = tx.init(params)
     grads = jax.jit(jax.grad(lambda p: jnp.sum(model.apply(p, None, _X) ** 2),
                              allow_int=True))(params)
@@ -220,7 +220,7 @@ class WrapOptimizerTest(parameterized.TestCase):
     self.assertEqual(new["~"]["count"].dtype, jnp.int32)
     self.assertFalse(np.array_equal(new["linear"]["b"], base["linear"]["b"]))
 
-  def test_spec_of_another_tree_is_an_error(self):
+  def test_lora_spec_of_another_tree_is_an_error(self):
     _, _, params, lora_spec = _setup()
     lora_spec = {k: v for k, v in lora_spec.items() if k != "up"}
     tx = xrapture.wrap_optimizer(optax.sgd(0.1), lora_spec)

@@ -10,5 +10,5 @@ Params: TypeAlias = Mapping[str, Mapping[str, Any]]
 
 # One entry per base parameter, in the structure of its Params: an adapter
 # rank (> 0), LORA_FULL (trained in full) or LORA_FREEZE. What
-# `model.spec(base_params)` returns.
+# `model.lora_spec(base_params)` returns.
 LoraSpec: TypeAlias = Mapping[str, Mapping[str, int]]

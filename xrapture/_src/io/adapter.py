@@ -277,7 +277,7 @@ def save_adapter(path: str, params: pytypes.Params, lora_spec: pytypes.LoraSpec,
   Args:
     path: the file to write (``.safetensors`` by convention).
     params: adapted params (with LoraWeights).
-    lora_spec: ``model.spec(base_params)``: ``LORA_FULL`` leaves are saved
+    lora_spec: ``model.lora_spec(base_params)``: ``LORA_FULL`` leaves are saved
       too, frozen ones are not.
     initial: for adapters initialized with PiSSA: the params ``model.adapt``
       returned, before training. Each adapter is then saved as plain LoRA
@@ -289,7 +289,7 @@ def save_adapter(path: str, params: pytypes.Params, lora_spec: pytypes.LoraSpec,
 
   Raises:
     ValueError: ``lora_spec`` does not fit ``params``; ``params`` are base
-      params (the spec gives a rank to a plain array), or nothing would be
+      params (the lora spec gives a rank to a plain array), or nothing would be
       saved; ``initial`` is not these params' starting point, or is given
       for DoRA adapters.
     OSError: the file could not be written (the message names it); an
@@ -298,15 +298,15 @@ def save_adapter(path: str, params: pytypes.Params, lora_spec: pytypes.LoraSpec,
   Examples:
     >>> import os, tempfile
     >>> import haiku as hk, jax, jax.numpy as jnp, xrapture
-    >>> spec = xrapture.default_spec()
-    >>> spec.rank = 2
-    >>> model = xrapture.transform(lambda x: hk.Linear(4)(x), spec)
+    >>> config = xrapture.default_config()
+    >>> config.rank = 2
+    >>> model = xrapture.transform(lambda x: hk.Linear(4)(x), config)
     >>> x = jnp.ones([1, 8])
     >>> base = model.init(jax.random.PRNGKey(0), x)
     >>> params = model.adapt(jax.random.PRNGKey(1), base)
     >>> tmp = tempfile.TemporaryDirectory()
     >>> path = os.path.join(tmp.name, "adapter.safetensors")
-    >>> xrapture.save_adapter(path, params, model.spec(base))
+    >>> xrapture.save_adapter(path, params, model.lora_spec(base))
     >>> loaded = xrapture.load_adapter(path, base)
     >>> loaded["linear"]["w"].rank, loaded["linear"]["w"].alpha
     (2, 16.0)
@@ -320,7 +320,7 @@ def save_adapter(path: str, params: pytypes.Params, lora_spec: pytypes.LoraSpec,
   if len(ranks) != len(flat_params):
     raise ValueError(
         f"lora_spec has {len(ranks)} entries but params have {len(flat_params)} "
-        "parameters; pass model.spec(base_params) for these params.")
+        "parameters; pass model.lora_spec(base_params) for these params.")
   starts = None if initial is None else dict(paths.flatten_with_paths(initial)[0])
   tensors, entries, not_adapted = {}, {}, []
   for (path_, value), rank in zip(flat_params, ranks):
@@ -358,7 +358,7 @@ def save_adapter(path: str, params: pytypes.Params, lora_spec: pytypes.LoraSpec,
     raise ValueError(
         "params hold no LoraWeight and lora_spec trains no parameter in full: "
         "the adapter file would be empty. Pass the adapted (trained) params, "
-        "from model.adapt(rng, base_params), with model.spec(base_params).")
+        "from model.adapt(rng, base_params), with model.lora_spec(base_params).")
   residual = any(_RESIDUAL in entry for entry in entries.values())
   header = dict(format=FORMAT,
                 format_version=FORMAT_VERSION if residual else _PLAIN_VERSION,

@@ -42,13 +42,14 @@ import ml_collections
 import numpy as np
 import safetensors.numpy
 
+from xrapture._src import deprecations
 from xrapture._src.io import atomic
 from xrapture._src.io import multihost
 from xrapture._src.lora import dora
 from xrapture._src.lora import lora_weight
+from xrapture._src.transform import config as config_lib
 from xrapture._src.transform import paths
 from xrapture._src.transform import pissa
-from xrapture._src.transform import spec as spec_lib
 
 LoraWeight = lora_weight.LoraWeight
 STACK, IN, OUT = lora_weight.STACK, lora_weight.IN, lora_weight.OUT
@@ -131,7 +132,7 @@ def _kind(haiku_path: str, layout: str, linear: Sequence[str] = ()) -> str:
   if haiku_path.rsplit("/", 1)[-1] == "embeddings" and len(layout) == 2:
     return "embedding"
   if (len(layout) > 2 and layout.endswith(IN + OUT)
-      and not spec_lib.matches_any(linear, haiku_path)):
+      and not config_lib.matches_any(linear, haiku_path)):
     return "conv"
   return "linear"
 
@@ -318,14 +319,14 @@ def _json_number(x: float) -> int | float:
 # Export.
 
 
-def _full_trained(flat: list[tuple[str, Any]], spec) -> list[str]:
+def _full_trained(flat: list[tuple[str, Any]], config) -> list[str]:
   out = []
   for path, value in flat:
     if dora.is_adapter(value):
       continue
-    if spec_lib.matches_any(spec.full, path):
+    if config_lib.matches_any(config.full, path):
       out.append(path)
-    elif (spec.tune_vectors and np.ndim(value) < 2
+    elif (config.tune_vectors and np.ndim(value) < 2
           and jnp.issubdtype(value.dtype, jnp.inexact)):
       out.append(path)
   return out
@@ -363,9 +364,10 @@ def _write_dir(path: str, tensors: dict[str, np.ndarray], config: dict) -> None:
       f.write(config_text)
 
 
+@deprecations.renamed_kwargs(spec="config")
 def export_peft(path: str | os.PathLike,
                 params: Any,
-                spec: ml_collections.ConfigDict | None,
+                config: ml_collections.ConfigDict | None,
                 name_map: NameMap,
                 *,
                 base_model_name_or_path: str | None = None,
@@ -413,7 +415,7 @@ def export_peft(path: str | os.PathLike,
     path: the adapter directory.
     params: adapted params (with LoraWeights, or DoraWeights: then
       ``use_dora`` is true and each module gets its magnitude).
-    spec: the spec the model was built with; gives ``r``, ``lora_alpha`` and
+    config: the config the model was built with; gives ``r``, ``lora_alpha`` and
       ``lora_dropout``, and parameters it trains in full are refused. None:
       the most common rank and alpha among the adapters, dropout 0.
     name_map: Haiku parameter path (``"module/param"``) -> torch module path,
@@ -434,7 +436,7 @@ def export_peft(path: str | os.PathLike,
     linear: regexes of Haiku paths whose kernels map to ``nn.Linear`` though
       their layout is a conv's (a multi-axis output projection
       ``[heads, head_dim, d]`` has layout ``'iio'``, as a Conv1D has).
-    initial: for adapters initialized with PiSSA (``spec.init = "pissa"``):
+    initial: for adapters initialized with PiSSA (``config.init = "pissa"``):
       the params ``model.adapt`` returned, before training. Each adapter is
       then written as plain LoRA relative to the original base
       (``w_residual + s·b₀@a₀``), as PEFT's
@@ -443,14 +445,14 @@ def export_peft(path: str | os.PathLike,
 
   Raises:
     ValueError: ``params`` hold no LoraWeight; a LoraWeight has no torch
-      module (all are named) or shares one with another; the spec trains
+      module (all are named) or shares one with another; the config trains
       parameters in full (PEFT's file would lack them); adapters disagree on
       rsLoRA or mix LoRA and DoRA (PEFT has one ``use_rslora`` and one
       ``use_dora``); a conv adapter is not in PEFT's
       layout; a stacked kernel's list has the wrong length; an expert stack
       has more than one stacked axis, or shares its torch module with
-      another, or the spec has LoRA dropout (PEFT's ``target_parameters``
-      has none); the spec says PiSSA but ``initial`` is missing (the file
+      another, or the config has LoRA dropout (PEFT's ``target_parameters``
+      has none); the config says PiSSA but ``initial`` is missing (the file
       would not fit the original base), or ``initial`` is not these params'
       starting point.
   """
@@ -459,23 +461,23 @@ def export_peft(path: str | os.PathLike,
   if not loras:
     raise ValueError("params hold no LoraWeight: nothing to export. Pass the "
                      "params returned by model.adapt (and trained).")
-  if spec is not None:
-    full = _full_trained(flat, spec)
+  if config is not None:
+    full = _full_trained(flat, config)
     if full:
       raise ValueError(
-          "A PEFT LoRA file holds only LoRA factors, but the spec trains these "
-          f"parameters in full (spec.full / spec.tune_vectors): {full}. "
+          "A PEFT LoRA file holds only LoRA factors, but the config trains these "
+          f"parameters in full (config.full / config.tune_vectors): {full}. "
           "Exporting would drop their training. If they were not trained, pass "
-          "a spec with full=() and tune_vectors=False.")
+          "a config with full=() and tune_vectors=False.")
   use_dora = {isinstance(v, dora.DoraWeight) for _, v in loras}
   if len(use_dora) > 1:
     raise ValueError("PEFT has one use_dora for all modules; these adapters mix "
                      "LoRA and DoRA: " + str([(p, type(v).__name__) for p, v in loras])
                      + ". Export them as two adapters.")
-  init = spec.get("init", "default") if spec is not None else "default"
+  init = config.get("init", "default") if config is not None else "default"
   if init == "pissa" and initial is None:
     raise ValueError(
-        "These adapters were initialized with PiSSA (spec.init = 'pissa'): their "
+        "These adapters were initialized with PiSSA (config.init = 'pissa'): their "
         "base params are the residual, not the original base a PEFT user has. Pass "
         "initial=<the params model.adapt returned> to write plain LoRA relative to "
         "the original base (PEFT's path_initial_model_for_weight_conversion).")
@@ -545,16 +547,16 @@ def export_peft(path: str | os.PathLike,
         tensors[f"{_PREFIX}{module}.{_MAGNITUDE}"] = np.ascontiguousarray(m)
       ranks[tpath] = int(lora.rank)
       alphas[tpath] = float(lora.alpha)
-  if parameters and spec is not None and float(spec.dropout) > 0.0:
+  if parameters and config is not None and float(config.dropout) > 0.0:
     raise ValueError(
         f"PEFT's target_parameters (for the expert stacks {parameters}) does not "
-        f"support lora_dropout, but spec.dropout is {spec.dropout}. Export with a "
-        "spec whose dropout is 0 (dropout does not change what the adapters compute).")
+        f"support lora_dropout, but config.dropout is {config.dropout}. Export with a "
+        "config whose dropout is 0 (dropout does not change what the adapters compute).")
 
-  if spec is not None:
-    r, alpha, dropout = int(spec.rank), float(spec.alpha), float(spec.dropout)
+  if config is not None:
+    r, alpha, dropout = int(config.rank), float(config.alpha), float(config.dropout)
     if initial is not None:   # PEFT's conversion doubles r and alpha
-      r, alpha = 2 * r, alpha * (2 ** 0.5 if spec.rslora else 2.0)
+      r, alpha = 2 * r, alpha * (2 ** 0.5 if config.rslora else 2.0)
   else:
     r, alpha, dropout = _most_common(list(ranks.values())), _most_common(
         list(alphas.values())), 0.0

@@ -87,7 +87,7 @@ def _conv(primitive, lhs, rhs, *, dimension_numbers, feature_group_count,
   factor = {IN: scaled_b, OUT: (lora.a, 0)}
   (f_in, r_in), (f_out, r_out) = factor[layout[in_dim]], factor[layout[out_dim]]
   lhs_low = dropout.maybe_drop(lhs)
-  # Adapters may have another dtype than the activations (spec.dtype); unlike
+  # Adapters may have another dtype than the activations (config.dtype); unlike
   # dot_general, conv_general_dilated needs equal operand dtypes: promote.
   if form == "conv_first":
     # The input-feature factor spans the window: a kernel with r outputs.

@@ -183,7 +183,7 @@ def _ragged_dot(primitive, lhs, rhs, *args, **params):
       f"DoRA on a per-expert kernel of shape {tuple(rhs.shape)} (ragged_dot, a "
       "mixture-of-experts layer): PEFT has no DoRA for these (its "
       "target_parameters LoRA refuses use_dora), so xrapture has none either. "
-      "Set spec.use_dora = False, or leave this kernel out of spec.targets.")
+      "Set config.use_dora = False, or leave this kernel out of config.targets.")
 
 
 @registry.primitive_handler("convert_element_type")

@@ -222,10 +222,10 @@ def _general(lora, x, lhs_lora, dimension_numbers, precision, pet, x_low=None):
     (f1, l1), (f2, l2) = (lora.a, a_letters), (b, b_letters)
   keep = set(out) | set(l2)
   mid = [l for l in dict.fromkeys(x_letters + l1) if l in keep]
-  spec = lambda *parts: ",".join("".join(p) for p in parts[:-1]) + "->" + "".join(parts[-1])
-  y = jnp.einsum(spec(x_letters, l1, mid), x if x_low is None else x_low, f1,
+  subscripts = lambda *parts: ",".join("".join(p) for p in parts[:-1]) + "->" + "".join(parts[-1])
+  y = jnp.einsum(subscripts(x_letters, l1, mid), x if x_low is None else x_low, f1,
                  precision=precision)
-  low = jnp.einsum(spec(mid, l2, out), y, f2, precision=precision,
+  low = jnp.einsum(subscripts(mid, l2, out), y, f2, precision=precision,
                    preferred_element_type=pet)
   w = lax.stop_gradient(lora.w)
   dense = interpreter.call(lax.dot_general, w if lhs_lora else x,

@@ -1,7 +1,7 @@
 """LoRA dropout: dropout on the input of the low-rank path only.
 
 ``xrapture.transform`` enters :func:`lora_dropout` around ``apply`` when the
-spec's ``dropout`` is positive and an rng is given; handlers then call
+config's ``dropout`` is positive and an rng is given; handlers then call
 :func:`maybe_drop` on the activations they feed to the adapters. Keys come
 from the implicit core's handler randomness, so every call site and every
 step of a scanned layer stack draws its own mask.

@@ -151,10 +151,10 @@ def _dot_general(primitive, lhs, rhs, *, dimension_numbers, precision=None,
   a_l = ["Z", "R"] + [w_l[d] for d in outs]
   (f1, l1), (f2, l2) = (((b, b_l), (a, a_l)) if set(w_contract) == set(ins)
                         else ((a, a_l), (b, b_l)))
-  spec = lambda *p: ",".join("".join(q) for q in p[:-1]) + "->" + "".join(p[-1])
+  subscripts = lambda *p: ",".join("".join(q) for q in p[:-1]) + "->" + "".join(p[-1])
   mid = x_free + ["R"]
-  u = jnp.einsum(spec(x_l, l1, mid), x, f1, precision=precision)
-  low = jnp.einsum(spec(mid, l2, out), u, f2, precision=precision,
+  u = jnp.einsum(subscripts(x_l, l1, mid), x, f1, precision=precision)
+  low = jnp.einsum(subscripts(mid, l2, out), u, f2, precision=precision,
                    preferred_element_type=preferred_element_type)
   w = lax.stop_gradient(weight.w)
   dense = lax.dot_general(w if w_lhs else x, x if w_lhs else w, dimension_numbers,

@@ -32,13 +32,13 @@ def wrap_optimizer(tx: optax.GradientTransformation, lora_spec: pytypes.LoraSpec
 
   Examples:
     >>> import haiku as hk, jax, jax.numpy as jnp, optax, xrapture
-    >>> spec = xrapture.default_spec()
-    >>> spec.rank = 2
-    >>> model = xrapture.transform(lambda x: hk.Linear(4)(x), spec)
+    >>> config = xrapture.default_config()
+    >>> config.rank = 2
+    >>> model = xrapture.transform(lambda x: hk.Linear(4)(x), config)
     >>> x = jnp.ones([1, 8])
     >>> base = model.init(jax.random.PRNGKey(0), x)
     >>> params = model.adapt(jax.random.PRNGKey(1), base)
-    >>> tx = xrapture.wrap_optimizer(optax.adam(1e-2), model.spec(base))
+    >>> tx = xrapture.wrap_optimizer(optax.adam(1e-2), model.lora_spec(base))
     >>> opt_state = tx.init(params)  # Adam moments for a and b only
     >>> grads = jax.grad(lambda p: jnp.sum(model.apply(p, None, x) ** 2))(params)
     >>> updates, opt_state = tx.update(grads, opt_state, params)
@@ -51,7 +51,7 @@ def wrap_optimizer(tx: optax.GradientTransformation, lora_spec: pytypes.LoraSpec
 
   Args:
     tx: the optimizer for the trainable leaves.
-    lora_spec: one entry per base parameter, as ``model.spec(base_params)``
+    lora_spec: one entry per base parameter, as ``model.lora_spec(base_params)``
       returns (a prefix of the adapted tree).
     use_scalar_zeros: frozen leaves get scalar zero updates.
     loraplus_lr_ratio: LoRA+ as PEFT's ``create_loraplus_optimizer``: the

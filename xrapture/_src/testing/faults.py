@@ -3,14 +3,14 @@
 Each case damages a saved adapter file (one bit flipped in its header or its
 data, a truncation), makes a write fail (read-only target, full disk, failed
 fsync or rename), races writers and readers on one file, kills a writing
-process (SIGKILL), or passes a bad spec value; its outcome is one of:
+process (SIGKILL), or passes a bad config value; its outcome is one of:
 
 * ``same``: the file loads to exactly the values that were saved (or, for a
   failed write, the previous file is intact and loads exactly);
 * ``refused``: a ValueError or OSError whose message names the file (for
-  spec values: a ValueError naming the field);
+  config values: a ValueError naming the field);
 * ``unclear``: an error that names neither, or another exception type;
-* ``silent``: different values load with no error, or a bad spec value is
+* ``silent``: different values load with no error, or a bad config value is
   accepted: what must never happen.
 
 :func:`run` gives the counts per kind and outcome; ``tools/fault_inject.py``
@@ -40,14 +40,14 @@ from xrapture._src.io import adapter
 from xrapture._src.io import atomic
 from xrapture._src.lora import lora_weight
 from xrapture._src.transform import adapters
-from xrapture._src.transform import spec as spec_lib
+from xrapture._src.transform import config as config_lib
 
 LoraWeight = lora_weight.LoraWeight
 OUTCOMES = ("same", "refused", "unclear", "silent")
 BAD = ("unclear", "silent")
 
 # (field, value) pairs that must each be refused naming the field.
-BAD_SPEC_VALUES = (
+BAD_CONFIG_VALUES = (
     ("rank", 0), ("rank", -1), ("alpha", 0.0), ("alpha", float("nan")),
     ("alpha", float("inf")), ("alpha", -float("inf")), ("init_stddev", 0.0),
     ("init_stddev", -0.0), ("init_stddev", float("nan")), ("init_stddev", float("inf")),
@@ -426,26 +426,26 @@ def killed_writers(report: Report, directory: str, count: int,
 
 
 # ----------------------------------------------------------------------------
-# Bad spec values.
+# Bad config values.
 
 
-def bad_specs(report: Report) -> None:
-  """Every value of :data:`BAD_SPEC_VALUES` at ``model.spec``/``adapt``'s entry."""
+def bad_configs(report: Report) -> None:
+  """Every value of :data:`BAD_CONFIG_VALUES` at ``model.lora_spec``/``adapt``'s entry."""
   base, _, _ = example()
   base = {k: v for k, v in base.items() if k != "step"}
-  for field, value in BAD_SPEC_VALUES:
-    spec = spec_lib.default_spec()
-    spec.rank = 2
-    setattr(spec, field, value)
+  for field, value in BAD_CONFIG_VALUES:
+    config = config_lib.default_config()
+    config.rank = 2
+    setattr(config, field, value)
     try:
-      adapters.lora_spec_from_config(base, spec)
+      adapters.lora_spec_from_config(base, config)
     except ValueError as e:
-      report.add("bad spec value", "refused" if f"spec.{field}" in str(e) else "unclear",
+      report.add("bad config value", "refused" if f"config.{field}" in str(e) else "unclear",
                  str(e))
     except Exception as e:  # pylint: disable=broad-except
-      report.add("bad spec value", "unclear", f"{type(e).__name__}: {e}")
+      report.add("bad config value", "unclear", f"{type(e).__name__}: {e}")
     else:
-      report.add("bad spec value", "silent", f"accepted spec.{field} = {value!r}")
+      report.add("bad config value", "silent", f"accepted config.{field} = {value!r}")
 
 
 def run(header_flips: int = 100, data_flips: int = 100, truncations: int = 20,
@@ -465,5 +465,5 @@ def run(header_flips: int = 100, data_flips: int = 100, truncations: int = 20,
     failed_writes(report, directory, write_faults)
     concurrent_writers(report, directory, writers, rounds)
     killed_writers(report, directory, kills, rng)
-  bad_specs(report)
+  bad_configs(report)
   return report

@@ -18,7 +18,7 @@ from xrapture._src.lora import lora_weight
 from xrapture._src.testing import dense_check
 
 
-def _delta_spec(layout: str) -> str:
+def _delta_subscripts(layout: str) -> str:
   """The einsum ``b,a->w`` of a layout: one letter per axis of ``w``, ``R`` the rank."""
   letters = "abcdefghijklmnopq"[:len(layout)]
   b = "".join(l for l, c in zip(letters, layout) if c == "s") + "".join(
@@ -35,7 +35,7 @@ def delta(lora: lora_weight.LoraWeight, a: Any = None, b: Any = None,
   b = lora.b if b is None else b
   r = b.shape[-1]
   scale = lora.alpha / (math.sqrt(r) if lora.rslora else r)
-  return scale * xp.einsum(_delta_spec(lora_weight.layout_of(lora)), b, a)
+  return scale * xp.einsum(_delta_subscripts(lora_weight.layout_of(lora)), b, a)
 
 
 def dense_value(lora: lora_weight.LoraWeight) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""From base params to adapted params and back: spec trees, init, merge, split."""
+"""From base params to adapted params and back: lora spec trees, init, merge, split."""
 
 from typing import Any, Callable
 import warnings
@@ -13,24 +13,24 @@ from xrapture._src.implicit import implicit_array
 from xrapture._src.implicit import registry
 from xrapture._src.lora import dora
 from xrapture._src.lora import lora_weight
+from xrapture._src.transform import config as config_lib
 from xrapture._src.transform import layout as layout_lib
 from xrapture._src.transform import paths
 from xrapture._src.transform import pissa
-from xrapture._src.transform import spec as spec_lib
 
 LoraWeight = lora_weight.LoraWeight
 LORA_FREEZE = lora_weight.LORA_FREEZE
 LORA_FULL = lora_weight.LORA_FULL
 
 
-def lora_spec_from_config(params: Any, spec: ml_collections.ConfigDict,
+def lora_spec_from_config(params: Any, config: ml_collections.ConfigDict,
                           layouts: dict[int, layout_lib.KernelLayout] | None = None
                           ) -> Any:
-  """The lora spec tree of ``params`` under ``spec``.
+  """The lora spec tree of ``params`` under ``config``.
 
   Args:
     params: base params.
-    spec: the ConfigDict.
+    config: the ConfigDict.
     layouts: flat leaf index -> how ``apply`` uses that parameter (from
       :func:`layout.kernel_layouts`); gives each kernel's rank limit
       ``min(prod(in), prod(out))``, tells a ``[L, D]`` layer-stack bias (one
@@ -43,39 +43,39 @@ def lora_spec_from_config(params: Any, spec: ml_collections.ConfigDict,
     ``LORA_FULL`` (trained in full) or ``LORA_FREEZE``.
 
   Raises:
-    ValueError: a field of ``spec`` is invalid (:func:`spec.validate`);
+    ValueError: a field of ``config`` is invalid (:func:`config.validate`);
       ``targets`` match no kernel (the message lists the
       parameters that exist); a rank exceeds a kernel's
       ``min(prod(in), prod(out))``; an integer parameter is targeted; a
       targeted kernel is a grouped conv's, or is used in two incompatible
       ways; ``"all-linear"`` without ``layouts``.
   """
-  spec_lib.validate(spec)
+  config_lib.validate(config)
   flat, treedef = paths.flatten_with_paths(params)
   decisions = []
   layouts = layouts or {}
-  all_linear = spec_lib.all_linear(spec.targets)
+  all_linear = config_lib.all_linear(config.targets)
   if all_linear and not layouts and any(np.ndim(v) >= 2 for _, v in flat):
     raise ValueError(
         'targets=("all-linear",) needs to see how apply uses each kernel: pass '
-        "example inputs (model.adapt(rng, params, *inputs) / model.spec(params, "
-        "*inputs)), or call model.init first.")
+        "the example inputs (model.adapt(rng, params, *inputs) / "
+        "model.lora_spec(params, *inputs)).")
   grouped, conflicts = [], []
   for index, (path, value) in enumerate(flat):
     shape = tuple(np.shape(value))
     layout = layouts.get(index) or layout_lib.default(len(shape))
     core_ndim = len(shape) - layout.scanned
     dtype = np.dtype(value.dtype)
-    named = spec_lib.matches_any(spec.targets, path)
+    named = config_lib.matches_any(config.targets, path)
     linear = (all_linear and core_ndim >= 2 and layout.low_rank
               and jnp.issubdtype(dtype, jnp.inexact)
               and any(u in layout_lib.LINEAR_USES for u in layout.uses))
-    full = spec_lib.matches_any(spec.full, path)
+    full = config_lib.matches_any(config.full, path)
     if (named or full) and not jnp.issubdtype(dtype, jnp.inexact):
       raise ValueError(
           f"Parameter '{path}' has integer dtype {dtype} and cannot be trained, "
-          "but the spec's targets/full patterns match it. Narrow the patterns.")
-    rank = spec_lib.rank_for(spec, path)
+          "but the config's targets/full patterns match it. Narrow the patterns.")
+    rank = config_lib.rank_for(config, path)
     if full:
       decisions.append(LORA_FULL)
     elif (named or linear) and core_ndim >= 2:
@@ -92,10 +92,10 @@ def lora_spec_from_config(params: Any, spec: ml_collections.ConfigDict,
         raise ValueError(
             f"rank {rank} for '{path}' exceeds min(M, N) = {limit} of its kernel "
             f"of shape {shape}, which apply contracts as a [{m}, {n}] matrix "
-            f"(layout '{layout.layout}'). Lower spec.rank or add a "
-            "spec.rank_pattern entry for this path.")
+            f"(layout '{layout.layout}'). Lower config.rank or add a "
+            "config.rank_pattern entry for this path.")
       decisions.append(max(rank, LORA_FREEZE))
-    elif core_ndim < 2 and spec.tune_vectors and jnp.issubdtype(dtype, jnp.inexact):
+    elif core_ndim < 2 and config.tune_vectors and jnp.issubdtype(dtype, jnp.inexact):
       decisions.append(LORA_FULL)
     else:
       decisions.append(LORA_FREEZE)
@@ -103,21 +103,71 @@ def lora_spec_from_config(params: Any, spec: ml_collections.ConfigDict,
     raise ValueError(
         "These kernels are used by a grouped or depthwise conv "
         "(feature_group_count > 1), which has no low-rank form: "
-        + ", ".join(grouped) + ". Exclude them from spec.targets (or train them "
-        "in full with spec.full).")
+        + ", ".join(grouped) + ". Exclude them from config.targets (or train them "
+        "in full with config.full).")
   if conflicts:
     raise ValueError(
         "These kernels are used in two ways that group their axes differently, "
         "so no one adapter layout fits both:\n  " + "\n  ".join(conflicts)
-        + "\nExclude them from spec.targets (or train them in full with spec.full).")
-  if spec.targets and not any(d > 0 for d in decisions):
+        + "\nExclude them from config.targets (or train them in full with config.full).")
+  if config.targets and not any(d > 0 for d in decisions):
     raise ValueError(
-        f"spec.targets {tuple(spec.targets)} match no parameter with two or more "
+        f"config.targets {tuple(config.targets)} match no parameter with two or more "
         "dimensions (patterns are re.fullmatch-ed against 'module/param' "
         "paths; \"all-linear\" takes every kernel apply contracts; 1-D "
         "parameters never get adapters). Parameters:\n"
         + paths.describe(params))
   return jax.tree_util.tree_unflatten(treedef, decisions)
+
+
+def layouts_needed(params: Any, config: ml_collections.ConfigDict, *,
+                   vectors: bool, quantized: bool) -> list[str]:
+  """Parameters a lora spec or adapt can only get right from their layouts.
+
+  Without layouts from use, :func:`lora_spec_from_config` takes each
+  parameter by its shape: leading axes stacked, the last two in and out, so
+  a 2-D kernel is ``[in, out]`` and ``[L, D]`` is a kernel, not a layer
+  stack's vectors. These are the parameters where that is a guess that
+  decides something.
+
+  Args:
+    params: base params.
+    config: the ConfigDict (valid).
+    vectors: whether what ``tune_vectors`` trains counts (a lora spec).
+    quantized: whether what ``quantize_frozen`` quantizes counts (adapt).
+
+  Returns:
+    ``"'path' (shape): why"`` for each floating-point parameter that is
+    targeted with more than two dimensions (a conv window, a layer stack, a
+    multi-axis kernel: which axes form the matrix shows in use), and, with
+    ``vectors`` and ``config.tune_vectors``, each untargeted one of two or
+    more dimensions that ``full`` does not name (trained in full if it is a
+    layer stack's ``[L, D]`` vectors), and with ``quantized`` each of two or
+    more dimensions that ``quantize_frozen`` names and neither a target nor
+    ``full`` does
+    (not quantized if it is a layer stack's vectors).
+  """
+  needed = []
+  tune = vectors and config.tune_vectors
+  frozen = quantized and config.quantize is not None and config.quantize_frozen
+  for path, value in paths.flatten_with_paths(params)[0]:
+    shape = tuple(np.shape(value))
+    if len(shape) < 2 or not jnp.issubdtype(np.dtype(value.dtype), jnp.inexact):
+      continue
+    full = config_lib.matches_any(config.full, path)
+    named = config_lib.matches_any(config.targets, path) and not full
+    if named and len(shape) > 2:
+      why = ("targeted, with more than two dimensions (a conv, a layer stack "
+             "or a multi-axis kernel: its in and out axes show in use)")
+    elif tune and not named and not full:
+      why = "tune_vectors trains it in full if it is a layer stack's [L, D] vectors"
+    elif (frozen and not named and not full
+          and config_lib.matches_any(config.quantize_frozen, path)):
+      why = "quantize_frozen quantizes it unless it is a layer stack's [L, D] vectors"
+    else:
+      continue
+    needed.append(f"'{path}' {shape}: {why}")
+  return needed
 
 
 def report_uses(params: Any, lora_spec: Any,
@@ -135,7 +185,7 @@ def report_uses(params: Any, lora_spec: Any,
     message = (
         f"The LoraWeight of '{path}' {tuple(np.shape(value))} will be "
         f"materialized: apply uses it through {'; '.join(layout.problems)}. "
-        "Exclude it from spec.targets (or train it in full with spec.full) to "
+        "Exclude it from config.targets (or train it in full with config.full) to "
         "keep training low-rank.")
     if registry.is_strict():
       raise registry.MaterializationError(message + " (strict mode is on)")
@@ -166,7 +216,7 @@ def init_lora_weight(rng: jax.Array, w: jax.Array, rank: int, alpha: float,
 
 
 def adapt_params(rng: jax.Array, params: Any, lora_spec: Any,
-                 spec: ml_collections.ConfigDict,
+                 config: ml_collections.ConfigDict,
                  layouts: Callable[[list[int]], dict[int, layout_lib.KernelLayout]]
                  ) -> Any:
   """Wraps each leaf with a rank > 0 in ``lora_spec`` in a fresh LoraWeight.
@@ -190,10 +240,10 @@ def adapt_params(rng: jax.Array, params: Any, lora_spec: Any,
       continue
     layout = found.get(i) or layout_lib.default(np.ndim(value))
     lora = init_lora_weight(
-        keys[i], value, rank, spec_lib.alpha_for(spec, path), layout,
-        spec.init_stddev, spec.dtype, spec.rslora)
-    lora = pissa.initialize(lora, spec.get("init", "default"))
-    out.append(dora.from_lora(lora) if spec.get("use_dora", False) else lora)
+        keys[i], value, rank, config_lib.alpha_for(config, path), layout,
+        config.init_stddev, config.dtype, config.rslora)
+    lora = pissa.initialize(lora, config.get("init", "default"))
+    out.append(dora.from_lora(lora) if config.get("use_dora", False) else lora)
   return jax.tree_util.tree_unflatten(treedef, out)
 
 

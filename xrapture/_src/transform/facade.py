@@ -119,7 +119,7 @@ class XRapTure:
 
   def make_lora_specs(self, parameters: Any, decision_fn: Callable | None = None,
                       tune_vectors: bool = False) -> Any:
-    """A spec tree: vectors full or frozen, the rest as ``decision_fn`` says."""
+    """A lora spec tree: vectors full or frozen, the rest as ``decision_fn`` says."""
     decision_fn = decision_fn or self.base_decision_function
 
     def decide(path, arr):
@@ -137,10 +137,10 @@ class XRapTure:
   def init_lora_parameters(param_tree: Any, lora_spec: Any, dtype: Any = jnp.float32,
                            rng: jax.Array | None = None, stddev: float = 0.01,
                            alpha: float = 1.0, is_leaf: Callable | None = None) -> Any:
-    """LoraWeights (``b = 0``, ``a ~ N(0, stddev²)``) where the spec holds a rank.
+    """LoraWeights (``b = 0``, ``a ~ N(0, stddev²)``) where the lora spec holds a rank.
 
     Raises:
-      ValueError: a 1-D parameter has a rank in the spec.
+      ValueError: a 1-D parameter has a rank in the lora spec.
     """
     if rng is None:  # the seed's default; made here, not at import
       rng = jax.random.PRNGKey(0)
@@ -188,7 +188,7 @@ class XRapTure:
       rng, stddev, alpha, is_leaf: as :meth:`init_lora_parameters`.
 
     Returns:
-      The adapted parameters, their spec, the wrapped optimizer and its
+      The adapted parameters, their lora spec, the wrapped optimizer and its
       state, and the module that runs them.
     """
     lora_spec = self.make_lora_specs(parameters, decision_fn, tune_vectors)

@@ -7,8 +7,8 @@
 
 Examples:
   >>> import haiku as hk, jax, jax.numpy as jnp, xrapture
-  >>> spec = xrapture.default_spec(); spec.rank = 2
-  >>> model = xrapture.transform(lambda x: hk.Linear(3)(x), spec)
+  >>> config = xrapture.default_config(); config.rank = 2
+  >>> model = xrapture.transform(lambda x: hk.Linear(3)(x), config)
   >>> x = jnp.ones((3, 4))
   >>> base = model.init(jax.random.PRNGKey(0), x)
   >>> adapters = xrapture.AdapterSet(base)

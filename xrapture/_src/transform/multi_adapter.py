@@ -7,8 +7,8 @@ base with the active adapter's LoraWeights (or the base alone).
 
 Examples:
   >>> import haiku as hk, jax, jax.numpy as jnp, xrapture
-  >>> spec = xrapture.default_spec(); spec.rank = 2
-  >>> model = xrapture.transform(lambda x: hk.Linear(3)(x), spec)
+  >>> config = xrapture.default_config(); config.rank = 2
+  >>> model = xrapture.transform(lambda x: hk.Linear(3)(x), config)
   >>> x = jnp.ones((1, 4))
   >>> base = model.init(jax.random.PRNGKey(0), x)
   >>> french = model.adapt(jax.random.PRNGKey(1), base)   # ... trained
@@ -99,7 +99,7 @@ def add_adapter(adapters: AdapterSet, name: str, params: Any,
       batches).
     params: adapted params over the same base (``model.adapt`` output,
       trained, or ``load_adapter`` / ``import_peft`` output).
-    lora_spec: ``model.spec(base)``; with it the parameters it trains in
+    lora_spec: ``model.lora_spec(base)``; with it the parameters it trains in
       full (``LORA_FULL``) belong to the adapter too.
 
   Raises:

@@ -97,11 +97,11 @@ def to_plain_lora(trained: LoraWeight, initial: LoraWeight) -> LoraWeight:
 
 def check_init(name: str) -> None:
   if name not in INITS:
-    raise ValueError(f"spec.init must be one of {INITS}, got {name!r}.")
+    raise ValueError(f"config.init must be one of {INITS}, got {name!r}.")
 
 
 def initialize(lora: LoraWeight, name: str) -> LoraWeight:
-  """``lora`` (default-initialized) under the ``spec.init`` named ``name``."""
+  """``lora`` (default-initialized) under the ``config.init`` named ``name``."""
   check_init(name)
   return pissa_init(lora) if name == "pissa" else lora
 

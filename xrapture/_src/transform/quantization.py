@@ -1,7 +1,7 @@
 """xrapture.quantize: the frozen base of adapted params stored as NF4 or int8 (QLoRA).
 
 Each LoraWeight's ``w`` becomes a :class:`QuantizedArray` (and, with
-``spec.quantize_frozen``, so do the frozen kernels it names); adapters and
+``config.quantize_frozen``, so do the frozen kernels it names); adapters and
 trained parameters stay as they are. Blocks run along a kernel's input axis:
 the ``[in, out]`` kernel of ``hk.Linear`` is quantized as bitsandbytes
 quantizes the torch weight ``[out, in]``; an embedding table (a parameter
@@ -17,12 +17,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from xrapture._src import deprecations
 from xrapture._src.implicit import implicit_array
 from xrapture._src.lora import lora_weight
 from xrapture._src.quant import quantize as quantize_lib
 from xrapture._src.quant import quantized_array
+from xrapture._src.transform import config as config_lib
 from xrapture._src.transform import paths
-from xrapture._src.transform import spec as spec_lib
 
 LoraWeight = lora_weight.LoraWeight
 IN = lora_weight.IN
@@ -46,9 +47,9 @@ def _blocked_axis(path: str, layout: str | None, shape: tuple[int, ...],
   return -2 if shape[-2] % block == 0 else -1
 
 
-def _quantize_one(path: str, x: Any, spec: ml_collections.ConfigDict,
+def _quantize_one(path: str, x: Any, config: ml_collections.ConfigDict,
                   axis: int, what: str) -> Any:
-  """``x`` quantized as ``spec`` says; errors name the path and the field."""
+  """``x`` quantized as ``config`` says; errors name the path and the field."""
   if implicit_array.is_implicit(x):
     raise ValueError(
         f"Cannot quantize {what} '{path}': it is already a {type(x).__name__}. "
@@ -58,24 +59,25 @@ def _quantize_one(path: str, x: Any, spec: ml_collections.ConfigDict,
   if not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(
         f"Cannot quantize {what} '{path}' of dtype {dtype} (shape "
-        f"{tuple(np.shape(x))}): spec.quantize = {spec.quantize!r} quantizes "
+        f"{tuple(np.shape(x))}): config.quantize = {config.quantize!r} quantizes "
         "floating-point kernels only. Leave integer parameters out of "
-        "spec.targets / spec.quantize_frozen.")
+        "config.targets / config.quantize_frozen.")
   try:
     return quantize_lib.quantize_array(
-        x, spec.quantize, block_size=spec.quantize_block,
-        double_quant=spec.double_quant, axis=axis)
+        x, config.quantize, block_size=config.quantize_block,
+        double_quant=config.double_quant, axis=axis)
   except ValueError as e:
     raise ValueError(
         f"Cannot quantize {what} '{path}' of shape {tuple(np.shape(x))} with "
-        f"spec.quantize = {spec.quantize!r}, spec.quantize_block = "
-        f"{spec.quantize_block}: {e}") from e
+        f"config.quantize = {config.quantize!r}, config.quantize_block = "
+        f"{config.quantize_block}: {e}") from e
 
 
-def quantize(params: Any, spec: ml_collections.ConfigDict) -> Any:
-  """Stores the frozen base of ``params`` quantized, as ``spec`` says (QLoRA).
+@deprecations.renamed_kwargs(spec="config")
+def quantize(params: Any, config: ml_collections.ConfigDict) -> Any:
+  """Stores the frozen base of ``params`` quantized, as ``config`` says (QLoRA).
 
-  ``model.adapt`` calls it when ``spec.quantize`` is set; call it yourself on
+  ``model.adapt`` calls it when ``config.quantize`` is set; call it yourself on
   params that already hold LoraWeights from elsewhere
   (:func:`xrapture.import_peft`, :func:`xrapture.load_adapter`). A quantized
   ``w`` is dequantized per use inside the step, by the handlers of each
@@ -88,9 +90,9 @@ def quantize(params: Any, spec: ml_collections.ConfigDict) -> Any:
 
   Examples:
     >>> import haiku as hk, jax, jax.numpy as jnp, xrapture
-    >>> spec = xrapture.default_spec()
-    >>> spec.rank, spec.quantize = 2, "nf4"
-    >>> model = xrapture.transform(lambda x: hk.Linear(4)(x), spec)
+    >>> config = xrapture.default_config()
+    >>> config.rank, config.quantize = 2, "nf4"
+    >>> model = xrapture.transform(lambda x: hk.Linear(4)(x), config)
     >>> x = jnp.ones((1, 64))
     >>> params = model.adapt(jax.random.PRNGKey(1), model.init(jax.random.PRNGKey(0), x))
     >>> type(params["linear"]["w"].w).__name__
@@ -100,43 +102,43 @@ def quantize(params: Any, spec: ml_collections.ConfigDict) -> Any:
 
   Args:
     params: adapted params (with LoraWeights).
-    spec: a spec whose ``quantize`` is ``"nf4"`` or ``"int8"``;
+    config: a config whose ``quantize`` is ``"nf4"`` or ``"int8"``;
       ``quantize_block``, ``double_quant`` and ``quantize_frozen`` as in
-      :func:`xrapture.default_spec`.
+      :func:`xrapture.default_config`.
 
   Returns:
     ``params`` with each LoraWeight's ``w`` (and each frozen kernel that
-    ``spec.quantize_frozen`` names) a :class:`xrapture.QuantizedArray` of the
+    ``config.quantize_frozen`` names) a :class:`xrapture.QuantizedArray` of the
     same shape and dtype; every other leaf is the same object.
 
   Raises:
-    ValueError: naming the field and the allowed values: ``spec.quantize`` is
-      None or unknown (any invalid field, see ``spec.validate``); naming the
+    ValueError: naming the field and the allowed values: ``config.quantize`` is
+      None or unknown (any invalid field, see ``config.validate``); naming the
       path: the block size does not divide a kernel's input axis (with the
       sizes that do), a kernel is integer or already quantized, a LoraWeight's
-      adapter factor is quantized, ``spec.quantize_frozen`` names a parameter
-      that ``spec.full`` trains.
+      adapter factor is quantized, ``config.quantize_frozen`` names a parameter
+      that ``config.full`` trains.
 
-  ``spec.quantize_frozen`` patterns should name kernels (``r".*/w"``): here
+  ``config.quantize_frozen`` patterns should name kernels (``r".*/w"``): here
   every matching parameter with two or more dimensions is one, including
   the ``[L, D]`` biases of a layer stack, which ``model.adapt`` (tracing the
   model) knows to be vectors and leaves alone.
   """
-  return quantize_except(params, spec, vectors=())
+  return quantize_except(params, config, vectors=())
 
 
-def quantize_except(params: Any, spec: ml_collections.ConfigDict,
+def quantize_except(params: Any, config: ml_collections.ConfigDict,
                     vectors: Collection[str]) -> Any:
   """:func:`quantize`, leaving the parameters at paths ``vectors`` alone.
 
   ``vectors``: paths of parameters with two or more dimensions that are
   stacks of vectors (a layer stack's biases), never quantized.
   """
-  spec_lib.validate(spec)
-  if spec.quantize is None:
+  config_lib.validate(config)
+  if config.quantize is None:
     raise ValueError(
-        "spec.quantize = None: nothing to quantize with. Set spec.quantize to one "
-        f"of {quantize_lib.SCHEMES} (e.g. spec.quantize = 'nf4').")
+        "config.quantize = None: nothing to quantize with. Set config.quantize to one "
+        f"of {quantize_lib.SCHEMES} (e.g. config.quantize = 'nf4').")
   flat, treedef = paths.flatten_with_paths(params)
   out = []
   for path, value in flat:
@@ -148,18 +150,18 @@ def quantize_except(params: Any, spec: ml_collections.ConfigDict,
               "adapters are trained and stay in full precision; only the base "
               "kernel w is quantized.")
       axis = _blocked_axis(path, lora_weight.layout_of(value), value.shape,
-                          spec.quantize_block)
-      out.append(value.replace(w=_quantize_one(path, value.w, spec, axis,
+                          config.quantize_block)
+      out.append(value.replace(w=_quantize_one(path, value.w, config, axis,
                                                 "the base kernel of LoraWeight")))
-    elif (spec.quantize_frozen and spec_lib.matches_any(spec.quantize_frozen, path)
+    elif (config.quantize_frozen and config_lib.matches_any(config.quantize_frozen, path)
           and np.ndim(value) >= 2 and path not in vectors):
-      if spec_lib.matches_any(spec.full, path):
+      if config_lib.matches_any(config.full, path):
         raise ValueError(
-            f"spec.quantize_frozen matches '{path}', which spec.full trains: "
+            f"config.quantize_frozen matches '{path}', which config.full trains: "
             "only frozen parameters can be quantized (a gradient step cannot "
-            "update 4- or 8-bit codes). Narrow spec.quantize_frozen or spec.full.")
-      axis = _blocked_axis(path, None, np.shape(value), spec.quantize_block)
-      out.append(_quantize_one(path, value, spec, axis, "frozen parameter"))
+            "update 4- or 8-bit codes). Narrow config.quantize_frozen or config.full.")
+      axis = _blocked_axis(path, None, np.shape(value), config.quantize_block)
+      out.append(_quantize_one(path, value, config, axis, "frozen parameter"))
     else:
       out.append(value)
   return treedef.unflatten(out)

@@ -8,12 +8,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from xrapture._src import deprecations
 from xrapture._src.implicit import interpreter
 from xrapture._src.lora import dropout as dropout_lib
 from xrapture._src.transform import adapters
+from xrapture._src.transform import config as config_lib
 from xrapture._src.transform import layout as layout_lib
 from xrapture._src.transform import quantization
-from xrapture._src.transform import spec as spec_lib
 
 
 def _abstract(tree: Any) -> Any:
@@ -25,62 +26,94 @@ def _abstract(tree: Any) -> Any:
   return jax.tree.map(one, tree)
 
 
+def _example(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+  """``(args, kwargs)`` as shapes, or None when there are no example inputs."""
+  if args or kwargs:
+    return (_abstract(args), _abstract(kwargs))
+  return None
+
+
 class LoraTransformed:
   """A Haiku function whose targeted kernels run as LoraWeights.
 
+  It holds the function and its config and remembers nothing between calls:
+  ``lora_spec`` and ``adapt`` answer from their arguments alone.
+
   Attributes:
-    config: the spec (``ml_collections.ConfigDict``) this model was built with.
+    config: the ``ml_collections.ConfigDict`` this model was built with
+      (:func:`xrapture.default_config`).
   """
 
-  def __init__(self, f: Callable[..., Any], spec: ml_collections.ConfigDict | None,
+  def __init__(self, f: Callable[..., Any], config: ml_collections.ConfigDict | None,
                with_state: bool):
-    self.config = spec_lib.default_spec() if spec is None else spec
+    self.config = config_lib.default_config() if config is None else config
     self._with_state = with_state
     self._hk = hk.transform_with_state(f) if with_state else hk.transform(f)
     self._apply = interpreter.use_implicit_args(self._hk.apply)
-    self._example = None
 
   def init(self, rng: jax.Array | None, *args, **kwargs) -> Any:
-    """Exactly ``hk.transform(f).init``; also records the inputs' shapes."""
-    self._example = (_abstract(args), _abstract(kwargs))
+    """Exactly ``hk.transform(f).init`` (``hk.transform_with_state(f).init``)."""
     return self._hk.init(rng, *args, **kwargs)
 
-  def spec(self, params: Any, *example_args, state: Any = None,
-           **example_kwargs) -> Any:
-    """The lora spec tree of base ``params``.
+  def lora_spec(self, params: Any, *example_args, state: Any = None,
+                **example_kwargs) -> Any:
+    """The lora spec tree of base ``params``: what trains, and how.
 
     Args:
       params: base params.
-      *example_args: optional inputs as for ``apply`` (arrays or
-        ``jax.ShapeDtypeStruct`` values); default: those of the last :meth:`init`.
+      *example_args: inputs as for ``apply`` (arrays or
+        ``jax.ShapeDtypeStruct`` values). Needed unless every parameter the
+        answer depends on is a 2-D kernel, taken as ``[in, out]``; see
+        Raises.
       state: with :func:`transform_with_state`, the state to trace ``apply``
-        with (default: its shapes from ``init``).
+        with (default: its shapes from tracing ``init``).
       **example_kwargs: likewise.
 
     Returns:
       A tree like ``params``: the adapter rank of every adapted kernel,
       ``LORA_FULL`` for parameters trained in full, ``LORA_FREEZE`` for the
-      rest. Pass it to :func:`xrapture.wrap_optimizer`. With example inputs,
-      the ``[L, D]`` vectors of a layer stack count as vectors
-      (``tune_vectors``); without, as 2-D parameters.
+      rest. Pass it to :func:`xrapture.wrap_optimizer`. The ``[L, D]``
+      vectors of a layer stack count as vectors (``tune_vectors``).
 
     Raises:
-      ValueError: targets match no kernel (the message lists the parameters
-        that exist), a rank exceeds a kernel's ``min(prod(in), prod(out))``,
-        an integer parameter is targeted, a targeted kernel is a grouped
-        conv's or is used in two incompatible ways, or ``apply`` (or, with
-        state, ``init``) cannot be traced with the example inputs.
+      ValueError: no example inputs, and a targeted kernel has more than two
+        dimensions (a conv, a layer stack, a multi-axis kernel: its layout
+        shows only in use), ``targets`` hold ``"all-linear"``, or with
+        ``tune_vectors`` a parameter with two or more dimensions is not
+        targeted (it may be a layer stack's vectors); targets match no
+        kernel (the message lists the parameters that exist), a rank
+        exceeds a kernel's ``min(prod(in), prod(out))``, an integer
+        parameter is targeted, a targeted kernel is a grouped conv's or is
+        used in two incompatible ways, or ``apply`` (or, with state,
+        ``init``) cannot be traced with the example inputs.
     """
-    example = self._example_from(example_args, example_kwargs)
-    return self._spec_and_layouts(params, example, state)[0]
+    example = _example(example_args, example_kwargs)
+    if example is None:
+      self._check_layouts_not_needed(params, "model.lora_spec(params, *inputs)",
+                                     vectors=True, quantized=False)
+    return self._lora_spec_and_layouts(params, example, state)[0]
 
-  def _example_from(self, args, kwargs):
-    if args or kwargs:
-      return (_abstract(args), _abstract(kwargs))
-    return self._example
+  spec = deprecations.method_alias(lora_spec, "LoraTransformed.spec")
 
-  def _spec_and_layouts(self, params, example, state=None):
-    """The lora spec tree and the layouts of all ≥2-D leaves (None: unknown).
+  def _check_layouts_not_needed(self, params, fix, vectors, quantized):
+    """Raises unless every answer without example inputs is the one with them."""
+    config_lib.validate(self.config)
+    if config_lib.all_linear(self.config.targets):
+      raise ValueError(
+          'targets=("all-linear",) adapts the kernels apply contracts, which '
+          "shows only in a trace of apply with example inputs, and none were "
+          f"given. Pass the example inputs: {fix}.")
+    needed = adapters.layouts_needed(params, self.config, vectors=vectors,
+                                     quantized=quantized)
+    if needed:
+      raise ValueError(
+          "xrapture reads how apply uses each parameter from a trace of apply "
+          "with example inputs, and none were given. Taken by its shape alone "
+          "(a 2-D kernel as [in, out]), each of these would be a guess:\n  "
+          + "\n  ".join(needed) + f"\nPass the example inputs: {fix}.")
+
+  def _lora_spec_and_layouts(self, params, example, state=None):
+    """The lora spec tree and the layouts of all ≥2-D leaves (None: no inputs).
 
     With example inputs one trace of ``apply`` tells, for each parameter,
     how it is contracted (its adapter layout) and which leading axes a layer
@@ -101,10 +134,9 @@ class LoraTransformed:
     how ``apply`` contracts the kernel (see :class:`xrapture.LoraWeight`):
     a matmul's contracted axes are its in group and its free axes its out
     group, batch axes and axes a layer stack scans over get one adapter per
-    index, and a conv's window joins its input channels. That needs example
-    inputs: those given here, or those of the last :meth:`init` call.
-    Without any, 2-D kernels are taken as ``[in, out]`` and larger ones are
-    an error.
+    index, and a conv's window joins its input channels. That needs the
+    example inputs; without them 2-D kernels are taken as ``[in, out]`` and
+    larger targeted ones are an error.
 
     Args:
       rng: key for the adapters' initialization.
@@ -125,37 +157,29 @@ class LoraTransformed:
       (:func:`xrapture.quantize`).
 
     Raises:
-      ValueError: as :meth:`spec`.
+      ValueError: as :meth:`lora_spec` (without example inputs: a targeted
+        kernel with more than two dimensions, ``"all-linear"``, or a
+        parameter with two or more dimensions ``quantize_frozen`` names
+        that may be a layer stack's vectors).
       MaterializationError: in ``xrapture.strict_mode()``, when ``apply``
         uses an adapted kernel in a way that has no low-rank form (outside
         strict mode: a ``MaterializationWarning`` per kernel).
     """
-    lora_spec, known = self._spec_and_layouts(
-        params, self._example_from(example_args, example_kwargs), state)
+    example = _example(example_args, example_kwargs)
+    if example is None:
+      self._check_layouts_not_needed(params, "model.adapt(rng, params, *inputs)",
+                                     vectors=False, quantized=True)
+    lora_spec, known = self._lora_spec_and_layouts(params, example, state)
+    known = known or {}
     if known:
       adapters.report_uses(params, lora_spec, known)
-
-    def layouts(wanted):
-      if known is not None:
-        return {i: known[i] for i in wanted if i in known}
-      flat = jax.tree.leaves(params)
-      big = [i for i in wanted if np.ndim(flat[i]) > 2]
-      if big:
-        names = [p for p, _ in adapters.paths.flatten_with_paths(params)[0]]
-        raise ValueError(
-            "Kernels with more than two dimensions ("
-            + ", ".join(f"'{names[i]}' {tuple(np.shape(flat[i]))}" for i in big)
-            + ") may be conv kernels, stacks of layers or multi-axis matmul "
-            "kernels; xrapture reads which from how apply uses them. Pass "
-            "example inputs: model.adapt(rng, params, *inputs), or call "
-            "model.init first.")
-      return {}
-
-    adapted = adapters.adapt_params(rng, params, lora_spec, self.config, layouts)
+    adapted = adapters.adapt_params(
+        rng, params, lora_spec, self.config,
+        lambda wanted: {i: known[i] for i in wanted if i in known})
     if self.config.quantize is not None:
       # Stacks of vectors (a layer stack's [L, D] biases) are never quantized.
       flat = adapters.paths.flatten_with_paths(params)[0]
-      vectors = {flat[i][0] for i, l in (known or {}).items()
+      vectors = {flat[i][0] for i, l in known.items()
                  if np.ndim(flat[i][1]) - l.scanned < 2}
       adapted = quantization.quantize_except(adapted, self.config, vectors)
     return adapted
@@ -191,7 +215,7 @@ class LoraTransformed:
           f"{example}{' and the given state' if state is not None else ''}: "
           f"{type(e).__name__}: {e}. Pass example inputs that fit these params"
           + (" and state" if self._with_state else "") + ": "
-          "model.adapt(rng, params, *inputs) / model.spec(params, *inputs)."
+          "model.adapt(rng, params, *inputs) / model.lora_spec(params, *inputs)."
       ) from e
 
   def apply(self, params: Any, *args, **kwargs) -> Any:
@@ -217,18 +241,19 @@ class LoraTransformed:
     return self._apply(params, *args, **kwargs)
 
 
+@deprecations.renamed_kwargs(spec="config")
 def transform(f: Callable[..., Any],
-              spec: ml_collections.ConfigDict | None = None) -> LoraTransformed:
-  """Like ``hk.transform(f)``, with LoRA on the kernels ``spec`` targets.
+              config: ml_collections.ConfigDict | None = None) -> LoraTransformed:
+  """Like ``hk.transform(f)``, with LoRA on the kernels ``config`` targets.
 
   Examples:
     >>> import haiku as hk, jax, jax.numpy as jnp, xrapture
-    >>> spec = xrapture.default_spec()
-    >>> spec.rank = 2
-    >>> model = xrapture.transform(lambda x: hk.Linear(4)(x), spec)
+    >>> config = xrapture.default_config()
+    >>> config.rank = 2
+    >>> model = xrapture.transform(lambda x: hk.Linear(4)(x), config)
     >>> x = jnp.ones((1, 3))
     >>> base = model.init(jax.random.PRNGKey(0), x)
-    >>> params = model.adapt(jax.random.PRNGKey(1), base)
+    >>> params = model.adapt(jax.random.PRNGKey(1), base, x)
     >>> type(params["linear"]["w"]).__name__
     'LoraWeight'
     >>> bool(jnp.allclose(model.apply(params, None, x),
@@ -237,17 +262,18 @@ def transform(f: Callable[..., Any],
 
   Args:
     f: a function using Haiku modules, as for ``hk.transform``.
-    spec: from :func:`xrapture.default_spec`; None for the default (every
-      kernel named ``w``, rank 8, alpha 16).
+    config: from :func:`xrapture.default_config`; None for the default
+      (every kernel named ``w``, rank 8, alpha 16).
 
   Returns:
-    An object with ``init``, ``adapt``, ``apply`` and ``spec``.
+    An object with ``init``, ``adapt``, ``apply`` and ``lora_spec``.
   """
-  return LoraTransformed(f, spec, with_state=False)
+  return LoraTransformed(f, config, with_state=False)
 
 
+@deprecations.renamed_kwargs(spec="config")
 def transform_with_state(f: Callable[..., Any],
-                         spec: ml_collections.ConfigDict | None = None
+                         config: ml_collections.ConfigDict | None = None
                          ) -> LoraTransformed:
   """Like ``hk.transform_with_state(f)``, with LoRA (see :func:`transform`)."""
-  return LoraTransformed(f, spec, with_state=True)
+  return LoraTransformed(f, config, with_state=True)

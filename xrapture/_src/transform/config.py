@@ -1,4 +1,4 @@
-"""The ml_collections spec that says which parameters get adapters."""
+"""The ml_collections config that says which parameters get adapters."""
 
 import math
 import re
@@ -18,8 +18,8 @@ ALL_KERNELS = (r".*/w",)
 ALL_LINEAR = "all-linear"
 
 
-def default_spec() -> ml_collections.ConfigDict:
-  """Returns the default LoRA spec, locked: an unknown field is an error.
+def default_config() -> ml_collections.ConfigDict:
+  """Returns the default LoRA config, locked: an unknown field is an error.
 
   Fields:
     rank: adapter rank ``r`` (8).
@@ -34,8 +34,8 @@ def default_spec() -> ml_collections.ConfigDict:
       ``ragged_dot``, whatever its name, skipping kernels whose grouped in
       or out size is below the rank (a ``[2F, 1]`` attention logit) and
       kernels with a use that cannot stay low-rank (a grouped conv, an
-      elementwise use); it needs example inputs (``model.init`` first, or
-      inputs passed to ``adapt``/``spec``).
+      elementwise use); it needs the example inputs passed to
+      ``adapt``/``lora_spec``.
     full: regexes of parameters trained in full (no adapter) (``()``).
     tune_vectors: train every floating-point 1-D parameter (biases, norms) in
       full (False); integer ones stay frozen.
@@ -77,35 +77,35 @@ def default_spec() -> ml_collections.ConfigDict:
 
   Examples:
     >>> import xrapture
-    >>> spec = xrapture.default_spec()
-    >>> spec.rank, spec.alpha, spec.targets
+    >>> config = xrapture.default_config()
+    >>> config.rank, config.alpha, config.targets
     (8, 16.0, ('.*/w',))
-    >>> spec.rank = 4
-    >>> spec.rnak = 4
+    >>> config.rank = 4
+    >>> config.rnak = 4
     Traceback (most recent call last):
       ...
     AttributeError: ...Key "rnak" does not exist and cannot be added since the config is locked...
   """
-  spec = ml_collections.ConfigDict()
-  spec.rank = 8
-  spec.alpha = 16.0
-  spec.targets = ALL_KERNELS
-  spec.full = ()
-  spec.tune_vectors = False
-  spec.rslora = False
-  spec.init_stddev = 0.01
-  spec.dtype = ml_collections.config_dict.placeholder(str)
-  spec.rank_pattern = ()
-  spec.alpha_pattern = ()
-  spec.dropout = 0.0
-  spec.init = "default"
-  spec.use_dora = False
-  spec.quantize = ml_collections.config_dict.placeholder(str)
-  spec.quantize_block = 64
-  spec.double_quant = False
-  spec.quantize_frozen = ()
-  spec.lock()
-  return spec
+  config = ml_collections.ConfigDict()
+  config.rank = 8
+  config.alpha = 16.0
+  config.targets = ALL_KERNELS
+  config.full = ()
+  config.tune_vectors = False
+  config.rslora = False
+  config.init_stddev = 0.01
+  config.dtype = ml_collections.config_dict.placeholder(str)
+  config.rank_pattern = ()
+  config.alpha_pattern = ()
+  config.dropout = 0.0
+  config.init = "default"
+  config.use_dora = False
+  config.quantize = ml_collections.config_dict.placeholder(str)
+  config.quantize_block = 64
+  config.double_quant = False
+  config.quantize_frozen = ()
+  config.lock()
+  return config
 
 
 def _is_int(x: Any) -> bool:
@@ -123,7 +123,7 @@ def _rank_problem(x: Any, minimum: int) -> str | None:
   if minimum == 0:
     return "must be an integer >= 0 (0 freezes the parameter)"
   return ("must be an integer >= 1 (the adapter rank r; to give no parameter "
-          "an adapter, set spec.targets = ())")
+          "an adapter, set config.targets = ())")
 
 
 def _alpha_problem(x: Any) -> str | None:
@@ -157,10 +157,10 @@ def _dtype_problem(x: Any) -> str | None:
   return None
 
 
-def validate(spec: ml_collections.ConfigDict) -> None:
-  """Checks every field of ``spec`` for a value that trains nothing or breaks.
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks every field of ``config`` for a value that trains nothing or breaks.
 
-  Called once where a spec is first used (``model.spec`` / ``model.adapt``),
+  Called once where a config is first used (``model.lora_spec`` / ``model.adapt``),
   so a bad value fails there and not at the first training step, or never.
 
   Raises:
@@ -179,26 +179,26 @@ def validate(spec: ml_collections.ConfigDict) -> None:
 
   def check(field, value, problem):
     if problem:
-      problems.append(f"spec.{field} = {value!r} {problem}")
+      problems.append(f"config.{field} = {value!r} {problem}")
 
-  if spec.targets:  # without targets the rank is never used
-    check("rank", spec.rank, _rank_problem(spec.rank, 1))
-  check("alpha", spec.alpha, _alpha_problem(spec.alpha))
-  stddev = spec.init_stddev
+  if config.targets:  # without targets the rank is never used
+    check("rank", config.rank, _rank_problem(config.rank, 1))
+  check("alpha", config.alpha, _alpha_problem(config.alpha))
+  stddev = config.init_stddev
   check("init_stddev", stddev, None if (
       _is_number(stddev) and math.isfinite(stddev) and stddev > 0) else (
           "must be a finite number > 0 (a starts as N(0, init_stddev^2) and b "
           "at 0: with 0 both stay 0, their gradients being 0)"))
-  dropout = spec.dropout
+  dropout = config.dropout
   check("dropout", dropout, None if (
       _is_number(dropout) and 0 <= dropout < 1) else "must be a number in [0, 1)")
-  check("dtype", spec.dtype, _dtype_problem(spec.dtype))
+  check("dtype", config.dtype, _dtype_problem(config.dtype))
   for field in ("tune_vectors", "rslora", "double_quant"):
-    value = getattr(spec, field)
+    value = getattr(config, field)
     check(field, value, None if isinstance(value, bool) else "must be True or False")
-  _check_quantization(spec, check)
+  _check_quantization(config, check)
   for field in ("targets", "full", "quantize_frozen"):
-    patterns = getattr(spec, field)
+    patterns = getattr(config, field)
     if isinstance(patterns, str):
       check(field, patterns, "must be a sequence of regexes, e.g. (r'.*/w',)")
       continue
@@ -207,33 +207,33 @@ def validate(spec: ml_collections.ConfigDict) -> None:
   for field, value_problem in (("rank_pattern", lambda x: _rank_problem(x, 0)),
                                ("alpha_pattern", _alpha_problem)):
     try:
-      pairs = _pairs(getattr(spec, field))
+      pairs = _pairs(getattr(config, field))
     except TypeError:
       pairs = None
     if pairs is None or any(len(p) != 2 for p in pairs):
-      check(field, getattr(spec, field), "must be (regex, value) pairs")
+      check(field, getattr(config, field), "must be (regex, value) pairs")
       continue
     for i, (pattern, value) in enumerate(pairs):
       check(f"{field}[{i}][0]", pattern, _regex_problem(pattern))
       check(f"{field}[{i}][1]", value, value_problem(value))
   if problems:
-    raise ValueError("Invalid LoRA spec:\n  " + "\n  ".join(problems))
+    raise ValueError("Invalid LoRA config:\n  " + "\n  ".join(problems))
 
 
-def _check_quantization(spec: ml_collections.ConfigDict, check) -> None:
+def _check_quantization(config: ml_collections.ConfigDict, check) -> None:
   """The quantization fields, reported through ``check(field, value, problem)``."""
   schemes = quantize_lib.SCHEMES
-  scheme = spec.quantize
+  scheme = config.quantize
   check("quantize", scheme, None if scheme is None or scheme in schemes else (
       f"must be None (full-precision base) or one of {schemes}"))
-  block = spec.quantize_block
+  block = config.quantize_block
   check("quantize_block", block, None if _is_int(block) and block in quantize_lib.BLOCK_SIZES
         else f"must be one of {quantize_lib.BLOCK_SIZES} (bitsandbytes' NF4 block sizes)")
-  if spec.double_quant is True and scheme != "nf4":
+  if config.double_quant is True and scheme != "nf4":
     check("double_quant", True, f"applies to quantize='nf4' only (quantize is {scheme!r})")
-  if spec.quantize_frozen and not isinstance(spec.quantize_frozen, str) and scheme is None:
-    check("quantize_frozen", spec.quantize_frozen,
-          "needs spec.quantize ('nf4' or 'int8'), the scheme they are stored in")
+  if config.quantize_frozen and not isinstance(config.quantize_frozen, str) and scheme is None:
+    check("quantize_frozen", config.quantize_frozen,
+          "needs config.quantize ('nf4' or 'int8'), the scheme they are stored in")
 
 
 def _pairs(patterns: Any) -> list[tuple[str, Any]]:
@@ -249,14 +249,14 @@ def _first_match(patterns: Any, path: str, default: Any) -> Any:
   return default
 
 
-def rank_for(spec: ml_collections.ConfigDict, path: str) -> int:
-  """The adapter rank of parameter ``path`` under ``spec``."""
-  return int(_first_match(spec.rank_pattern, path, spec.rank))
+def rank_for(config: ml_collections.ConfigDict, path: str) -> int:
+  """The adapter rank of parameter ``path`` under ``config``."""
+  return int(_first_match(config.rank_pattern, path, config.rank))
 
 
-def alpha_for(spec: ml_collections.ConfigDict, path: str) -> float:
-  """The LoRA alpha of parameter ``path`` under ``spec``."""
-  return float(_first_match(spec.alpha_pattern, path, spec.alpha))
+def alpha_for(config: ml_collections.ConfigDict, path: str) -> float:
+  """The LoRA alpha of parameter ``path`` under ``config``."""
+  return float(_first_match(config.alpha_pattern, path, config.alpha))
 
 
 def matches_any(patterns, path: str) -> bool:
