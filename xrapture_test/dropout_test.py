@@ -212,16 +212,10 @@ class TransformDropoutTest(parameterized.TestCase):
     g1, g2 = grad(params, jax.random.PRNGKey(1)), grad(params, jax.random.PRNGKey(2))
     self.assertTrue(np.all(np.isfinite(g1["linear"]["w"].b)))
     self.assertFalse(np.allclose(g1["linear"]["w"].b, g2["linear"]["w"].b))
-<<<<<<< HEAD
     g_none = jax.jit(jax.grad(lambda p: loss(p, None)))(params)
-    plain = xrapture.transform_with_state(fn, _spec(0.0))
+    plain = xrapture.transform_with_state(fn, _config(0.0))
     g_plain = jax.jit(jax.grad(
         lambda p: jnp.sum(plain.apply(p, state, None, _X)[0] ** 2)))(params)
-=======
-    g_none = jax.grad(loss)(params, None)
-    plain = xrapture.transform_with_state(fn, _config(0.0))
-    g_plain = jax.grad(lambda p: jnp.sum(plain.apply(p, state, None, _X)[0] ** 2))(params)
->>>>>>> rename
     np.testing.assert_allclose(g_none["linear"]["w"].b, g_plain["linear"]["w"].b, rtol=1e-6)
 
 

@@ -66,11 +66,7 @@ class MixedBatchTest(parameterized.TestCase):
     for seed, (name, rank, targets) in enumerate((
         ("a", 2, (r".*/w", r"embed/embeddings")), ("b", 4, (r".*/w", r"embed/embeddings")),
         ("c", 3, (r".*/w",)), ("d", 1, (r".*/(q|v)/w",)))):
-<<<<<<< HEAD
-      model = xrapture.transform(_forward, _spec(rank, targets))
-=======
       model = xrapture.transform(_forward, _config(rank, targets))
->>>>>>> rename
       params = _randomize(model.adapt(jax.random.PRNGKey(seed), cls.base, cls.ids), seed)
       adapters = xrapture.add_adapter(adapters, name, params)
     cls.adapters = adapters

@@ -240,13 +240,8 @@ class NestedTest(parameterized.TestCase):
   @parameterized.parameters(*SCHEMES)
   def test_forward_matches_dense(self, scheme, double_quant):
     params, tokens = self._params(scheme, double_quant), _tokens(3)
-<<<<<<< HEAD
-    model = xrapture.transform(lm, _spec(scheme, double_quant))
-    expected = _dense_apply(_numpy_merged(params), None, tokens)
-=======
     model = xrapture.transform(lm, _config(scheme, double_quant))
-    expected = hk.transform(lm).apply(_numpy_merged(params), None, tokens)
->>>>>>> rename
+    expected = _dense_apply(_numpy_merged(params), None, tokens)
     with xrapture.strict_mode():
       for got in (model.apply(params, None, tokens),
                   jax.jit(model.apply)(params, None, tokens)):
@@ -518,13 +513,8 @@ class MergeTest(parameterized.TestCase):
       self.assertEqual(got.dtype, jnp.float32)
       np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     with xrapture.strict_mode():
-<<<<<<< HEAD
-      adapted = xrapture.transform(lm, spec).apply(params, None, tokens)
-    np.testing.assert_allclose(_dense_apply(merged, None, tokens), adapted,
-=======
       adapted = xrapture.transform(lm, config).apply(params, None, tokens)
-    np.testing.assert_allclose(hk.transform(lm).apply(merged, None, tokens), adapted,
->>>>>>> rename
+    np.testing.assert_allclose(_dense_apply(merged, None, tokens), adapted,
                                rtol=2e-5, atol=2e-5)
 
   @parameterized.parameters(*SCHEMES)
