@@ -11,8 +11,8 @@ comparison table (``results.md``), the curves (``curves.png``), one
 ``metrics.jsonl`` and one adapter file per method. Rerunning with the same
 workdir resumes where it stopped.
 
-One method only: ``--config=configs/finetune.py:lora`` (or ``:full``,
-``:head``). Fields are overridden as ``--config.lora.rank=16``,
+One method only: ``--config=configs/finetune.py:lora`` (or ``:qlora``,
+``:full``, ``:head``). Fields are overridden as ``--config.lora.rank=16``,
 ``--config.num_steps=500``, ``--config.mesh='(4, 2)'``. Adding ``smoke``
 (``:smoke``, ``:lora,smoke``) shrinks the model and the step counts so the
 whole pipeline runs in seconds (the smoke tests use it).
@@ -23,15 +23,16 @@ import xrapture
 
 from configs import common
 
-METHODS = ('lora', 'full', 'head')
+METHODS = ('lora', 'qlora', 'full', 'head')
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the fine-tuning config.
 
   Args:
-    arg: comma-separated: a method (``'lora'``, ``'full'`` or ``'head'``) to
-      run that method alone, else all three run for the comparison; and/or
+    arg: comma-separated: a method (``'lora'``, ``'qlora'``, ``'full'`` or
+      ``'head'``) to run that method alone, else all run for the comparison;
+      and/or
       ``'smoke'`` for a tiny model and a few steps.
   """
   words = [w for w in (arg or '').split(',') if w]
@@ -74,6 +75,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Parameters trained in full alongside the adapters: the unembedding (7% of
   # the model), which every method here trains.
   config.lora.full = (r'head/.*',)
+  # The QLoRA method: the LoRA method's config on a base stored in 4 bits
+  # (NF4, bitsandbytes' format: every adapted kernel) with double
+  # quantization of the absmaxes.
+  config.qlora = ml_collections.ConfigDict(dict(
+      quantize='nf4', quantize_block=64, double_quant=True))
   # Parameters the head-only method trains (all others stay frozen).
   config.head = (r'head/.*',)
 
@@ -83,6 +89,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.learning_rate = ml_collections.ConfigDict()
   # For the adapters (and config.full parameters) of the LoRA method.
   config.learning_rate.lora = 1e-2
+  # For the adapters of the QLoRA method.
+  config.learning_rate.qlora = 1e-2
   # For every parameter, in the full fine-tune.
   config.learning_rate.full = 1e-2
   # For the head, in the head-only method.
@@ -103,4 +111,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     common.shrink(config.pretrain)
     common.shrink_schedule(config)
     config.lora.rank = 4
+    config.qlora.quantize_block = 32   # the smoke model's 32-wide input axes
   return config

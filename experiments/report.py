@@ -13,7 +13,7 @@ RESULTS_JSON = 'results.json'
 CURVES = 'curves.png'
 
 _LABELS = {'pretrain': 'pretraining', 'base': 'base (no fine-tune)', 'lora': 'LoRA',
-           'full': 'full fine-tune', 'head': 'head-only'}
+           'qlora': 'QLoRA', 'full': 'full fine-tune', 'head': 'head-only'}
 
 
 def _bytes(n: int | None) -> str:
@@ -45,8 +45,9 @@ def table(results: Sequence[dict[str, Any]], domain: str,
   full = next((r for r in results if r['run'] == 'full'), None)
   lines = [
       f'| method | val bits/byte ({domain}) | test bits/byte | val gain over base '
-      '| trainable params | optimizer state | step time | tokens/s | adapter file |',
-      '|---|---|---|---|---|---|---|---|---|',
+      '| trainable params | weights in memory | optimizer state | step time | tokens/s '
+      '| adapter file |',
+      '|---|---|---|---|---|---|---|---|---|---|',
   ]
   for r in results:
     step = r.get('step_time_s')
@@ -59,7 +60,7 @@ def table(results: Sequence[dict[str, Any]], domain: str,
     lines.append(
         f"| {labels.get(r['run'], r['run'])} | {r['val_bpb']:.3f} | {r['test_bpb']:.3f} "
         f"| {gain_text} | {_count(r.get('trainable_params'))} "
-        f"| {_bytes(r.get('opt_state_bytes'))} "
+        f"| {_bytes(r.get('param_bytes'))} | {_bytes(r.get('opt_state_bytes'))} "
         f"| {'–' if step is None else f'{step * 1000:.0f} ms'} "
         f"| {'–' if rate is None else f'{rate:,.0f}'} "
         f"| {_bytes(r.get('adapter_bytes'))} |")
@@ -117,7 +118,12 @@ def write(config: ml_collections.ConfigDict, workdir: str,
   Returns:
     The table (markdown).
   """
-  text = table(results, config.domain, {'lora': lora_label(config.lora)})
+  labels = {'lora': lora_label(config.lora)}
+  if 'qlora' in config:
+    q = config.qlora
+    labels['qlora'] = (f"QLoRA {q.quantize.upper()}{' + double quant' if q.double_quant else ''}"
+                       f", {lora_label(config.lora)}")
+  text = table(results, config.domain, labels)
   atomic.write_text(os.path.join(workdir, RESULTS_MD), text)
   atomic.write_json(os.path.join(workdir, RESULTS_JSON), list(results))
   panels = [(f'fine-tuning on {config.domain!r} (val at step 0: the base)',

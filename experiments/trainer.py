@@ -322,6 +322,9 @@ def _train(run: Run, data: lm_data.Corpus, config: ml_collections.ConfigDict,
   result = dict(
       run=run.name, num_steps=config.num_steps, val_bpb=val_bpb, test_bpb=test_bpb,
       trainable_params=xrapture.count_trainable(run.params, run.lora_spec),
+      # The weights as stored during training (a quantized base's codes and
+      # absmaxes, not its float values).
+      param_bytes=tree_bytes(params),
       opt_state_bytes=tree_bytes(opt_state),
       step_time_s=clock.seconds / clock.steps if clock.steps else None,
       tokens_per_s=tokens_per_step * clock.steps / clock.seconds if clock.steps else None,

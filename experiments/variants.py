@@ -1,4 +1,4 @@
-"""The three ways to fine-tune the base: LoRA, full fine-tune, head-only.
+"""The ways to fine-tune the base: LoRA, QLoRA, full fine-tune, head-only.
 
 Each returns a :class:`trainer.Run`: the params to start from, which of them
 train (a lora spec tree), the optimizer and the apply function. Only LoRA
@@ -36,10 +36,11 @@ def _example(config: ml_collections.ConfigDict) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct((1, config.seq_len), jnp.int32)
 
 
-def lora(config: ml_collections.ConfigDict, forward: Callable[..., jax.Array],
-         base_params: Any) -> trainer.Run:
-  """Adapters on the kernels ``config.lora.targets`` names; the rest frozen."""
-  model = xrapture.transform(forward, config.lora)
+def _adapters(name: str, lora_config: ml_collections.ConfigDict,
+              config: ml_collections.ConfigDict, forward: Callable[..., jax.Array],
+              base_params: Any, **fingerprint) -> trainer.Run:
+  """Adapters as ``lora_config`` says, trained at ``config.learning_rate[name]``."""
+  model = xrapture.transform(forward, lora_config)
   # Layouts come from how the model uses each parameter: kernels stacked by
   # hk.layer_stack are [L, in, out], their biases and norms [L, D] vectors.
   example = _example(config)
@@ -49,9 +50,30 @@ def lora(config: ml_collections.ConfigDict, forward: Callable[..., jax.Array],
   ratio = config.get('loraplus_lr_ratio')
   loraplus = {} if ratio is None else {'loraplus_lr_ratio': ratio}
   tx = xrapture.wrap_optimizer(
-      trainer.make_optimizer(config.learning_rate.lora, config), lora_spec, **loraplus)
-  return trainer.Run('lora', model.apply, params, base_params, lora_spec, tx,
-                     _fingerprint('lora', config, lora=config.lora.to_dict(), **loraplus))
+      trainer.make_optimizer(config.learning_rate[name], config), lora_spec, **loraplus)
+  return trainer.Run(name, model.apply, params, base_params, lora_spec, tx,
+                     _fingerprint(name, config, lora=lora_config.to_dict(),
+                                  **fingerprint, **loraplus))
+
+
+def lora(config: ml_collections.ConfigDict, forward: Callable[..., jax.Array],
+         base_params: Any) -> trainer.Run:
+  """Adapters on the kernels ``config.lora.targets`` names; the rest frozen."""
+  return _adapters('lora', config.lora, config, forward, base_params)
+
+
+def qlora(config: ml_collections.ConfigDict, forward: Callable[..., jax.Array],
+          base_params: Any) -> trainer.Run:
+  """The LoRA method on a quantized base (QLoRA): ``config.lora`` with
+  ``config.qlora``'s ``quantize``, ``quantize_block`` and ``double_quant``.
+
+  ``model.adapt`` stores every adapted kernel quantized (NF4 codes and
+  absmaxes) and ``quantize_frozen`` the other frozen kernels; each step
+  dequantizes per use.
+  """
+  lora_config = config.lora.copy_and_resolve_references()
+  lora_config.update(config.qlora.to_dict())
+  return _adapters('qlora', lora_config, config, forward, base_params)
 
 
 def full(config: ml_collections.ConfigDict, forward: Callable[..., jax.Array],
@@ -79,4 +101,4 @@ def head(config: ml_collections.ConfigDict, forward: Callable[..., jax.Array],
                      lora_spec, tx, _fingerprint('head', config, head=list(config.head)))
 
 
-METHODS = {'lora': lora, 'full': full, 'head': head}
+METHODS = {'lora': lora, 'qlora': qlora, 'full': full, 'head': head}

@@ -72,13 +72,15 @@ class FinetuneTest(absltest.TestCase):
                   '--config.progress_bar=False')
     with open(os.path.join(workdir, 'results.md')) as f:
       table = f.read()
-    for row in ('base (no fine-tune)', 'LoRA r=4 (+ head/.*)', 'full fine-tune',
+    for row in ('base (no fine-tune)', 'LoRA r=4 (+ head/.*)',
+                'QLoRA NF4 + double quant, LoRA r=4 (+ head/.*)', 'full fine-tune',
                 'head-only'):
       self.assertRegex(table, rf'\n\| {re.escape(row)} \| \d\.\d{{3}} \|')
     with open(os.path.join(workdir, 'curves.png'), 'rb') as f:
       self.assertEqual(f.read(8), b'\x89PNG\r\n\x1a\n')
     for name in ('base/base.safetensors', 'base/model.json', 'config.json',
-                 'lora/adapter.safetensors', 'full/adapter.safetensors',
+                 'lora/adapter.safetensors', 'qlora/adapter.safetensors',
+                 'full/adapter.safetensors',
                  'head/adapter.safetensors', 'results.json'):
       self.assertTrue(os.path.exists(os.path.join(workdir, name)), name)
     with open(os.path.join(workdir, 'lora', 'metrics.jsonl')) as f:
@@ -93,6 +95,10 @@ class FinetuneTest(absltest.TestCase):
     self.assertLess(results['lora']['opt_state_bytes'],
                     results['full']['opt_state_bytes'])
     self.assertLess(results['lora']['adapter_bytes'], results['full']['adapter_bytes'])
+    # QLoRA: the same adapters as LoRA, on a base held in 4 bits.
+    self.assertEqual(results['qlora']['trainable_params'],
+                     results['lora']['trainable_params'])
+    self.assertLess(results['qlora']['param_bytes'], results['lora']['param_bytes'])
     # The adapter is an ordinary xrapture adapter file for the base.
     model_config = json.load(open(os.path.join(workdir, 'config.json')))['pretrain']['model']
     base = lm_model.load_base(os.path.join(workdir, 'base'),
