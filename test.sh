@@ -4,30 +4,31 @@
 #   bash test.sh
 #
 # Three legs, each in its own virtualenv (created on the first run, reused
-# after), each installing xrapture's wheel (non-editable) and running pytest
-# from a temporary directory, so that the tests import the installed package
-# and a file missing from it fails them. No test runs twice within a leg, and
-# only the library's tests (not the launchers') run in more than one leg:
+# after), each against xrapture's installed wheel (pytest runs from a
+# temporary directory, so a file missing from the package fails). The suite
+# is split, not repeated: the library's tests run on the newest JAX and, their
+# core, at the floors; the launcher tests once:
 #
-#   py311  Python 3.11 ($XRAPTURE_PYTHON311, default python3) with the newest
-#          jax pip serves there (0.10.x) and every extra, torch, PEFT and
-#          bitsandbytes included: the whole suite. A missing torch is a
-#          failure here (XRAPTURE_REQUIRE_TORCH=1). `bazel test
-#          //xrapture_test/...` runs the fast core files listed in
-#          xrapture_test/BUILD (_BAZEL_SUITE; the others are tagged "manual")
-#          and pytest the rest (it asks `bazel query`). Bazel is installed
-#          from Debian if absent. Venv $XRAPTURE_VENV (.venv-test).
 #   py312  Python >= 3.12 ($XRAPTURE_PYTHON312; default: pyenv's 3.12.1, else
 #          python3.12 or python3.13 on PATH) with the newest jax there
-#          (0.12.x): the library's tests, i.e. all but those importing
-#          experiments/ or benchmarks/. torch for 3.12 is a multi-GB
-#          download, so the tests that need it are skipped, each listed with
-#          the reason. Venv $XRAPTURE_VENV_PY312 (.venv-test-py312).
+#          (0.12.x): pytest, the library's tests (all files but those
+#          importing experiments/ or benchmarks/). torch for 3.12 is a
+#          multi-GB download: the tests that need it are skipped here, listed,
+#          and run in py311. Venv $XRAPTURE_VENV_PY312 (.venv-test-py312).
 #   floor  Python 3.11 with exactly the lowest versions setup.py admits
 #          (tools/floors.py pins install_requires' lower bounds, so the two
-#          cannot drift): the library's tests. Venv $XRAPTURE_VENV_FLOOR
-#          (.venv-test-floor).
+#          cannot drift): `bazel test //xrapture_test/...`, the core files
+#          listed in xrapture_test/BUILD (_BAZEL_SUITE), with this venv's
+#          python3. Bazel is installed from Debian if absent. Venv
+#          $XRAPTURE_VENV_FLOOR (.venv-test-floor).
+#   py311  Python 3.11 ($XRAPTURE_PYTHON311, default python3) with the newest
+#          jax pip serves there (0.10.x) and every extra, torch, PEFT,
+#          bitsandbytes and the model packages included: pytest, the launcher
+#          and benchmark tests, and the library's files with tests that need
+#          torch or the model packages. A missing torch is a failure here
+#          (XRAPTURE_REQUIRE_TORCH=1). Venv $XRAPTURE_VENV (.venv-test).
 #
+# The installs run in the background; each leg starts once its venv is ready.
 # XRAPTURE_LEGS picks legs (default "py311 py312 floor"). A leg whose Python
 # is missing is skipped with a notice, or fails when CI=true. Every leg runs;
 # the exit status is non-zero if any failed (pytest's 5, "no tests ran",
@@ -118,7 +119,7 @@ BUILD_PYTHON="${PY311:-${PY312:-python3}}"
 # each leg's tests start as soon as its own virtualenv is ready, the legs
 # with the small installs first.
 APT_PID=""
-if wants py311 && { ! command -v bazel >/dev/null 2>&1 || [[ ! -d /usr/share/bazel/rules/java ]]; }; then
+if wants floor && { ! command -v bazel >/dev/null 2>&1 || [[ ! -d /usr/share/bazel/rules/java ]]; }; then
   step "Bazel (apt-get install bazel-bootstrap bazel-rules-java, in the background)"
   (
     export DEBIAN_FRONTEND=noninteractive
@@ -239,62 +240,58 @@ end_leg() {
 ALL_TESTS=("${REPO}"/xrapture_test/*_test.py)
 # The library's tests: every file but those that run experiments/ or
 # benchmarks/ (which need the 'experiments' extra and test the launchers,
-# not the JAX version).
-LIBRARY_TESTS=()
+# not the JAX version). Of those, the files with tests that need torch, PEFT,
+# bitsandbytes or the third-party model packages (which py312 skips).
+LIBRARY_TESTS=() LAUNCHER_TESTS=() OPTIONAL_TESTS=()
 for f in "${ALL_TESTS[@]}"; do
-  grep -qE '^\s*(from|import) (experiments|benchmarks)\b' "${f}" || LIBRARY_TESTS+=("${f}")
+  if grep -qE '^\s*(from|import) (experiments|benchmarks)\b' "${f}"; then
+    LAUNCHER_TESTS+=("${f}")
+  else
+    LIBRARY_TESTS+=("${f}")
+    if grep -qE '^\s*import (peft|torch)\b|optional\.(modules|require)\(' "${f}"; then
+      OPTIONAL_TESTS+=("${f}")
+    fi
+  fi
 done
-
-if wants floor && ready floor; then
-  step "leg floor: the library's tests at setup.py's lowest versions"
-  leg_start=${SECONDS}
-  venv="${LEG_VENV[floor]}"
-  echo "Pins: $(tr '\n' ' ' < "${TMP_DIR}/floors.txt")"
-  status=0
-  run_pytest floor "${venv}" "${LIBRARY_TESTS[@]}" || status=$?
-  end_leg floor "${status}" "${leg_start}" "$(tr '\n' ' ' < "${TMP_DIR}/floors.txt")"
-fi
 
 if wants py312 && ready py312; then
   step "leg py312: the library's tests on the newest JAX"
   leg_start=${SECONDS}
   venv="${LEG_VENV[py312]}"
   echo "NOTICE: no torch/PEFT/bitsandbytes in this leg (a multi-GB download for" \
-       "Python >= 3.12): the tests that need them are skipped and listed below."
+       "Python >= 3.12): the tests that need them are skipped here, listed below," \
+       "and run in the py311 leg."
   status=0
   run_pytest py312 "${venv}" "${LIBRARY_TESTS[@]}" || status=$?
   end_leg py312 "${status}" "${leg_start}" "Python $(python_minor "${venv}/bin/python"), $("${venv}/bin/python" -c 'import jax; print("jax", jax.__version__)')"
 fi
 
-if wants py311 && ready py311; then
+if wants floor && ready floor; then
   if [[ -n "${APT_PID}" ]] && ! wait "${APT_PID}"; then
     echo "ERROR: apt-get install bazel-bootstrap bazel-rules-java failed:" >&2
     tail -n 30 "${TMP_DIR}/apt.log" >&2
   fi
-  step "leg py311: pytest (the files Bazel does not run), then bazel test //xrapture_test/..."
+  APT_PID=""
+  step "leg floor: bazel test //xrapture_test/... at setup.py's lowest versions"
+  leg_start=${SECONDS}
+  venv="${LEG_VENV[floor]}"
+  echo "Pins: $(tr '\n' ' ' < "${TMP_DIR}/floors.txt")"
+  status=0
+  (
+    test_env bazel
+    bazel test --test_env=PATH="${venv}/bin:/usr/bin:/bin" --test_env=XLA_FLAGS \
+      --test_env=JAX_DISABLE_MOST_OPTIMIZATIONS //xrapture_test/...
+  ) || status=$?
+  end_leg floor "${status}" "${leg_start}" "$(tr '\n' ' ' < "${TMP_DIR}/floors.txt")"
+fi
+
+if wants py311 && ready py311; then
+  step "leg py311: the launcher and benchmark tests, and the library's tests that need torch or the model packages"
   leg_start=${SECONDS}
   venv="${LEG_VENV[py311]}"
   status=0
-  bazel_files="$(bazel query --noshow_progress \
-      'tests(//xrapture_test/...) except attr(tags, "manual", //xrapture_test/...)' \
-      2>/dev/null | sed -n 's|^//xrapture_test:\(.*\)$|\1.py|p')" || status=$?
-  if [[ "${status}" -ne 0 || -z "${bazel_files}" ]]; then
-    echo "ERROR: bazel query found no tests to run" >&2
-    status=1
-  else
-    pytest_files=()
-    for f in "${ALL_TESTS[@]}"; do
-      grep -qx "$(basename "${f}")" <<< "${bazel_files}" || pytest_files+=("${f}")
-    done
-    echo "Bazel runs: $(tr '\n' ' ' <<< "${bazel_files}")"
-    XRAPTURE_REQUIRE_TORCH=1 run_pytest py311 "${venv}" "${pytest_files[@]}" || status=$?
-    (
-      test_env bazel
-      bazel test --test_env=PATH="${venv}/bin:/usr/bin:/bin" \
-        --test_env=XRAPTURE_REQUIRE_TORCH=1 --test_env=XLA_FLAGS \
-        --test_env=JAX_DISABLE_MOST_OPTIMIZATIONS //xrapture_test/...
-    ) || status=$?
-  fi
+  XRAPTURE_REQUIRE_TORCH=1 run_pytest py311 "${venv}" \
+    "${LAUNCHER_TESTS[@]}" "${OPTIONAL_TESTS[@]}" || status=$?
   end_leg py311 "${status}" "${leg_start}" "Python 3.11, $("${venv}/bin/python" -c 'import jax; print("jax", jax.__version__)')"
 fi
 

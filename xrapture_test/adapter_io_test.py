@@ -333,8 +333,11 @@ class AdapterFileTest(parameterized.TestCase):
     path = self._path()
     header = dict(format=adapter.FORMAT, format_version=adapter.FORMAT_VERSION + 1,
                   entries={})
+    # One tensor: safetensors 0.4.0 (the floor) cannot read back a file it
+    # wrote without any.
     with open(path, "wb") as f:
-      f.write(safetensors.numpy.save({}, metadata={"xrapture": json.dumps(header)}))
+      f.write(safetensors.numpy.save({"x": np.zeros(1, np.float32)},
+                                     metadata={"xrapture": json.dumps(header)}))
     with self.assertRaisesRegex(ValueError, "unsupported adapter format"):
       xrapture.load_adapter(path, {})
 
