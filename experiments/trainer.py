@@ -131,7 +131,9 @@ def make_train_step(run: Run, mesh: jax.sharding.Mesh, state_sharding: Any,
   def step_fn(state, tokens, step):
     params, opt_state = state
     rng = jax.random.fold_in(base_key, step)
-    loss, grads = jax.value_and_grad(loss_fn)(params, tokens, rng)
+    # allow_int: a quantized base (QLoRA) holds integer codes; they are
+    # frozen, and their float0 gradients get zero updates (wrap_optimizer).
+    loss, grads = jax.value_and_grad(loss_fn, allow_int=True)(params, tokens, rng)
     updates, opt_state = run.tx.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state), loss
 

@@ -90,7 +90,7 @@ class UseImplicitArgsTest(parameterized.TestCase):
       call(fn, _rand(0, 3, M), _lora())
     message = str(ctx.exception)
     self.assertRegex(message, where)
-    self.assertIn("interpreter_test.Mode", message)  # the type
+    self.assertIn(f"{Mode.__module__}.Mode", message)  # the type (__main__ under Bazel)
     self.assertIn("unhashable", message)
     self.assertIn("frozen=True", message)  # the fixes
     self.assertIn("register_dataclass", message)

@@ -111,7 +111,7 @@ class CheckConfigTest(parameterized.TestCase):
   @parameterized.named_parameters(
       ('job', {'job': 'eval'},
        r"--config.job='eval': expected one of \('pretrain', 'finetune', 'sweep'\)"),
-      ('method', {'methods': ('lora', 'qlora')}, r"Unknown methods \['qlora'\]"),
+      ('method', {'methods': ('lora', 'lorb')}, r"Unknown methods \['lorb'\]"),
       ('mesh', {'mesh': (2, 2, 2)}, r'--config.mesh: mesh must be \(data, model\)'),
       ('heads', {'pretrain.model.num_heads': 5},
        '--config.pretrain.model.d_model=128 is not a multiple of '
