@@ -38,7 +38,7 @@ def _example(config: ml_collections.ConfigDict) -> jax.ShapeDtypeStruct:
 
 def _adapters(name: str, lora_config: ml_collections.ConfigDict,
               config: ml_collections.ConfigDict, forward: Callable[..., jax.Array],
-              base_params: Any, **fingerprint) -> trainer.Run:
+              base_params: Any) -> trainer.Run:
   """Adapters as ``lora_config`` says, trained at ``config.learning_rate[name]``."""
   model = xrapture.transform(forward, lora_config)
   # Layouts come from how the model uses each parameter: kernels stacked by
@@ -52,8 +52,7 @@ def _adapters(name: str, lora_config: ml_collections.ConfigDict,
   tx = xrapture.wrap_optimizer(
       trainer.make_optimizer(config.learning_rate[name], config), lora_spec, **loraplus)
   return trainer.Run(name, model.apply, params, base_params, lora_spec, tx,
-                     _fingerprint(name, config, lora=lora_config.to_dict(),
-                                  **fingerprint, **loraplus))
+                     _fingerprint(name, config, lora=lora_config.to_dict(), **loraplus))
 
 
 def lora(config: ml_collections.ConfigDict, forward: Callable[..., jax.Array],

@@ -76,6 +76,10 @@ def _from_numpy(arr: np.ndarray, name: str) -> jax.Array:
   return jnp.asarray(arr)
 
 
+def _is_number(x: Any) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def _is_int(x: Any) -> bool:
   return isinstance(x, int) and not isinstance(x, bool)
 
@@ -114,8 +118,7 @@ def _shape(min_ndim: int) -> Callable[[Any], str | None]:
 _FIELDS = {
     "lora": {
         "rank": lambda x: None if _is_int(x) and x >= 1 else "is not an integer >= 1",
-        "alpha": lambda x: None if (isinstance(x, (int, float)) and not isinstance(x, bool)
-                                    and math.isfinite(x)) else "is not a finite number",
+        "alpha": lambda x: None if _is_number(x) else "is not a finite number",
         "rslora": lambda x: None if isinstance(x, bool) else "is not true or false",
         "base_shape": _shape(2),
         "base_dtype": _float_dtype,
@@ -130,10 +133,6 @@ def _layout(x: Any) -> str | None:
   if isinstance(x, str) and x and not set(x) - set("sio") and "i" in x and "o" in x:
     return None
   return "is not a layout (one of 's', 'i', 'o' per kernel axis)"
-
-
-def _is_number(x: Any) -> bool:
-  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _quantization(x: Any) -> str | None:
@@ -249,19 +248,6 @@ def _is_residual_of(record: dict[str, Any], w: Any, dtype: str) -> bool:
   return rms(diff) <= tolerance * max(rms(saved), rms(here))
 
 
-def _to_plain(name: str, value: Any, initial: dict[str, Any]) -> LoraWeight:
-  """``value`` as plain LoRA relative to the kernel ``initial[name]`` started from."""
-  if isinstance(value, dora.DoraWeight):
-    raise ValueError(f"'{name}' is a DoRA adapter: initial= converts LoRA adapters to "
-                     "plain LoRA relative to the original base (as PEFT converts "
-                     "lora_A/lora_B only); save DoRA adapters without it.")
-  start: Any = initial.get(name)   # None: to_plain_lora says it does not belong
-  try:
-    return pissa.to_plain_lora(value, start)
-  except ValueError as e:
-    raise ValueError(f"initial params for '{name}': {e}") from e
-
-
 def save_adapter(path: str, params: pytypes.Params, lora_spec: pytypes.LoraSpec, *,
                  initial: pytypes.Params | None = None) -> None:
   """Writes the trainable part of ``params`` to ``path`` atomically.
@@ -326,7 +312,7 @@ def save_adapter(path: str, params: pytypes.Params, lora_spec: pytypes.LoraSpec,
   for (path_, value), rank in zip(flat_params, ranks):
     if dora.is_adapter(value):
       if starts is not None:
-        value = _to_plain(path_, value, starts)
+        value = pissa.plain_for_original(path_, value, starts)
       a, a_dtype = _to_numpy(value.a)
       b, b_dtype = _to_numpy(value.b)
       tensors[path_ + "::a"], tensors[path_ + "::b"] = a, b

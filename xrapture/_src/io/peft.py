@@ -482,7 +482,8 @@ def export_peft(path: str | os.PathLike,
         "initial=<the params model.adapt returned> to write plain LoRA relative to "
         "the original base (PEFT's path_initial_model_for_weight_conversion).")
   if initial is not None:
-    loras = _relative_to_original(loras, initial)
+    by_path = dict(paths.flatten_with_paths(initial)[0])
+    loras = [(p, pissa.plain_for_original(p, v, by_path)) for p, v in loras]
   rslora = {v.rslora for _, v in loras}
   if len(rslora) > 1:
     raise ValueError("PEFT has one use_rslora for all modules; these adapters "
@@ -587,22 +588,6 @@ def export_peft(path: str | os.PathLike,
   }
   multihost.write_once(lambda: _write_dir(os.fspath(path), tensors, config),
                        os.fspath(path))
-
-
-def _relative_to_original(loras, initial):
-  """PiSSA adapters as plain LoRA on the original base (rank 2r)."""
-  by_path = dict(paths.flatten_with_paths(initial)[0])
-  out = []
-  for hpath, lora in loras:
-    if isinstance(lora, dora.DoraWeight):
-      raise ValueError(f"'{hpath}' is a DoRA adapter: the conversion to plain LoRA "
-                       "relative to the original base (initial=...) is for LoRA "
-                       "adapters (PEFT converts lora_A/lora_B only).")
-    try:
-      out.append((hpath, pissa.to_plain_lora(lora, by_path.get(hpath))))
-    except ValueError as e:
-      raise ValueError(f"initial params for '{hpath}': {e}") from e
-  return out
 
 
 # ----------------------------------------------------------------------------

@@ -20,9 +20,13 @@ unchanged (:func:`to_plain_lora`; ``save_adapter(..., initial=...)``,
 ``export_peft(..., initial=...)``).
 """
 
+from collections.abc import Mapping
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
+from xrapture._src.lora import dora
 from xrapture._src.lora import lora_weight
 
 LoraWeight = lora_weight.LoraWeight
@@ -105,3 +109,25 @@ def initialize(lora: LoraWeight, name: str) -> LoraWeight:
   check_init(name)
   return pissa_init(lora) if name == "pissa" else lora
 
+
+
+def plain_for_original(name: str, adapter: Any, initial: Mapping[str, Any]) -> LoraWeight:
+  """The adapter at path ``name`` as plain LoRA on the original base.
+
+  What ``save_adapter(..., initial=)`` and ``export_peft(..., initial=)``
+  write: :func:`to_plain_lora` of ``adapter`` and its starting point
+  ``initial[name]`` (``initial``: the params ``model.adapt`` returned, by
+  path).
+
+  Raises:
+    ValueError: naming ``name``: ``adapter`` is DoRA (PEFT converts
+      lora_A/lora_B only), or ``initial[name]`` is missing or not its start.
+  """
+  if isinstance(adapter, dora.DoraWeight):
+    raise ValueError(f"'{name}' is a DoRA adapter: initial= converts LoRA adapters to "
+                     "plain LoRA relative to the original base (as PEFT converts "
+                     "lora_A/lora_B only); save DoRA adapters without it.")
+  try:   # a missing start is None, which to_plain_lora says does not belong
+    return to_plain_lora(adapter, initial.get(name))
+  except ValueError as e:
+    raise ValueError(f"initial params for '{name}': {e}") from e
