@@ -69,22 +69,24 @@ class DefaultConfigTest(parameterized.TestCase):
       self.assertFalse(config_lib.matches_any(targets, path), path)
 
 
+def _config(**fields):
+  """The default config with ``fields`` set."""
+  config = xrapture.default_config()
+  for k, v in fields.items():
+    setattr(config, k, v)
+  return config
+
+
 class LookupTest(parameterized.TestCase):
 
-  def _config(self, **kw):
-    config = xrapture.default_config()
-    for k, v in kw.items():
-      setattr(config, k, v)
-    return config
-
   def test_rank_for(self):
-    config = self._config(rank=4, rank_pattern=((".*attn.*", 16), (".*/query/w", 2)))
+    config = _config(rank=4, rank_pattern=((".*attn.*", 16), (".*/query/w", 2)))
     self.assertEqual(config_lib.rank_for(config, "mlp/~/linear_0/w"), 4)
     self.assertEqual(config_lib.rank_for(config, "attn/query/w"), 16)  # first match wins
     self.assertEqual(config_lib.rank_for(config, "mha/query/w"), 2)
 
   def test_alpha_for(self):
-    config = self._config(alpha=8.0, alpha_pattern=(("head/w", 1),))
+    config = _config(alpha=8.0, alpha_pattern=(("head/w", 1),))
     self.assertEqual(config_lib.alpha_for(config, "head/w"), 1.0)
     self.assertIsInstance(config_lib.alpha_for(config, "head/w"), float)
     self.assertEqual(config_lib.alpha_for(config, "body/head/w"), 8.0)  # fullmatch
@@ -106,12 +108,6 @@ class LookupTest(parameterized.TestCase):
 
 class ValidateTest(parameterized.TestCase):
 
-  def _config(self, **kw):
-    config = xrapture.default_config()
-    for k, v in kw.items():
-      setattr(config, k, v)
-    return config
-
   def test_default_config_is_valid(self):
     config_lib.validate(xrapture.default_config())
 
@@ -126,7 +122,7 @@ class ValidateTest(parameterized.TestCase):
       ("int8_frozen", dict(quantize="int8", quantize_frozen=(".*/w",))),
   )
   def test_valid_values(self, overrides):
-    config_lib.validate(self._config(**overrides))
+    config_lib.validate(_config(**overrides))
 
   @parameterized.named_parameters(
       ("rank_zero", dict(rank=0), r"config.rank = 0 must be an integer >= 1"),
@@ -180,11 +176,11 @@ class ValidateTest(parameterized.TestCase):
   )
   def test_invalid_values(self, overrides, pattern):
     with self.assertRaisesRegex(ValueError, pattern):
-      config_lib.validate(self._config(**overrides))
+      config_lib.validate(_config(**overrides))
 
   def test_all_problems_are_listed(self):
     with self.assertRaises(ValueError) as ctx:
-      config_lib.validate(self._config(rank=0, alpha=0.0, dtype="int8"))
+      config_lib.validate(_config(rank=0, alpha=0.0, dtype="int8"))
     for field in ("config.rank", "config.alpha", "config.dtype"):
       self.assertIn(field, str(ctx.exception))
 

@@ -94,18 +94,22 @@ def _forward(x):
 _NAME_MAP = {"up/w": "up", "head/w": "head"}
 
 
+def _data():
+  """Inputs, targets and the base params of ``_forward``."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(6, IN)).astype(np.float32)
+  y = rng.normal(size=(6, OUT)).astype(np.float32)
+  return x, y, hk.transform(_forward).init(jax.random.PRNGKey(0), x)
+
+
 @absltest.skipIf(peft is None, "torch and peft are not importable")
 class PissaPeftTest(absltest.TestCase):
 
   def setUp(self):
     super().setUp()
-    rng = np.random.default_rng(0)
-    self.x = rng.normal(size=(6, IN)).astype(np.float32)
-    self.y = rng.normal(size=(6, OUT)).astype(np.float32)
-    self.base = hk.transform(_forward).init(jax.random.PRNGKey(0), self.x)
-    self.config = xrapture.default_config()
-    self.config.rank, self.config.alpha, self.config.init = 2, 3.0, "pissa"
-    self.model = xrapture.transform(_forward, self.config)
+    self.x, self.y, self.base = _data()
+    self.model = _pissa_model()
+    self.config = self.model.config
     tmp = tempfile.TemporaryDirectory()
     self.addCleanup(tmp.cleanup)
     self.tmp = tmp.name
@@ -212,10 +216,7 @@ class PissaAdapterFileTest(absltest.TestCase):
 
   def setUp(self):
     super().setUp()
-    rng = np.random.default_rng(0)
-    self.x = rng.normal(size=(6, IN)).astype(np.float32)
-    self.y = rng.normal(size=(6, OUT)).astype(np.float32)
-    self.base = hk.transform(_forward).init(jax.random.PRNGKey(0), self.x)
+    self.x, self.y, self.base = _data()
     self.model = _pissa_model()
     self.lora_spec = self.model.lora_spec(self.base, self.x)
     self.initial = self.model.adapt(jax.random.PRNGKey(1), self.base)
