@@ -857,7 +857,10 @@ class PeftFileTest(_Base):
       warnings.simplefilter("error")  # what export_peft writes is all known
       xrapture.import_peft(path, self.base, name_map)
     config, _ = self._files(path)
-    config.update(use_future_trick=False, future_config=None)
+    # A newer PEFT's feature left off (None, False, empty) changes nothing:
+    # no warning. One that is set is named.
+    config.update(use_future_trick=True, future_config={"k": 1},
+                  future_off=None, future_flag=False, future_list=[])
     self._rewrite(path, config=config)
     with warnings.catch_warnings(record=True) as caught:
       warnings.simplefilter("always")
@@ -870,13 +873,20 @@ class PeftFileTest(_Base):
 
   @absltest.skipIf(peft is None, _NEEDS_PEFT)
   def test_known_fields_are_peft_lora_config_fields(self):
-    # Files PEFT writes must not warn. A newer PEFT with new fields fails
-    # here first: add them (after checking they change nothing, or to
-    # _UNSUPPORTED).
+    # Files PEFT writes must not warn. A newer PEFT's new field is silent
+    # only while off (its default None, False or empty); one whose default is
+    # set fails here first: add it (after checking it changes nothing, or to
+    # _UNSUPPORTED). Known fields a newer PEFT dropped stay known (old files).
     import dataclasses  # pylint: disable=g-import-not-at-top
-    fields = {f.name for f in dataclasses.fields(peft.LoraConfig)}
-    self.assertEqual(peft_io._KNOWN_FIELDS, fields)
-    self.assertContainsSubset(set(peft_io._UNSUPPORTED), fields)
+    fields = {f.name: f for f in dataclasses.fields(peft.LoraConfig)}
+    for name in set(fields) - peft_io._KNOWN_FIELDS:
+      field = fields[name]
+      default = (field.default_factory() if field.default is dataclasses.MISSING
+                 else field.default)
+      with self.subTest(new_field=name):
+        self.assertTrue(peft_io._is_off(default),
+                        f"peft {peft.__version__} adds {name}={default!r}")
+    self.assertContainsSubset(set(peft_io._UNSUPPORTED), peft_io._KNOWN_FIELDS)
 
   def test_export_unmapped(self):
     params = _random_adapters(self.base, lambda p: 2, lambda p: 1.0, False)

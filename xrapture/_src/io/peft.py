@@ -80,11 +80,14 @@ _UNSUPPORTED = {
     "kasa_config": None,
     "velora_config": None,
     "monteclora_config": None,
+    "astra_config": None,          # ASTRA (init_lora_weights="astra")
 }
-# Every field of PEFT's LoraConfig (peft 0.21.2). Another field in a file
-# comes from a newer PEFT; it is ignored with a warning, as PEFT does.
+# Every field of PEFT's LoraConfig (peft 0.22.0). Another field in a file
+# comes from a newer PEFT: off (None, False, empty) it is ignored, as a feature
+# left off changes nothing; set, it is ignored with a warning, as PEFT does.
 _KNOWN_FIELDS = frozenset({
-    "alora_invocation_tokens", "alpha_pattern", "arrow_config", "auto_mapping",
+    "alora_invocation_tokens", "alpha_pattern", "arrow_config", "astra_config",
+    "auto_mapping",
     "base_model_name_or_path", "bias", "corda_config", "ensure_weight_tying",
     "eva_config", "exclude_modules", "fan_in_fan_out", "inference_mode",
     "init_lora_weights", "kasa_config", "layer_replication", "layers_pattern",
@@ -615,7 +618,8 @@ def _read_files(path: str) -> tuple[str, dict[str, Any], str, dict[str, np.ndarr
   if not isinstance(config, dict):
     raise ValueError(f"{config_file} holds a JSON {type(config).__name__}, not a "
                      "PEFT config record.")
-  unknown = sorted(set(config) - _KNOWN_FIELDS)
+  unknown = sorted(k for k in set(config) - _KNOWN_FIELDS
+                   if not _is_off(config[k]))
   if unknown:
     warnings.warn(
         f"{config_file} has fields xrapture does not know, written by a newer "
@@ -632,6 +636,12 @@ def _read_files(path: str) -> tuple[str, dict[str, Any], str, dict[str, np.ndarr
   return config_file, config, weights_file, tensors
 
 
+def _is_off(value: Any) -> bool:
+  """Whether a config value leaves its feature off (None, False, empty)."""
+  return value is None or value is False or (
+      isinstance(value, (list, dict, str)) and not value)
+
+
 def _check_config(config: Mapping[str, Any], where: str) -> None:
   if config.get("peft_type") != "LORA":
     raise ValueError(f"{where}: peft_type is {config.get('peft_type')!r}; only "
@@ -639,7 +649,7 @@ def _check_config(config: Mapping[str, Any], where: str) -> None:
   problems = []
   for field, fine in _UNSUPPORTED.items():
     value = config.get(field, fine)
-    if value not in (fine, None, False, [], {}):
+    if not (_is_off(value) or value == fine):
       problems.append(f"{field}={value!r}")
   init = config.get("init_lora_weights", True)
   if not any(init is v or (isinstance(v, str) and init == v) for v in _PLAIN_INITS):
