@@ -24,8 +24,9 @@
 #   py311  Python 3.11 ($XRAPTURE_PYTHON311, default python3) with the newest
 #          jax pip serves there (0.10.x) and every extra, torch, PEFT,
 #          bitsandbytes and the model packages included: pytest, the launcher
-#          and benchmark tests, and the library's files with tests that need
-#          torch or the model packages. A missing torch is a failure here
+#          and benchmark tests, and the library's tests that py312 skipped
+#          for a missing extra (every test of the files that import torch,
+#          PEFT or the model packages, if py312 did not pass). A missing torch is a failure here
 #          (XRAPTURE_REQUIRE_TORCH=1). Venv $XRAPTURE_VENV (.venv-test).
 #
 # The installs run in the background; each leg starts once its venv is ready.
@@ -254,6 +255,12 @@ for f in "${ALL_TESTS[@]}"; do
   fi
 done
 
+# The tests py312 skipped for a missing extra (xrapture_test/conftest.py
+# records them), which py311 then runs; all of OPTIONAL_TESTS there when
+# py312 did not run to the end.
+SKIPS_FILE="${TMP_DIR}/py312-skipped-for-extras.txt"
+PY312_SKIPS_VALID=0
+
 if wants py312 && ready py312; then
   step "leg py312: the library's tests on the newest JAX"
   leg_start=${SECONDS}
@@ -262,7 +269,8 @@ if wants py312 && ready py312; then
        "Python >= 3.12): the tests that need them are skipped here, listed below," \
        "and run in the py311 leg."
   status=0
-  run_pytest py312 "${venv}" "${LIBRARY_TESTS[@]}" || status=$?
+  XRAPTURE_RECORD_SKIPS="${SKIPS_FILE}" run_pytest py312 "${venv}" "${LIBRARY_TESTS[@]}" || status=$?
+  [[ "${status}" -eq 0 ]] && PY312_SKIPS_VALID=1
   end_leg py312 "${status}" "${leg_start}" "Python $(python_minor "${venv}/bin/python"), $("${venv}/bin/python" -c 'import jax; print("jax", jax.__version__)')"
 fi
 
@@ -289,9 +297,17 @@ if wants py311 && ready py311; then
   step "leg py311: the launcher and benchmark tests, and the library's tests that need torch or the model packages"
   leg_start=${SECONDS}
   venv="${LEG_VENV[py311]}"
+  OPTIONAL_ARGS=("${OPTIONAL_TESTS[@]}")
+  if [[ "${PY312_SKIPS_VALID}" -eq 1 ]]; then
+    OPTIONAL_ARGS=()
+    if [[ -s "${SKIPS_FILE}" ]]; then
+      mapfile -t OPTIONAL_ARGS < <(sort -u "${SKIPS_FILE}" | sed "s|^|${REPO}/|")
+    fi
+    echo "Of the library's tests, the ${#OPTIONAL_ARGS[@]} that py312 skipped for a missing extra."
+  fi
   status=0
   XRAPTURE_REQUIRE_TORCH=1 run_pytest py311 "${venv}" \
-    "${LAUNCHER_TESTS[@]}" "${OPTIONAL_TESTS[@]}" || status=$?
+    "${LAUNCHER_TESTS[@]}" "${OPTIONAL_ARGS[@]}" || status=$?
   end_leg py311 "${status}" "${leg_start}" "Python 3.11, $("${venv}/bin/python" -c 'import jax; print("jax", jax.__version__)')"
 fi
 

@@ -25,14 +25,11 @@ import xrapture
 from xrapture._src.lora import dora
 from xrapture._src.lora import dropout as dropout_lib
 from xrapture._src.testing import dense_check
+from xrapture._src.testing import optional
 from xrapture._src.testing import reference
 
-try:
-  import peft  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
-  from torch import nn  # pylint: disable=g-import-not-at-top
-except ImportError:
-  peft = torch = nn = None
+torch, peft = optional.modules("torch", "peft")
+nn = torch.nn if torch is not None else None
 
 M, N, R = 48, 40, 4
 ALPHA = 2.0
@@ -400,7 +397,7 @@ def _to_torch(base):
   return model.eval()
 
 
-@absltest.skipIf(peft is None, "torch and peft are not importable")
+@absltest.skipIf(peft is None, optional.MISSING)
 class DoraPeftTest(parameterized.TestCase):
 
   def setUp(self):

@@ -20,14 +20,10 @@ import optax
 
 import xrapture
 from xrapture._src.lora import dora
+from xrapture._src.testing import optional
 
-try:
-  import peft  # pylint: disable=g-import-not-at-top
-  from peft.optimizers import create_loraplus_optimizer  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
-  from torch import nn  # pylint: disable=g-import-not-at-top
-except ImportError:
-  peft = torch = nn = None
+torch, peft, peft_optimizers = optional.modules("torch", "peft", "peft.optimizers")
+nn = torch.nn if torch is not None else None
 
 IN, HIDDEN, OUT = 6, 9, 4
 RATIO, LR = 8.0, 1e-2
@@ -71,7 +67,7 @@ class ScaleTest(absltest.TestCase):
     np.testing.assert_array_equal(u1["l"]["w"].w, 0.0)    # w stays frozen
 
 
-@absltest.skipIf(peft is None, "torch and peft are not importable")
+@absltest.skipIf(peft is None, optional.MISSING)
 class PeftLoraPlusTest(parameterized.TestCase):
   """Our LoRA+ Adam steps equal PEFT's create_loraplus_optimizer's."""
 
@@ -103,7 +99,7 @@ class PeftLoraPlusTest(parameterized.TestCase):
         if "lora_A" in name or "lora_B" in name:
           p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
     model.save_pretrained(self.tmp)            # the starting point, for xrapture
-    opt = create_loraplus_optimizer(model, torch.optim.Adam, lr=LR,
+    opt = peft_optimizers.create_loraplus_optimizer(model, torch.optim.Adam, lr=LR,
                                     loraplus_lr_ratio=RATIO)
     x, y = torch.from_numpy(self.x), torch.from_numpy(self.y)
     for _ in range(steps):

@@ -20,14 +20,11 @@ import numpy as np
 
 import xrapture
 from xrapture._src.lora import dora
+from xrapture._src.testing import optional
 from xrapture._src.testing import reference
 
-try:
-  import peft  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
-  from torch import nn  # pylint: disable=g-import-not-at-top
-except ImportError:
-  peft = torch = nn = None
+torch, peft = optional.modules("torch", "peft")
+nn = torch.nn if torch is not None else None
 
 VOCAB, DIM, HIDDEN, OUT = 11, 8, 10, 5
 
@@ -277,7 +274,7 @@ if torch is not None:
       return self.down(torch.tanh(self.up(self.embed(ids))))
 
 
-@absltest.skipIf(peft is None, "torch and peft are not importable")
+@absltest.skipIf(peft is None, optional.MISSING)
 class PeftWeightedAdapterTest(parameterized.TestCase):
 
   def setUp(self):

@@ -23,15 +23,12 @@ import safetensors
 
 import xrapture
 from xrapture._src.lora import lora_weight
+from xrapture._src.testing import optional
 from xrapture._src.testing import reference
 from xrapture._src.transform import pissa
 
-try:
-  import peft  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
-  from torch import nn  # pylint: disable=g-import-not-at-top
-except ImportError:
-  peft = torch = nn = None
+torch, peft = optional.modules("torch", "peft")
+nn = torch.nn if torch is not None else None
 
 IN, HIDDEN, OUT = 7, 9, 5
 
@@ -102,7 +99,7 @@ def _data():
   return x, y, hk.transform(_forward).init(jax.random.PRNGKey(0), x)
 
 
-@absltest.skipIf(peft is None, "torch and peft are not importable")
+@absltest.skipIf(peft is None, optional.MISSING)
 class PissaPeftTest(absltest.TestCase):
 
   def setUp(self):
