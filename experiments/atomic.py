@@ -1,57 +1,24 @@
 """Files written whole or not at all: temporary name, fsync, rename, fsync.
 
-Every file experiments/ writes goes through :func:`atomic_path` (adapter and
-base files through ``xrapture.save_adapter``, checkpoints through orbax), so
-a reader sees the old file or the new one, and a killed writer leaves at
-most a ``.tmp-*`` file, which :func:`remove_leftovers` deletes.
+Every file experiments/ writes goes through :func:`atomic_path`, the
+library's own (``xrapture._src.io.atomic``; adapter and base files through
+``xrapture.save_adapter``, checkpoints through orbax), so a reader sees the
+old file or the new one, and a killed writer leaves at most a ``.tmp-*``
+file, which :func:`remove_leftovers` deletes. This module adds the text and
+JSON shorthands and that clean-up.
 """
 
-import contextlib
 import json
 import os
 import shutil
-import tempfile
-from typing import Any, Iterator
+from typing import Any
 
-TMP_PREFIX = '.tmp-'
+from xrapture._src.io import atomic as _atomic
 
-
-def _umask() -> int:
-  umask = os.umask(0o022)  # reading it means setting it; restored at once
-  os.umask(umask)
-  return umask
-
-
-def fsync(path: str) -> None:
-  """fsyncs a file (its data) or a directory (the names in it: a rename)."""
-  fd = os.open(path, os.O_RDONLY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_path(path: str) -> Iterator[str]:
-  """Yields a temporary path next to ``path``; renames it onto ``path`` on success.
-
-  The file's data and the directory entry are fsynced. On an exception the
-  temporary file is removed and ``path`` is left as it was.
-  """
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + os.path.basename(path) + '-',
-                             dir=directory)
-  os.close(fd)
-  try:
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only
-    yield tmp
-    fsync(tmp)
-    os.replace(tmp, path)
-    fsync(directory)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+# The library's atomic write, one implementation for both (see its module).
+TMP_PREFIX = _atomic.TMP_PREFIX
+atomic_path = _atomic.atomic_path
+fsync = _atomic.fsync
 
 
 def write_text(path: str, text: str) -> None:

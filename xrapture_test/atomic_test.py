@@ -123,5 +123,48 @@ class AtomicWriteTest(parameterized.TestCase):
     self.assertEqual(os.umask(old), old)  # umask restored
 
 
+class AtomicNewDirTest(parameterized.TestCase):
+
+  def _dir(self):
+    tmp = tempfile.TemporaryDirectory()
+    self.addCleanup(tmp.cleanup)
+    return tmp.name
+
+  def test_appears_whole_with_its_files_fsynced(self):
+    parent = self._dir()
+    path = os.path.join(parent, "adapter")
+    fsynced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+      fsynced.append(os.readlink(f"/proc/self/fd/{fd}"))
+      return real_fsync(fd)
+    with mock.patch.object(atomic.os, "fsync", recording_fsync):
+      with atomic.atomic_new_dir(path) as tmp:
+        for name in ("a.json", "b.bin"):
+          with open(os.path.join(tmp, name), "w") as f:
+            f.write(name)
+        self.assertFalse(os.path.exists(path))  # not before the block ends
+    self.assertEqual(_files(parent), ["adapter"])
+    self.assertEqual(_files(path), ["a.json", "b.bin"])
+    # Both files and the directory before the rename; the parent after it.
+    self.assertEqual([os.path.basename(f) for f in fsynced[:2]], ["a.json", "b.bin"])
+    self.assertTrue(os.path.basename(fsynced[2]).startswith(atomic.TMP_PREFIX))
+    self.assertEqual(fsynced[3:], [parent])
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    old = os.umask(0)
+    os.umask(old)
+    self.assertEqual(mode, 0o777 & ~old)  # not mkdtemp's 0700
+
+  def test_an_exception_leaves_nothing(self):
+    parent = self._dir()
+    with self.assertRaisesRegex(RuntimeError, "boom"):
+      with atomic.atomic_new_dir(os.path.join(parent, "adapter")) as tmp:
+        with open(os.path.join(tmp, "a.json"), "w") as f:
+          f.write("half")
+        raise RuntimeError("boom")
+    self.assertEqual(_files(parent), [])
+
+
 if __name__ == "__main__":
   absltest.main()

@@ -8,6 +8,7 @@ import tempfile
 from unittest import mock
 
 from absl.testing import absltest
+from xrapture._src.io import atomic as library_atomic
 
 # The repository root (in the source tree or in Bazel's runfiles), appended so
 # that the installed xrapture is the one imported.
@@ -58,6 +59,11 @@ class AtomicTest(absltest.TestCase):
     self.assertTrue(os.path.basename(fsynced[0]).startswith('.tmp-result.json-'))
     self.assertEqual(os.path.dirname(fsynced[0]), directory)  # before the rename
     self.assertEqual(fsynced[1], directory)  # after it
+
+  def test_one_implementation_with_the_library(self):
+    # The launchers write through the library's atomic_path, not a copy.
+    self.assertIs(atomic.atomic_path, library_atomic.atomic_path)
+    self.assertEqual(atomic.TMP_PREFIX, library_atomic.TMP_PREFIX)
 
   def test_remove_leftovers(self):
     atomic.write_text(self.path, 'kept')

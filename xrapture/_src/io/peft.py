@@ -31,8 +31,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from typing import Any, Callable, Mapping, Sequence, Union
 import warnings
 
@@ -344,18 +342,11 @@ def _write_dir(path: str, tensors: dict[str, np.ndarray], config: dict) -> None:
   config_text = json.dumps(config, indent=2, sort_keys=True) + "\n"
   path = os.path.abspath(path)
   if not os.path.exists(path):
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
-    try:
+    with atomic.atomic_new_dir(path) as tmp:
       safetensors.numpy.save_file(tensors, os.path.join(tmp, WEIGHTS_NAME),
                                   metadata={"format": "pt"})
       with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
         f.write(config_text)
-      os.replace(tmp, path)
-    finally:
-      if os.path.exists(tmp):
-        shutil.rmtree(tmp)
     return
   if not os.path.isdir(path):
     raise ValueError(f"{path} exists and is not a directory.")
