@@ -1,4 +1,4 @@
-"""Tests for xrapture/_src/io/peft.py against real HuggingFace PEFT.
+"""Tests for xrapture/_src/io/peft/ against real HuggingFace PEFT.
 
 A torch model and a Haiku model of the same architecture share base weights;
 adapters made on one side must give the same outputs on the other.
