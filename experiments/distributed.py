@@ -28,6 +28,7 @@ import jax
 from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
+from xrapture._src import distributed as library_distributed
 
 # jax's own timeout is longer, so that the watchdog's clear message comes first.
 _JAX_TIMEOUT_MARGIN_S = 30
@@ -140,6 +141,8 @@ def start(config: ml_collections.ConfigDict, workdir: str) -> None:
           f'jax.distributed.initialize failed for {who}: {e}. Set '
           '--config.cluster.coordinator_address, num_processes and process_id '
           'where the cluster environment does not provide them.') from e
+  # Before the first compilation (the agreement check's allgather).
+  library_distributed.avoid_cache_hang()
   _check_agreement(config, workdir, kwargs.get('num_processes'), timeout)
   logging.info('jax.distributed: process %d of %d, %d local / %d global devices.',
                jax.process_index(), jax.process_count(), jax.local_device_count(),

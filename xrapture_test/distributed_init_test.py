@@ -7,6 +7,7 @@ script does), then tries to join.
 
 import os
 import sys
+import tempfile
 
 from absl.testing import absltest
 from xrapture._src import distributed
@@ -29,13 +30,19 @@ def _worker_main():
   else:
     distributed.initialize(address, n, pid, timeout_s=_JOIN_S)
   print(f"joined: process {jax.process_index()} of {jax.process_count()}", flush=True)
+  if env["XRAPTURE_TEST_WORKER"] == "cache":
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    gathered = multihost_utils.process_allgather(np.asarray([pid + 1]))
+    print(f"cache on: {jax.config.jax_enable_compilation_cache}; "
+          f"gathered: {np.asarray(gathered).ravel().tolist()}", flush=True)
 
 
-def _run(specs):
+def _run(specs, extra=None):
   """Runs one worker per ``(kind, num_processes, process_id)``, on one port."""
   port = multiprocess.free_port()
   envs = [multiprocess.worker_env(pid, n, port, local_devices=1,
-                                  extra={"XRAPTURE_TEST_WORKER": kind})
+                                  extra={"XRAPTURE_TEST_WORKER": kind, **(extra or {})})
           for kind, n, pid in specs]
   argv = multiprocess.python_command(os.path.abspath(__file__))
   return port, multiprocess.run_group([argv] * len(specs), envs,
@@ -70,6 +77,26 @@ class InitializeTest(absltest.TestCase):
     multiprocess.check(results)
     self.assertIn("joined: process 0 of 2", results[0].output)
     self.assertIn("joined: process 1 of 2", results[1].output)
+
+  def test_the_compilation_cache_cannot_hang_a_cpu_run(self):
+    # With the persistent cache on, jax >= 0.11 hangs a multi-process CPU
+    # run in programs loaded from it: initialize turns the cache off there
+    # (and says so), and leaves it on where it works. Twice, so that the
+    # second group would find what the first wrote.
+    hangs = distributed._version() >= distributed._CACHE_HANG_SINCE
+    tmp = tempfile.TemporaryDirectory()  # not create_tempdir: pytest parses no flags
+    self.addCleanup(tmp.cleanup)
+    cache = tmp.name
+    for _ in range(2):
+      _, results = _run([("cache", 2, 0), ("cache", 2, 1)], extra={
+          "JAX_COMPILATION_CACHE_DIR": cache,
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
+      multiprocess.check(results)
+      for result in results:
+        self.assertIn(f"cache on: {not hangs}; gathered: [1, 2]", result.output)
+        self.assertEqual("persistent compilation cache" in result.output, hangs,
+                         result.output)
 
   def test_bad_arguments_fail_before_joining(self):
     with self.assertRaisesRegex(ValueError, r"process_id=2 is outside \[0, num_processes=2\)"):

@@ -5,12 +5,55 @@ after ``initialization_timeout`` with "another task died" and an RPC status;
 given a process count that differs from the coordinator's, a process other
 than 0 silently joins a group of another size. :func:`initialize` turns both
 into Python exceptions that name the address, the counts and the fix.
+
+:func:`avoid_cache_hang` turns JAX's persistent compilation cache off where
+reading it hangs a multi-process CPU run; :func:`initialize` calls it, and a
+caller of ``jax.distributed.initialize`` itself calls it right after.
 """
 
+import logging
 import socket
 import time
 
 import jax
+
+# The first JAX release whose multi-process CPU runs (gloo collectives) hang
+# on programs loaded from the persistent compilation cache: measured on jax
+# 0.12.1 (a warm cache: both processes block in their first collective
+# program), absent on 0.10.2, the newest release before 0.11, where the test
+# command runs the same launcher with the cache on.
+_CACHE_HANG_SINCE = (0, 11)
+
+
+def _version() -> tuple[int, ...]:
+  return tuple(int(p) for p in jax.__version__.split(".")[:2] if p.isdigit())
+
+
+def avoid_cache_hang() -> bool:
+  """Turns the persistent compilation cache off where it would hang this run.
+
+  Call it after ``jax.distributed.initialize`` and before the first
+  compilation (JAX decides whether to use the cache once, at its first
+  compile). It acts only on a CPU run of several processes, with the cache
+  configured (``JAX_COMPILATION_CACHE_DIR`` / ``jax_compilation_cache_dir``),
+  on jax >= 0.11: there, executables loaded from the cache never finish their
+  cross-process collectives. It logs a warning saying so.
+
+  Returns:
+    Whether it turned the cache off.
+  """
+  if (jax.process_count() == 1 or jax.default_backend() != "cpu"
+      or _version() < _CACHE_HANG_SINCE
+      or not jax.config.jax_enable_compilation_cache
+      or not jax.config.jax_compilation_cache_dir):
+    return False
+  jax.config.update("jax_enable_compilation_cache", False)
+  logging.warning(
+      "xrapture: the persistent compilation cache (%s) is off for this run: "
+      "on jax %s, a multi-process CPU run hangs in the first collective of a "
+      "program loaded from it. Programs are compiled afresh.",
+      jax.config.jax_compilation_cache_dir, jax.__version__)
+  return True
 
 
 def _wait_for_coordinator(address: str, timeout_s: float) -> None:
@@ -69,3 +112,4 @@ def initialize(coordinator_address: str, num_processes: int, process_id: int,
         f"but the coordinator at {coordinator_address} runs "
         f"{jax.process_count()} processes: give every process the same "
         "num_processes.")
+  avoid_cache_hang()
