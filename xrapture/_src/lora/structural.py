@@ -172,14 +172,15 @@ def _split(primitive, lora, *, sizes, axis):
     return NotImplemented
   layout = lora_weight.layout_of(lora)
   b_of, a_of = _factor_axes(layout)
+  cut = lambda x, k, start, stop: (
+      x if k is None else lax.slice_in_dim(x, start, stop, axis=k))
   out, start = [], 0
   for size in sizes:
-    size = int(size)
-    cut = lambda x, k: x if k is None else lax.slice_in_dim(x, start, start + size, axis=k)
-    w = interpreter.call(lax.slice_in_dim, lora.w, start, start + size, 1, axis)
-    out.append(_new(lora, w, cut(lora.a, a_of[axis]),
-                    cut(lora.b, b_of[axis]), layout))
-    start += size
+    stop = start + int(size)
+    w = interpreter.call(lax.slice_in_dim, lora.w, start, stop, 1, axis)
+    out.append(_new(lora, w, cut(lora.a, a_of[axis], start, stop),
+                    cut(lora.b, b_of[axis], start, stop), layout))
+    start = stop
   return out
 
 
