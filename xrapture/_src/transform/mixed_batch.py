@@ -74,7 +74,7 @@ def mixed_adapter_params(adapters: multi_adapter.AdapterSet,
         raise ValueError(f"Adapter {name!r} trains '{path}' in full; in a mixed batch "
                          "all examples share the base's value. Add it to the "
                          "AdapterSet without lora_spec to serve its LoRA part.")
-      loras.append(None if f is implicit_array.EmptyNode else f.replace(w=base))
+      loras.append(f.replace(w=base) if isinstance(f, lora_weight.LoraWeight) else None)
     present = [l for l in loras if l is not None]
     if not present:
       out.append(base)

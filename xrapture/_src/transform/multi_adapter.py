@@ -218,7 +218,7 @@ def unmerge_adapter(merged: Any, adapters: AdapterSet, name: str) -> Any:
   _check_name(adapters, name)
   leaves, treedef = jax.tree_util.tree_flatten(merged)
   _, base_def = jax.tree_util.tree_flatten(adapters.base)
-  if treedef != base_def:
+  if treedef != base_def:  # type: ignore[operator]  # jaxlib 0.10 has no PyTreeDef stub
     raise ValueError("unmerge_adapter: `merged` does not have the base's structure "
                      "(pass the output of merge_adapter or merge_params).")
   out = []
@@ -282,7 +282,8 @@ def _combine(method, parts, svd_rank, svd_clamp, path):
     b = sum(math.copysign(math.sqrt(abs(w * l.get_scale())), w * l.get_scale())
             * _grouped(l)[0] for w, l in parts)
     a = sum(math.sqrt(abs(w * l.get_scale())) * _grouped(l)[1] for w, l in parts)
-    return _ungrouped(first, b.astype(dtype), a.astype(dtype))
+    # jnp.asarray: to mypy, sum() may be the int 0 (never: parts is not empty).
+    return _ungrouped(first, jnp.asarray(b, dtype), jnp.asarray(a, dtype))
   # svd: the best rank-k approximation of the weighted sum of the updates.
   delta = sum(w * l.get_scale() * jnp.matmul(*_grouped(l)) for w, l in parts)
   delta = delta.astype(jnp.promote_types(dtype, jnp.float32))
