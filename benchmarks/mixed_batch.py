@@ -29,7 +29,6 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import xrapture
 
@@ -106,7 +105,7 @@ def markdown(results: dict) -> str:
       "",
       report.markdown_table(
           ["variant", "ms per batch (median)", "q1", "q3"],
-          [[{"mixed": f"mixed: each example its own adapter, one pass",
+          [[{"mixed": "mixed: each example its own adapter, one pass",
              "one_adapter": "one adapter for the whole batch",
              "loop": f"loop: {n} passes of one example"}[k],
             v["median_ms"], v["q1_ms"], v["q3_ms"]] for k, v in ms.items()]),

@@ -51,9 +51,11 @@ _VARIANTS = flags.DEFINE_list(
     "memory_variants", ["full", "lora", "qlora-nf4", "qlora-nf4-dq", "qlora-int8"],
     "Memory processes to run.")
 _TIMED = flags.DEFINE_list("timed", ["lora", "qlora-nf4"],
-                           "Variants alternated in the step-time process (the first is the denominator).")
+                           "Variants alternated in the step-time process (the first is the "
+                           "denominator).")
 _BASE = flags.DEFINE_string("base", "", "Pretrained weights for the error table: a directory "
-                            "holding base.safetensors, or the file; '' = the model initialized here.")
+                            "holding base.safetensors, or the file; '' = the model initialized "
+                            "here.")
 _BLOCK = flags.DEFINE_integer("block", 64, "NF4 block size.")
 _PART = flags.DEFINE_string("part", None, "Internal: run one part (a variant's memory, "
                             "'timing' or 'errors') and print JSON.")

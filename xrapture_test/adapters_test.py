@@ -223,8 +223,9 @@ def _count_expected(shapes_layouts, rank):
   """r·(prod(in) + prod(out)) per stacked element."""
   total = 0
   for shape, layout in shapes_layouts:
-    size = lambda role: int(np.prod([n for n, c in zip(shape, layout) if c == role]))
-    total += size("s") * rank * (size("i") + size("o"))
+    size = {role: int(np.prod([n for n, c in zip(shape, layout) if c == role]))
+            for role in "sio"}
+    total += size["s"] * rank * (size["i"] + size["o"])
   return total
 
 

@@ -19,7 +19,8 @@ _DEADLINE_S = 120
 
 
 def _worker_main():
-  import xrapture  # pylint: disable=g-import-not-at-top,unused-import
+  # Unused on purpose: imported before jax, as a user's script does.
+  import xrapture  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
   import jax  # pylint: disable=g-import-not-at-top
   env = os.environ
   address = env["XRAPTURE_TEST_COORDINATOR"]

@@ -311,7 +311,8 @@ class BadInputTest(parameterized.TestCase):
       xrapture.quantize_array(_kernel(0, 100, 8), "nf4", block_size=32)
 
   def test_block_size_outside_bitsandbytes_set(self):
-    with self.assertRaisesRegex(ValueError, r"block_size must be one of \(32, 64, .*4096\), got 48"):
+    with self.assertRaisesRegex(ValueError,
+                                r"block_size must be one of \(32, 64, .*4096\), got 48"):
       xrapture.quantize_array(_kernel(0, 96, 8), "nf4", block_size=48)
 
   def test_integer_array(self):
@@ -327,7 +328,8 @@ class BadInputTest(parameterized.TestCase):
       xrapture.quantize_array(lora, "int8")
 
   def test_one_dimensional(self):
-    with self.assertRaisesRegex(ValueError, r"at least 2 dimensions \[..., M, N\]; got shape \(64,\)"):
+    with self.assertRaisesRegex(ValueError,
+                                r"at least 2 dimensions \[..., M, N\]; got shape \(64,\)"):
       xrapture.quantize_array(np.ones(64, np.float32), "nf4")
 
   def test_axis(self):

@@ -25,7 +25,7 @@ stay version 1.
 
 import json
 import math
-from typing import Any, Callable
+from typing import Any, Callable, TypeGuard
 import warnings
 
 import jax
@@ -80,7 +80,7 @@ def _is_number(x: Any) -> bool:
   return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _is_int(x: Any) -> bool:
+def _is_int(x: Any) -> TypeGuard[int]:
   return isinstance(x, int) and not isinstance(x, bool)
 
 
@@ -376,7 +376,7 @@ def _check_entries(path: str, header: dict[str, Any],
         f"{path} has no checksum but header fields "
         f"{sorted(set(header) - _HEADER_FIELDS_0_1)} that files without one "
         "never had: the file is corrupt (a damaged field name?).")
-  owned = set()
+  owned: set[str] = set()
   for name, entry in entries.items():
     where = f"{path}: header entry '{name}'"
     if not isinstance(entry, dict):
@@ -430,10 +430,11 @@ def _check_entries(path: str, header: dict[str, Any],
                            f"{tuple(entry['base_shape'])}; the file is corrupt.")
       if kind == "dora":
         stacked, _, out = lora_weight.groups(lora_weight.layout_of(lora))
-        want = tuple(entry["base_shape"][d] for d in stacked + out)
-        if tuple(tensors[name + "::magnitude"].shape) != want:
+        want_shape = tuple(entry["base_shape"][d] for d in stacked + out)
+        if tuple(tensors[name + "::magnitude"].shape) != want_shape:
           raise ValueError(f"{where}: magnitude of shape "
-                           f"{tuple(tensors[name + '::magnitude'].shape)}, expected {want}.")
+                           f"{tuple(tensors[name + '::magnitude'].shape)}, "
+                           f"expected {want_shape}.")
     owned.update(keys)
   stray = sorted(set(tensors) - owned)
   if stray:

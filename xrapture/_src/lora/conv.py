@@ -71,7 +71,7 @@ def _conv(primitive, lhs, rhs, *, dimension_numbers, feature_group_count,
   layout = lora_weight.layout_of(lora)
   lhs_spec, rhs_spec, out_spec = dimension_numbers
   form, new_layout = low_rank_layout(layout, lora.shape, rhs_spec)
-  if form is None:
+  if form is None or new_layout is None:  # both None or neither
     return NotImplemented
   if new_layout != layout:  # size-1 window axes join the window's group
     lora, layout = lora.with_layout(new_layout), new_layout

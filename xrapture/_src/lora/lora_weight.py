@@ -10,7 +10,7 @@ matrix ``[prod(in), prod(out)]``, laid back into ``w``'s axis order.
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +37,8 @@ def default_layout(ndim: int) -> str:
 
 def groups(layout: str) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
   """``(stacked, in, out)`` axes of ``w``, each in ``w``'s axis order."""
-  return tuple(tuple(d for d, c in enumerate(layout) if c == g) for g in (STACK, IN, OUT))
+  axes = lambda g: tuple(d for d, c in enumerate(layout) if c == g)
+  return axes(STACK), axes(IN), axes(OUT)
 
 
 def factor_shapes(shape: tuple[int, ...], layout: str, rank: int
@@ -53,7 +54,17 @@ def grouped_shape(shape: tuple[int, ...], layout: str) -> tuple[int, int]:
   return (math.prod(shape[d] for d in i), math.prod(shape[d] for d in o))
 
 
-def layout_of(lora: "LoraWeight") -> str:
+class Layered(Protocol):
+  """What :func:`layout_of` reads: LoraWeight, DoraWeight and MixedLoraWeight have it."""
+
+  @property
+  def w(self) -> jax.Array: ...
+
+  @property
+  def layout(self) -> str | None: ...
+
+
+def layout_of(lora: Layered) -> str:
   """``lora``'s layout for its current ``w``.
 
   Inside ``jax.vmap`` or a ``lax.scan`` over a stack of LoraWeights, the

@@ -172,14 +172,15 @@ def _split(primitive, lora, *, sizes, axis):
     return NotImplemented
   layout = lora_weight.layout_of(lora)
   b_of, a_of = _factor_axes(layout)
+  cut = lambda x, k, start, stop: (
+      x if k is None else lax.slice_in_dim(x, start, stop, axis=k))
   out, start = [], 0
   for size in sizes:
-    size = int(size)
-    cut = lambda x, k: x if k is None else lax.slice_in_dim(x, start, start + size, axis=k)
-    w = interpreter.call(lax.slice_in_dim, lora.w, start, start + size, 1, axis)
-    out.append(_new(lora, w, cut(lora.a, a_of[axis]),
-                    cut(lora.b, b_of[axis]), layout))
-    start += size
+    stop = start + int(size)
+    w = interpreter.call(lax.slice_in_dim, lora.w, start, stop, 1, axis)
+    out.append(_new(lora, w, cut(lora.a, a_of[axis], start, stop),
+                    cut(lora.b, b_of[axis], start, stop), layout))
+    start = stop
   return out
 
 
@@ -227,18 +228,19 @@ def _reshape_layout(old, new, layout):
   cum_old, cum_new = np.cumprod((1,) + old), np.cumprod((1,) + new)
   bounds = sorted(set(cum_old.tolist()) & set(cum_new.tolist()))
   run = lambda start: max(b for b in bounds if b <= start)
-  roles = {}
+  roles: dict[int, set[str]] = {}
   for d, size in enumerate(old):
     if size != 1:
       roles.setdefault(run(cum_old[d]), set()).add(layout[d])
   if any(len(r) > 1 for r in roles.values()):
     return None
-  chars = [roles[run(cum_new[k])].copy().pop() if size != 1 else None
-           for k, size in enumerate(new)]
-  # A new size-1 axis joins the group before it; a leading one is stacked.
-  for k in range(len(chars)):
-    if chars[k] is None:
-      chars[k] = chars[k - 1] if k else STACK
+  chars: list[str] = []
+  for k, size in enumerate(new):
+    if size != 1:
+      (role,) = roles[run(cum_new[k])]
+      chars.append(role)
+    else:  # A new size-1 axis joins the group before it; a leading one is stacked.
+      chars.append(chars[-1] if chars else STACK)
   return "".join(chars)
 
 
@@ -291,19 +293,19 @@ def _concatenate(primitive, *operands, dimension):
   rank_axis_a, rank_axis_b = len(lora_weight.groups(layout)[0]), first.b.ndim - 1
   # `cut` is the factor concatenated along the w axis, `joined` the other one.
   if role == OUT:
-    cut, cut_axis, cut_rank = [x.a for x in operands], a_of[dimension], rank_axis_a
-    joined, joined_rank = scaled_b, rank_axis_b
+    cut_parts, cut_axis, cut_rank = [x.a for x in operands], a_of[dimension], rank_axis_a
+    joined_parts, joined_rank = scaled_b, rank_axis_b
   else:
-    cut, cut_axis, cut_rank = scaled_b, b_of[dimension], rank_axis_b
-    joined, joined_rank = [x.a for x in operands], rank_axis_a
+    cut_parts, cut_axis, cut_rank = scaled_b, b_of[dimension], rank_axis_b
+    joined_parts, joined_rank = [x.a for x in operands], rank_axis_a
   blocks, offset = [], 0
-  for part, r in zip(cut, ranks):
+  for part, r in zip(cut_parts, ranks):
     pad = [(0, 0, 0)] * part.ndim
     pad[cut_rank] = (offset, total - offset - r, 0)
     blocks.append(lax.pad(part.astype(dtype), jnp.zeros((), dtype), pad))
     offset += r
   cut = lax.concatenate(blocks, cut_axis)
-  joined = lax.concatenate([x.astype(dtype) for x in joined], joined_rank)
+  joined = lax.concatenate([x.astype(dtype) for x in joined_parts], joined_rank)
   a, b = (cut, joined) if role == OUT else (joined, cut)
   return _new(first, w, a, b, layout, alpha=float(total), rslora=False)
 

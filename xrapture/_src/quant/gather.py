@@ -22,7 +22,7 @@ def _gather(primitive, q, indices, *, dimension_numbers, slice_sizes, **params):
     return NotImplemented
   dn = dimension_numbers
   if (q.ndim != 2 or len(dn.offset_dims) != 1
-      or getattr(dn, "operand_batching_dims", ()) or len(dn.collapsed_slice_dims) != 1
+      or getattr(dn, "operand_batching_dims", None) or len(dn.collapsed_slice_dims) != 1
       or tuple(dn.start_index_map) != tuple(dn.collapsed_slice_dims)):
     return NotImplemented
   axis = dn.collapsed_slice_dims[0]

@@ -55,10 +55,11 @@ class QuantizedArray(implicit_array.ImplicitArray):
     dense_dtype: static; the dtype :meth:`materialize` returns.
   """
 
-  codes: jax.Array
-  absmax: jax.Array
-  absmax2: jax.Array | None = None
-  offset: jax.Array | None = None
+  # numpy arrays as quantize_array builds them, jax.Arrays once on a device.
+  codes: jax.Array | np.ndarray
+  absmax: jax.Array | np.ndarray
+  absmax2: jax.Array | np.ndarray | None = None
+  offset: jax.Array | np.ndarray | None = None
   scheme: str = implicit_array.aux_field(default="nf4")
   block_size: int = implicit_array.aux_field(default=64)
   axis: int = implicit_array.aux_field(default=-2)
@@ -82,7 +83,7 @@ class QuantizedArray(implicit_array.ImplicitArray):
       problem = f"absmax must be {expected} (codes[:-1] + (K / block_size,))"
     elif (self.absmax2 is None) != (self.offset is None):
       problem = "absmax2 and offset come together (double quantization) or not at all"
-    elif self.absmax2 is not None:
+    elif self.absmax2 is not None and self.offset is not None:  # both, by the check above
       blocks = -(-int(np.prod(absmax[-2:])) // DOUBLE_QUANT_BLOCK)
       if tuple(self.absmax2.shape) != codes[:-2] + (blocks,):
         problem = f"absmax2 must be {codes[:-2] + (blocks,)}"
@@ -118,14 +119,14 @@ class QuantizedArray(implicit_array.ImplicitArray):
     return dataclasses.replace(self, **changes)
 
 
-def block_scales(q: QuantizedArray) -> jax.Array:
+def block_scales(q: QuantizedArray) -> jax.Array | np.ndarray:
   """float32 ``[..., R, K/block_size]``: the absmax of every block.
 
   Under double quantization this is bitsandbytes' ``dequantize_blockwise``
   of the absmax codes plus the offset, in that order of float32 roundings.
   """
   absmax = lax.stop_gradient(q.absmax)
-  if not q.double_quant:
+  if q.absmax2 is None or q.offset is None:  # not double-quantized (they come together)
     return absmax
   lead, n = absmax.shape[:-2], absmax.shape[-2] * absmax.shape[-1]
   absmax2 = lax.stop_gradient(q.absmax2)
@@ -144,7 +145,7 @@ def block_scales(q: QuantizedArray) -> jax.Array:
   return values.reshape(absmax.shape)
 
 
-def dequantize_rows(codes: jax.Array, scales: jax.Array, scheme: str,
+def dequantize_rows(codes: jax.Array | np.ndarray, scales: jax.Array | np.ndarray, scheme: str,
                     dtype: np.dtype) -> jax.Array:
   """Dense ``[..., R, K]`` from codes ``[..., R, K/2 | K]`` and scales ``[..., R, blocks]``."""
   if scheme == "nf4":
@@ -155,7 +156,7 @@ def dequantize_rows(codes: jax.Array, scales: jax.Array, scheme: str,
     values = values.reshape(*idx.shape[:-1], blocks, idx.shape[-1] // blocks)
     values = (values * scales[..., None]).reshape(idx.shape)
   else:
-    values = codes.astype(jnp.float32) * scales
+    values = jnp.asarray(codes).astype(jnp.float32) * scales
     values = values * codebooks.INT8_INV_MAX
   return values.astype(dtype)
 

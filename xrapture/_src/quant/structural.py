@@ -7,8 +7,6 @@ QuantizedArray; copies return it unchanged. Anything else returns
 ``NotImplemented``.
 """
 
-import dataclasses
-
 import jax.numpy as jnp
 from jax import lax
 

@@ -58,7 +58,7 @@ _PRODUCT_CUSTOM_CALL = re.compile(r"matmul|gemm|conv|dot", re.IGNORECASE)
 
 
 @dataclasses.dataclass(frozen=True)
-class _Target:
+class Target:
   """One weight to look for.
 
   Attributes:
@@ -75,20 +75,24 @@ class _Target:
   any_conv: bool = False
 
 
+# Weight shapes, ``(M, N)`` or a kernel's full shape, or what weight_targets returns.
+Shapes = Iterable[Sequence[int]] | Iterable[Target]
+
+
 def weight_shapes(tree: Any) -> list[Shape]:
   """The grouped ``(M, N)`` of every implicit array (ndim >= 2) in ``tree``.
 
   For a LoraWeight, ``(prod(in), prod(out))`` of its layout; for another
   implicit array, its trailing two dims.
   """
-  shapes = []
+  shapes: list[Shape] = []
   for target in weight_targets(tree):
-    if target.matrix not in shapes:
+    if target.matrix is not None and target.matrix not in shapes:  # never None here
       shapes.append(target.matrix)
   return shapes
 
 
-def weight_targets(tree: Any) -> list[_Target]:
+def weight_targets(tree: Any) -> list[Target]:
   """What to look for, for every implicit array (ndim >= 2) in ``tree``."""
   targets = []
   for leaf in jax.tree_util.tree_leaves(tree, is_leaf=implicit_array.is_implicit):
@@ -97,34 +101,35 @@ def weight_targets(tree: Any) -> list[_Target]:
     if isinstance(leaf, lora_weight.LoraWeight):
       stack, _, _ = leaf.groups
       kernel = tuple(n for d, n in enumerate(leaf.shape) if d not in stack)
-      target = _Target(tuple(leaf.grouped_shape),
-                       kernel if len(kernel) >= 3 else None)
+      target = Target(leaf.grouped_shape, kernel if len(kernel) >= 3 else None)
     else:
-      target = _Target(tuple(leaf.shape[-2:]))
+      target = Target(tuple(leaf.shape[-2:]))
     if target not in targets:
       targets.append(target)
   return targets
 
 
-def _targets(shapes: Iterable[Sequence[int]] | None, args: Any) -> list[_Target]:
+def _user_target(shape: Sequence[int]) -> Target:
+  """The target for a user-given ``(M, N)`` or kernel shape."""
+  dims = tuple(int(d) for d in shape)
+  if len(dims) == 2:
+    m, n = dims
+    return Target((m, n), any_conv=True)
+  return Target(None, dims)
+
+
+def _targets(shapes: Shapes | None, args: Any) -> list[Target]:
   if shapes is None:
     targets = weight_targets(args)
-  elif all(isinstance(s, _Target) for s in shapes):
-    targets = list(shapes)
   else:
-    targets = []
-    for shape in (tuple(int(d) for d in s) for s in shapes):
-      if len(shape) == 2:
-        targets.append(_Target(shape, any_conv=True))
-      else:
-        targets.append(_Target(None, shape))
+    targets = [s if isinstance(s, Target) else _user_target(s) for s in shapes]
   if not targets:
     raise ValueError("no weight shapes: pass shapes=[(M, N), ...] or implicit "
                      "arrays among the arguments.")
   return targets
 
 
-def _weight_sized(dims: tuple[int, ...], targets: list[_Target],
+def _weight_sized(dims: tuple[int, ...], targets: list[Target],
                   conv: bool = False) -> bool:
   """Whether a product's output dims are a target's matrix or kernel."""
   for t in targets:
@@ -132,16 +137,16 @@ def _weight_sized(dims: tuple[int, ...], targets: list[_Target],
         t.matrix, t.matrix[::-1]):
       return True
     k = len(t.kernel or ())
-    if k and len(dims) >= k and sorted(dims[-k:]) == sorted(t.kernel):
+    if t.kernel and len(dims) >= k and sorted(dims[-k:]) == sorted(t.kernel):
       return True
-    if conv and t.any_conv:
+    if conv and t.any_conv and t.matrix is not None:  # any_conv: a user's (M, N)
       m, n = t.matrix
       if m in dims and n in dims and (m != n or dims.count(m) > 1):
         return True
   return False
 
 
-def _describe(targets: list[_Target]) -> list[str]:
+def _describe(targets: list[Target]) -> list[str]:
   return sorted({str(t.kernel or t.matrix) for t in targets}
                 | {str(t.matrix) for t in targets if t.matrix})
 
@@ -155,7 +160,7 @@ def _aval_str(var: Any) -> str:
 
 
 def find_dense_products_in_jaxpr(
-    jaxpr: Any, shapes: Iterable[Sequence[int]], _path: str = "") -> list[str]:
+    jaxpr: Any, shapes: Shapes, _path: str = "") -> list[str]:
   """Like :func:`find_dense_products`, on a Jaxpr or ClosedJaxpr."""
   targets = _targets(shapes, None)
   found = []
@@ -176,7 +181,7 @@ def find_dense_products_in_jaxpr(
 
 def find_dense_products(
     fn: Callable[..., Any], *args: Any,
-    shapes: Iterable[Sequence[int]] | None = None, **kwargs: Any) -> list[str]:
+    shapes: Shapes | None = None, **kwargs: Any) -> list[str]:
   """Dense weight-sized products in ``fn``'s jaxpr, recursively.
 
   Args:
@@ -203,7 +208,7 @@ def find_dense_products(
 
 def find_dense_products_in_hlo(
     fn: Callable[..., Any], *args: Any,
-    shapes: Iterable[Sequence[int]] | None = None, flattened: bool = False,
+    shapes: Shapes | None = None, flattened: bool = False,
     **kwargs: Any) -> list[str]:
   """Dense weight-sized products in ``fn``'s compiled (optimized) HLO.
 
@@ -233,7 +238,7 @@ def find_dense_products_in_hlo(
   return find_dense_products_in_hlo_text(text, targets, flattened)
 
 
-def _hlo_weight_sized(op: str, dims: tuple[int, ...], targets: list[_Target],
+def _hlo_weight_sized(op: str, dims: tuple[int, ...], targets: list[Target],
                       flattened: bool) -> bool:
   """Whether an HLO product's output looks weight-sized.
 
@@ -258,7 +263,7 @@ def _hlo_weight_sized(op: str, dims: tuple[int, ...], targets: list[_Target],
 
 
 def find_dense_products_in_hlo_text(
-    text: str, shapes: Iterable[Sequence[int]],
+    text: str, shapes: Shapes,
     flattened: bool = False) -> list[str]:
   """Like :func:`find_dense_products_in_hlo`, on HLO text."""
   targets = _targets(shapes, None)
@@ -278,7 +283,7 @@ def find_dense_products_in_hlo_text(
 
 def assert_no_dense_product(
     fn: Callable[..., Any], *args: Any,
-    shapes: Iterable[Sequence[int]] | None = None, hlo: bool = True,
+    shapes: Shapes | None = None, hlo: bool = True,
     flattened: bool = False, **kwargs: Any) -> None:
   """Raises AssertionError if ``fn`` computes a dense weight-sized product.
 
@@ -308,7 +313,7 @@ def assert_no_dense_product(
 
 
 def assert_no_dense_product_in_stages(
-    traced: Any, compiled: Any, shapes: Iterable[Sequence[int]],
+    traced: Any, compiled: Any, shapes: Shapes,
     flattened: bool = False) -> None:
   """Like :func:`assert_no_dense_product`, on ``jax.jit(fn).trace(*args)``.
 

@@ -28,7 +28,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, ContextManager, Iterator
 from unittest import mock
 import warnings
 
@@ -128,7 +128,7 @@ def identical(loaded: Any, expected: Any) -> bool:
   is_lora = lambda x: isinstance(x, LoraWeight)
   got, got_def = jax.tree_util.tree_flatten(loaded, is_leaf=is_lora)
   want, want_def = jax.tree_util.tree_flatten(expected, is_leaf=is_lora)
-  if got_def != want_def:
+  if got_def != want_def:  # type: ignore[operator]  # jaxlib 0.10 has no PyTreeDef stub
     return False
   for x, y in zip(got, want):
     if is_lora(x) != is_lora(y):
@@ -252,7 +252,7 @@ def _read_only(directory: str) -> Iterator[None]:
     os.chmod(directory, 0o755)
 
 
-_WRITE_FAULTS = {
+_WRITE_FAULTS: dict[str, Callable[[str], ContextManager[Any]]] = {
     "read-only target": lambda directory: _read_only(directory),
     "disk full (ENOSPC on write)": lambda _: mock.patch.object(
         atomic, "open", _FullDiskFile, create=True),
@@ -317,8 +317,8 @@ def concurrent_writers(report: Report, directory: str, writers: int, rounds: int
   path = os.path.join(directory, "raced.safetensors")
   adapter.save_adapter(path, versions[0], lora_spec)
   done = threading.Event()
-  errors = []
-  reads = []
+  errors: list[str] = []
+  reads: list[tuple[str, str]] = []  # (outcome, detail)
 
   def write(k):
     try:
@@ -401,6 +401,7 @@ def killed_writers(report: Report, directory: str, count: int,
         [sys.executable, "-c", "import sys; from xrapture._src.testing import faults; "
          "faults.write_forever(sys.argv[1])", path],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert child.stdout is not None  # stdout=PIPE
     try:
       if child.stdout.readline().strip() != "ready":
         report.add("kill -9 during save", "unclear", "the writer did not start")

@@ -25,7 +25,6 @@ import sys
 import unittest
 import warnings
 from types import ModuleType
-from typing import Any
 
 REQUIRE_ENV = "XRAPTURE_REQUIRE_TORCH"
 
@@ -39,8 +38,9 @@ def _required() -> bool:
   return os.environ.get(REQUIRE_ENV, "") not in ("", "0")
 
 
-def _import(names: tuple[str, ...]) -> tuple[list[Any], list[str]]:
-  found, missing = [], []
+def _import(names: tuple[str, ...]) -> tuple[list[ModuleType | None], list[str]]:
+  found: list[ModuleType | None] = []
+  missing: list[str] = []
   for name in names:
     try:
       with warnings.catch_warnings():
@@ -78,4 +78,5 @@ def require(*names: str) -> tuple[ModuleType, ...] | ModuleType:
   if found[0] is None:
     _, missing = _import(names)
     raise unittest.SkipTest(f"{MISSING}: missing {', '.join(missing)}")
-  return found[0] if len(found) == 1 else found
+  present = tuple(m for m in found if m is not None)  # all: modules() gives all or none
+  return present[0] if len(present) == 1 else present

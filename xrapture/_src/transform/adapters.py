@@ -208,7 +208,8 @@ def init_lora_weight(rng: jax.Array, w: jax.Array, rank: int, alpha: float,
     rslora: scale by ``alpha / sqrt(r)``.
   """
   dtype = w.dtype if dtype is None else jnp.dtype(dtype)
-  layout = getattr(layout, "layout", layout)
+  if isinstance(layout, layout_lib.KernelLayout):
+    layout = layout.layout
   a_shape, b_shape = lora_weight.factor_shapes(tuple(w.shape), layout, rank)
   a = (stddev * jax.random.normal(rng, a_shape)).astype(dtype)
   b = jnp.zeros(b_shape, dtype)

@@ -223,7 +223,7 @@ class _Walker:
 
   def squeeze(self, flow, shape, dimensions, add):
     dims = {d % len(shape) for d in dimensions}
-    fixed = []
+    fixed: list[tuple[int, str]] = []
     for d in dims:
       full = math.prod(self.shapes[flow.leaf][a] for a in flow.axes[d])
       if full > 1:  # indexed down to one element: a stack
@@ -384,28 +384,28 @@ def _resolve(uses: list[_Use], shape: tuple[int, ...]) -> KernelLayout:
   scanned = max((u.scanned for u in uses), default=0)
   problems = tuple(dict.fromkeys(_describe(u, shape) for u in uses if u.roles is None))
   grouped = any(u.grouped_conv for u in uses)
-  low = [u for u in uses if u.roles is not None]
+  low = [(u, u.roles) for u in uses if u.roles is not None]
   if not low:
     return dataclasses.replace(default(ndim, scanned), problems=problems,
                                grouped_conv=grouped)
-  first = low[0]
+  first, first_roles = low[0]
   conflict = None
-  for other in low[1:]:
-    if _partition(other.roles, shape) != _partition(first.roles, shape):
+  for other, other_roles in low[1:]:
+    if _partition(other_roles, shape) != _partition(first_roles, shape):
       conflict = (f"{_describe(first, shape)} and {_describe(other, shape)} group "
                   "its axes differently")
       break
-  chars = []
+  chars: list[str] = []
   for d in range(ndim):
-    role = first.roles.get(d) or next(
-        (u.roles[d] for u in low if d in u.roles), None)
+    role = first_roles.get(d) or next(
+        (roles[d] for _, roles in low if d in roles), None)
     # An axis of size 1 no use names joins its neighbour's group.
     chars.append(role or (chars[-1] if chars else STACK))
   layout = "".join(chars)
   if conflict is None and lora_weight.layout_problem(shape, layout):
     problems += (f"{_describe(first, shape)}: no in or no out axes, so no low-rank "
                  "form",)
-  return KernelLayout(layout, scanned, tuple(dict.fromkeys(u.primitive for u in low)),
+  return KernelLayout(layout, scanned, tuple(dict.fromkeys(u.primitive for u, _ in low)),
                       problems, conflict, grouped)
 
 

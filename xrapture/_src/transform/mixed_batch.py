@@ -3,21 +3,8 @@
 :func:`mixed_adapter_params` stacks the adapters of an
 :class:`xrapture.AdapterSet` into MixedLoraWeights once;
 :func:`with_adapter_ids` says, per batch, which adapter each example runs
-(cheap: it only sets the ids). Then one forward pass serves them all.
-
-Examples:
-  >>> import haiku as hk, jax, jax.numpy as jnp, xrapture
-  >>> config = xrapture.default_config(); config.rank = 2
-  >>> model = xrapture.transform(lambda x: hk.Linear(3)(x), config)
-  >>> x = jnp.ones((3, 4))
-  >>> base = model.init(jax.random.PRNGKey(0), x)
-  >>> adapters = xrapture.AdapterSet(base)
-  >>> adapters = xrapture.add_adapter(adapters, "fr", model.adapt(jax.random.PRNGKey(1), base))
-  >>> adapters = xrapture.add_adapter(adapters, "de", model.adapt(jax.random.PRNGKey(2), base))
-  >>> stacked = xrapture.mixed_adapter_params(adapters)
-  >>> params = xrapture.with_adapter_ids(stacked, ["de", "__base__", "fr"])
-  >>> model.apply(params, None, x).shape
-  (3, 3)
+(cheap: it only sets the ids). Then one forward pass serves them all. The
+example is in :func:`mixed_adapter_params`'s docstring (shown in the API docs).
 """
 
 from typing import Any, Sequence
@@ -41,6 +28,20 @@ BASE = multi_adapter.BASE
 def mixed_adapter_params(adapters: multi_adapter.AdapterSet,
                          names: Sequence[str] | None = None) -> Any:
   """The base with every kernel that ``names`` adapt as a MixedLoraWeight.
+
+  Examples:
+    >>> import haiku as hk, jax, jax.numpy as jnp, xrapture
+    >>> config = xrapture.default_config(); config.rank = 2
+    >>> model = xrapture.transform(lambda x: hk.Linear(3)(x), config)
+    >>> x = jnp.ones((3, 4))
+    >>> base = model.init(jax.random.PRNGKey(0), x)
+    >>> adapters = xrapture.AdapterSet(base)
+    >>> adapters = xrapture.add_adapter(adapters, "fr", model.adapt(jax.random.PRNGKey(1), base))
+    >>> adapters = xrapture.add_adapter(adapters, "de", model.adapt(jax.random.PRNGKey(2), base))
+    >>> stacked = xrapture.mixed_adapter_params(adapters)
+    >>> params = xrapture.with_adapter_ids(stacked, ["de", "__base__", "fr"])
+    >>> model.apply(params, None, x).shape
+    (3, 3)
 
   Args:
     adapters: the set.
@@ -74,7 +75,7 @@ def mixed_adapter_params(adapters: multi_adapter.AdapterSet,
         raise ValueError(f"Adapter {name!r} trains '{path}' in full; in a mixed batch "
                          "all examples share the base's value. Add it to the "
                          "AdapterSet without lora_spec to serve its LoRA part.")
-      loras.append(None if f is implicit_array.EmptyNode else f.replace(w=base))
+      loras.append(f.replace(w=base) if isinstance(f, lora_weight.LoraWeight) else None)
     present = [l for l in loras if l is not None]
     if not present:
       out.append(base)

@@ -3,26 +3,8 @@
 An :class:`AdapterSet` holds base params and named adapters; every function
 here returns a new set (nothing is changed in place), and
 :func:`adapter_params` gives the params tree a model's ``apply`` runs: the
-base with the active adapter's LoraWeights (or the base alone).
-
-Examples:
-  >>> import haiku as hk, jax, jax.numpy as jnp, xrapture
-  >>> config = xrapture.default_config(); config.rank = 2
-  >>> model = xrapture.transform(lambda x: hk.Linear(3)(x), config)
-  >>> x = jnp.ones((1, 4))
-  >>> base = model.init(jax.random.PRNGKey(0), x)
-  >>> french = model.adapt(jax.random.PRNGKey(1), base)   # ... trained
-  >>> german = model.adapt(jax.random.PRNGKey(2), base)   # ... trained
-  >>> adapters = xrapture.AdapterSet(base)
-  >>> adapters = xrapture.add_adapter(adapters, "fr", french)
-  >>> adapters = xrapture.add_adapter(adapters, "de", german)
-  >>> adapters = xrapture.set_adapter(adapters, "de")
-  >>> y = model.apply(xrapture.adapter_params(adapters), None, x)
-  >>> adapters = xrapture.add_weighted_adapter(
-  ...     adapters, ["fr", "de"], [0.5, 0.5], "mix", combination_type="cat")
-  >>> adapters.names
-  ('fr', 'de', 'mix')
-  >>> base_only = xrapture.adapter_params(xrapture.disable_adapters(adapters))
+base with the active adapter's LoraWeights (or the base alone). The example
+is in :class:`AdapterSet`'s docstring (shown in the API docs).
 """
 
 import dataclasses
@@ -47,6 +29,28 @@ COMBINATIONS = ("linear", "cat", "svd")
 @dataclasses.dataclass(frozen=True)
 class AdapterSet:
   """Base params plus named adapters; at most one active.
+
+  Every function on a set returns a new one; :func:`xrapture.adapter_params`
+  gives the params tree a model's ``apply`` runs.
+
+  Examples:
+    >>> import haiku as hk, jax, jax.numpy as jnp, xrapture
+    >>> config = xrapture.default_config(); config.rank = 2
+    >>> model = xrapture.transform(lambda x: hk.Linear(3)(x), config)
+    >>> x = jnp.ones((1, 4))
+    >>> base = model.init(jax.random.PRNGKey(0), x)
+    >>> french = model.adapt(jax.random.PRNGKey(1), base)   # ... trained
+    >>> german = model.adapt(jax.random.PRNGKey(2), base)   # ... trained
+    >>> adapters = xrapture.AdapterSet(base)
+    >>> adapters = xrapture.add_adapter(adapters, "fr", french)
+    >>> adapters = xrapture.add_adapter(adapters, "de", german)
+    >>> adapters = xrapture.set_adapter(adapters, "de")
+    >>> y = model.apply(xrapture.adapter_params(adapters), None, x)
+    >>> adapters = xrapture.add_weighted_adapter(
+    ...     adapters, ["fr", "de"], [0.5, 0.5], "mix", combination_type="cat")
+    >>> adapters.names
+    ('fr', 'de', 'mix')
+    >>> base_only = xrapture.adapter_params(xrapture.disable_adapters(adapters))
 
   Attributes:
     base: the frozen base params (plain arrays).
@@ -218,7 +222,7 @@ def unmerge_adapter(merged: Any, adapters: AdapterSet, name: str) -> Any:
   _check_name(adapters, name)
   leaves, treedef = jax.tree_util.tree_flatten(merged)
   _, base_def = jax.tree_util.tree_flatten(adapters.base)
-  if treedef != base_def:
+  if treedef != base_def:  # type: ignore[operator]  # jaxlib 0.10 has no PyTreeDef stub
     raise ValueError("unmerge_adapter: `merged` does not have the base's structure "
                      "(pass the output of merge_adapter or merge_params).")
   out = []
@@ -282,7 +286,8 @@ def _combine(method, parts, svd_rank, svd_clamp, path):
     b = sum(math.copysign(math.sqrt(abs(w * l.get_scale())), w * l.get_scale())
             * _grouped(l)[0] for w, l in parts)
     a = sum(math.sqrt(abs(w * l.get_scale())) * _grouped(l)[1] for w, l in parts)
-    return _ungrouped(first, b.astype(dtype), a.astype(dtype))
+    # jnp.asarray: to mypy, sum() may be the int 0 (never: parts is not empty).
+    return _ungrouped(first, jnp.asarray(b, dtype), jnp.asarray(a, dtype))
   # svd: the best rank-k approximation of the weighted sum of the updates.
   delta = sum(w * l.get_scale() * jnp.matmul(*_grouped(l)) for w, l in parts)
   delta = delta.astype(jnp.promote_types(dtype, jnp.float32))

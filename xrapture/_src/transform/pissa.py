@@ -70,7 +70,7 @@ def _same_kernel(x, y) -> bool:
   return all(jax.tree.leaves(same))
 
 
-def to_plain_lora(trained: LoraWeight, initial: LoraWeight) -> LoraWeight:
+def to_plain_lora(trained: LoraWeight, initial: LoraWeight | None) -> LoraWeight:
   """A PiSSA adapter as plain LoRA on the original kernel ``w + s·b₀@a₀``.
 
   Returns a LoraWeight of rank ``2r`` whose update is
@@ -82,11 +82,11 @@ def to_plain_lora(trained: LoraWeight, initial: LoraWeight) -> LoraWeight:
     ValueError: ``initial`` is not ``trained``'s starting point (different
       residual kernel, shape, rank, alpha or layout).
   """
-  same = (isinstance(initial, LoraWeight) and initial.shape == trained.shape
-          and initial.rank == trained.rank and initial.alpha == trained.alpha
-          and initial.rslora == trained.rslora
-          and lora_weight.layout_of(initial) == lora_weight.layout_of(trained))
-  if not same or not _same_kernel(initial.w, trained.w):
+  if (not isinstance(initial, LoraWeight) or initial.shape != trained.shape
+      or initial.rank != trained.rank or initial.alpha != trained.alpha
+      or initial.rslora != trained.rslora
+      or lora_weight.layout_of(initial) != lora_weight.layout_of(trained)
+      or not _same_kernel(initial.w, trained.w)):
     raise ValueError(
         "the initial adapter does not belong to this trained one: pass the params "
         "model.adapt returned (before training); their residual kernel w, shape, "
