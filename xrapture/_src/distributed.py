@@ -42,17 +42,18 @@ def avoid_cache_hang() -> bool:
   Returns:
     Whether it turned the cache off.
   """
+  # jax.config's options are attributes its type stub does not list.
+  cache_dir = jax.config.jax_compilation_cache_dir  # type: ignore[attr-defined]
+  enabled = jax.config.jax_enable_compilation_cache  # type: ignore[attr-defined]
   if (jax.process_count() == 1 or jax.default_backend() != "cpu"
-      or _version() < _CACHE_HANG_SINCE
-      or not jax.config.jax_enable_compilation_cache
-      or not jax.config.jax_compilation_cache_dir):
+      or _version() < _CACHE_HANG_SINCE or not enabled or not cache_dir):
     return False
   jax.config.update("jax_enable_compilation_cache", False)
   logging.warning(
       "xrapture: the persistent compilation cache (%s) is off for this run: "
       "on jax %s, a multi-process CPU run hangs in the first collective of a "
       "program loaded from it. Programs are compiled afresh.",
-      jax.config.jax_compilation_cache_dir, jax.__version__)
+      cache_dir, jax.__version__)
   return True
 
 
