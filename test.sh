@@ -6,15 +6,18 @@
 # Three legs, each in its own virtualenv (created on the first run, reused
 # after), each against xrapture's installed wheel (pytest runs from a
 # temporary directory, so a file missing from the package fails). The suite
-# is split, not repeated: the library's tests run on the newest JAX and, their
-# core, at the floors; the launcher tests once:
+# is split, not repeated: every test runs on the newest JAX, except those
+# needing torch or the model packages, which run on Python 3.11; the core
+# files run again at the floors:
 #
 #   py312  Python >= 3.12 ($XRAPTURE_PYTHON312; default: pyenv's 3.12.1, else
 #          python3.12 or python3.13 on PATH) with the newest jax there
-#          (0.12.x): pytest, the library's tests (all files but those
-#          importing experiments/ or benchmarks/). torch for 3.12 is a
-#          multi-GB download: the tests that need it are skipped here, listed,
-#          and run in py311. Venv $XRAPTURE_VENV_PY312 (.venv-test-py312).
+#          (0.12.x) and the tests and experiments extras: pytest, every test
+#          file (the library's, the launchers' and benchmarks', the
+#          two-process jax.distributed runs included). torch for 3.12 is a
+#          multi-GB download: the tests that need it, or the model packages,
+#          skip here, are listed, and are recorded (xrapture_test/conftest.py)
+#          for py311. Venv $XRAPTURE_VENV_PY312 (.venv-test-py312).
 #   floor  Python 3.11 with exactly the lowest versions setup.py admits
 #          (tools/floors.py pins install_requires' lower bounds, so the two
 #          cannot drift): `bazel test //xrapture_test/...`, the core files
@@ -23,10 +26,10 @@
 #          $XRAPTURE_VENV_FLOOR (.venv-test-floor).
 #   py311  Python 3.11 ($XRAPTURE_PYTHON311, default python3) with the newest
 #          jax pip serves there (0.10.x) and every extra, torch, PEFT,
-#          bitsandbytes and the model packages included: pytest, the launcher
-#          and benchmark tests, and the library's tests that py312 skipped
-#          for a missing extra (every test of the files that import torch,
-#          PEFT or the model packages, if py312 did not pass). A missing torch is a failure here
+#          bitsandbytes and the model packages included: pytest, exactly the
+#          tests py312 skipped for a missing extra (if py312 did not pass:
+#          every launcher test file and every library file importing torch,
+#          PEFT or the model packages). A missing torch is a failure here
 #          (XRAPTURE_REQUIRE_TORCH=1). Venv $XRAPTURE_VENV (.venv-test).
 #
 # The installs run in the background; each leg starts once its venv is ready.
@@ -166,7 +169,7 @@ install_leg() {
   make_venv "${LEG_VENV[${leg}]}" "${LEG_PYTHON[${leg}]}"
   case "${leg}" in
     py311) install_wheel "${VENV}" "${WHEEL}" "tests,experiments,peft,models" ;;
-    py312) install_wheel "${VENV}" "${WHEEL}" "tests" ;;
+    py312) install_wheel "${VENV}" "${WHEEL}" "tests,experiments" ;;
     floor) install_wheel "${VENV}" "${WHEEL}" "tests" -c "${TMP_DIR}/floors.txt" ;;
   esac
 }
@@ -210,6 +213,11 @@ test_env() {
   export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
 }
 
+# pytest-xdist workers: one more than the cores, so that a core is not idle
+# while a test waits on subprocesses (the multi-process tests, the bounded
+# waits of the error tests). $XRAPTURE_TEST_WORKERS overrides it.
+WORKERS="${XRAPTURE_TEST_WORKERS:-$(( $(nproc) + 1 ))}"
+
 # run_pytest LEG VENV ARGS...: pytest against the installed package, from
 # outside the source tree.
 run_pytest() {
@@ -223,7 +231,7 @@ run_pytest() {
     # The repository must not be importable: only the installed copy.
     "${venv}/bin/python" -c 'import sys, jax, xrapture; print("xrapture", xrapture.__version__, "from", xrapture.__file__, "| jax", jax.__version__, "| Python", sys.version.split()[0])'
     XRAPTURE_EXPECT_INSTALLED=1 "${venv}/bin/python" -m pytest \
-      -p no:cacheprovider -n auto -q -rs --durations=10 "$@"
+      -p no:cacheprovider -n "${WORKERS}" -q -rs --durations=10 "$@"
   )
 }
 
@@ -262,14 +270,15 @@ SKIPS_FILE="${TMP_DIR}/py312-skipped-for-extras.txt"
 PY312_SKIPS_VALID=0
 
 if wants py312 && ready py312; then
-  step "leg py312: the library's tests on the newest JAX"
+  step "leg py312: every test file on the newest JAX (those needing torch or the model packages skip)"
   leg_start=${SECONDS}
   venv="${LEG_VENV[py312]}"
   echo "NOTICE: no torch/PEFT/bitsandbytes in this leg (a multi-GB download for" \
        "Python >= 3.12): the tests that need them are skipped here, listed below," \
        "and run in the py311 leg."
   status=0
-  XRAPTURE_RECORD_SKIPS="${SKIPS_FILE}" run_pytest py312 "${venv}" "${LIBRARY_TESTS[@]}" || status=$?
+  XRAPTURE_RECORD_SKIPS="${SKIPS_FILE}" run_pytest py312 "${venv}" \
+    "${LIBRARY_TESTS[@]}" "${LAUNCHER_TESTS[@]}" || status=$?
   [[ "${status}" -eq 0 ]] && PY312_SKIPS_VALID=1
   end_leg py312 "${status}" "${leg_start}" "Python $(python_minor "${venv}/bin/python"), $("${venv}/bin/python" -c 'import jax; print("jax", jax.__version__)')"
 fi
@@ -294,20 +303,21 @@ if wants floor && ready floor; then
 fi
 
 if wants py311 && ready py311; then
-  step "leg py311: the launcher and benchmark tests, and the library's tests that need torch or the model packages"
+  step "leg py311: the tests py312 skipped for torch, PEFT, bitsandbytes or the model packages"
   leg_start=${SECONDS}
   venv="${LEG_VENV[py311]}"
-  OPTIONAL_ARGS=("${OPTIONAL_TESTS[@]}")
+  TESTS=("${LAUNCHER_TESTS[@]}" "${OPTIONAL_TESTS[@]}")
   if [[ "${PY312_SKIPS_VALID}" -eq 1 ]]; then
-    OPTIONAL_ARGS=()
+    TESTS=()
     if [[ -s "${SKIPS_FILE}" ]]; then
-      mapfile -t OPTIONAL_ARGS < <(sort -u "${SKIPS_FILE}" | sed "s|^|${REPO}/|")
+      mapfile -t TESTS < <(sort -u "${SKIPS_FILE}" | sed "s|^|${REPO}/|")
     fi
-    echo "Of the library's tests, the ${#OPTIONAL_ARGS[@]} that py312 skipped for a missing extra."
+    echo "The ${#TESTS[@]} tests (or files) py312 skipped for a missing extra."
+  else
+    echo "py312 did not pass: every launcher test file, and every library file importing torch, PEFT or the model packages."
   fi
   status=0
-  XRAPTURE_REQUIRE_TORCH=1 run_pytest py311 "${venv}" \
-    "${LAUNCHER_TESTS[@]}" "${OPTIONAL_ARGS[@]}" || status=$?
+  XRAPTURE_REQUIRE_TORCH=1 run_pytest py311 "${venv}" "${TESTS[@]}" || status=$?
   end_leg py311 "${status}" "${leg_start}" "Python 3.11, $("${venv}/bin/python" -c 'import jax; print("jax", jax.__version__)')"
 fi
 

@@ -26,8 +26,7 @@ _TOY = dict(d_model=32, head_dim=16, n_layers=1, vocab=32, seq_len=8, batch=2,
             rank=2, rounds=2, warmup=1)
 
 
-def _has_peft():
-  return optional.modules("peft", "torch")[0] is not None
+peft, torch = optional.modules("peft", "torch")
 
 
 def setUpModule():
@@ -41,13 +40,25 @@ class BenchmarksSmokeTest(absltest.TestCase):
     super().setUp()
     self.out_dir = tempfile.mkdtemp()
 
-  def test_step_time_writes_agreeing_results(self):
+  def _step_time(self, with_peft):
     out = os.path.join(self.out_dir, "step_time.json")
-    with flagsaver.flagsaver(out=out, compile_reps=1, peft=_has_peft(), **_TOY):
+    with flagsaver.flagsaver(out=out, compile_reps=1, peft=with_peft, **_TOY):
       step_time.main([])
     with open(out) as f:
       results = json.load(f)
     self.assertTrue(results["agreement"]["ok"], results["agreement"])
+    return out, results
+
+  @absltest.skipIf(peft is None, optional.MISSING)
+  def test_step_time_agrees_with_peft(self):
+    # The same losses as HuggingFace PEFT's model (the agreement check), and
+    # its row in the table.
+    _, results = self._step_time(with_peft=True)
+    self.assertIn("peft_vs_xrapture_max_rel", results["agreement"])
+    self.assertIn("xrapture/peft", results["step_ratios"])
+
+  def test_step_time_writes_agreeing_results(self):
+    out, results = self._step_time(with_peft=False)
     self.assertIn("xrapture/bound", results["step_ratios"])
     self.assertIn("merged/base", results["inference_ratios"])
     self.assertLess(results["params"]["opt_state_bytes"]["xrapture"],
