@@ -31,9 +31,12 @@
 #          every launcher test file and every library file importing torch,
 #          PEFT or the model packages). A missing torch is a failure here
 #          (XRAPTURE_REQUIRE_TORCH=1). Venv $XRAPTURE_VENV (.venv-test).
+#   check  tools/check.sh in py311's venv (the checkers pinned in
+#          tools/requirements-check.txt installed there): ruff lint and
+#          format, mypy, and the Sphinx API docs with warnings as errors.
 #
 # The installs run in the background; each leg starts once its venv is ready.
-# XRAPTURE_LEGS picks legs (default "py311 py312 floor"). A leg whose Python
+# XRAPTURE_LEGS picks legs (default "py311 py312 floor check"). A leg whose Python
 # is missing is skipped with a notice, or fails when CI=true. Every leg runs;
 # the exit status is non-zero if any failed (pytest's 5, "no tests ran",
 # included).
@@ -43,7 +46,7 @@ readonly REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "${REPO}"
 source "${REPO}/tools/install.sh"
 
-readonly LEGS="${XRAPTURE_LEGS:-py311 py312 floor}"
+readonly LEGS="${XRAPTURE_LEGS:-py311 py312 floor check}"
 readonly TMP_DIR="$(mktemp -d)"
 trap 'rm -rf "${TMP_DIR}"' EXIT
 # Each leg ends as one line here: "<leg> <passed|FAILED|skipped> <seconds> <note>".
@@ -107,7 +110,7 @@ find_python312() {
 # ---------------------------------------------------------------------------
 step "Interpreters"
 PY311="" PY312=""
-if wants py311 || wants floor; then
+if wants py311 || wants floor || wants check; then
   PY311="$(find_python311)" || PY311=""
   echo "Python 3.11: ${PY311:-none}"
 fi
@@ -140,7 +143,7 @@ build_wheel "${BUILD_VENV}/bin/python" "${TMP_DIR}/wheel"
 echo "${WHEEL}"
 
 declare -A LEG_VENV LEG_PYTHON INSTALL_PID
-if wants py311; then
+if wants py311 || wants check; then
   if [[ -n "${PY311}" ]]; then
     LEG_VENV[py311]="${XRAPTURE_VENV:-${REPO}/.venv-test}"; LEG_PYTHON[py311]="${PY311}"
   else
@@ -168,7 +171,11 @@ install_leg() {
   local leg="$1"
   make_venv "${LEG_VENV[${leg}]}" "${LEG_PYTHON[${leg}]}"
   case "${leg}" in
-    py311) install_wheel "${VENV}" "${WHEEL}" "tests,experiments,peft,models" ;;
+    py311)
+      install_wheel "${VENV}" "${WHEEL}" "tests,experiments,peft,models"
+      if wants check; then
+        "${VENV}/bin/python" -m pip install -q -r tools/requirements-check.txt
+      fi ;;
     py312) install_wheel "${VENV}" "${WHEEL}" "tests,experiments" ;;
     floor) install_wheel "${VENV}" "${WHEEL}" "tests" -c "${TMP_DIR}/floors.txt" ;;
   esac
@@ -183,13 +190,21 @@ done
 
 # ready LEG: waits for LEG's install; false (the leg recorded as failed) if
 # it failed or the leg has no virtualenv.
+# Asked twice (py311's venv serves the check leg too), it answers the same.
+declare -A READY
 ready() {
   local leg="$1"
   [[ -n "${LEG_VENV[${leg}]:-}" ]] || return 1
+  if [[ -n "${READY[${leg}]:-}" ]]; then
+    [[ "${READY[${leg}]}" == yes ]]
+    return
+  fi
   if wait "${INSTALL_PID[${leg}]}"; then
+    READY[${leg}]=yes
     echo "${leg}: ${LEG_VENV[${leg}]} ready after $((SECONDS - INSTALL_START)) s"
     return 0
   fi
+  READY[${leg}]=no
   echo "ERROR: leg ${leg}: pip install failed:" >&2
   tail -n 30 "${TMP_DIR}/install-${leg}.log" >&2
   SUMMARY+=("${leg} FAILED 0 pip install failed")
@@ -319,6 +334,14 @@ if wants py311 && ready py311; then
   status=0
   XRAPTURE_REQUIRE_TORCH=1 run_pytest py311 "${venv}" "${TESTS[@]}" || status=$?
   end_leg py311 "${status}" "${leg_start}" "Python 3.11, $("${venv}/bin/python" -c 'import jax; print("jax", jax.__version__)')"
+fi
+
+if wants check && [[ -n "${LEG_VENV[py311]:-}" ]] && ready py311; then
+  step "leg check: lint, format, types and the API docs (tools/check.sh)"
+  leg_start=${SECONDS}
+  status=0
+  bash tools/check.sh "${LEG_VENV[py311]}" || status=$?
+  end_leg check "${status}" "${leg_start}" "$(tr '\n' ' ' < tools/requirements-check.txt | grep -oE '[a-z]+==[0-9.]+' | tr '\n' ' ')"
 fi
 
 # ---------------------------------------------------------------------------
