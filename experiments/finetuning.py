@@ -35,7 +35,11 @@ def base_params(config: ml_collections.ConfigDict, workdir: str,
   if not lm_model.has_base(base_dir):
     logging.info('No base model in %s yet: pretraining it on %r.', base_dir,
                  config.pretrain.domain)
-  return pretraining.run(config.pretrain, base_dir, mesh)
+  pretrain = config.pretrain
+  if not config.progress_bar:  # the launcher's flag covers the base's run too
+    pretrain = pretrain.copy_and_resolve_references()
+    pretrain.progress_bar = False
+  return pretraining.run(pretrain, base_dir, mesh)
 
 
 def evaluate_base(config: ml_collections.ConfigDict, params: Any,

@@ -117,8 +117,12 @@ class FinetuneTest(absltest.TestCase):
 
   def test_one_method(self):
     workdir = os.path.join(self.tmp, 'wd')
-    self.run_main(f'--config={_CONFIG}:head,smoke', f'--workdir={workdir}',
-                  '--config.progress_bar=False', '--config.mesh=(1, 1)')
+    stderr = io.StringIO()
+    with mock.patch.object(sys, 'stderr', stderr):
+      self.run_main(f'--config={_CONFIG}:head,smoke', f'--workdir={workdir}',
+                    '--config.progress_bar=False', '--config.mesh=(1, 1)')
+    # No bar, not even the base's pretraining one (tqdm writes to stderr).
+    self.assertNotIn('it/s', stderr.getvalue())
     with open(os.path.join(workdir, 'results.json')) as f:
       self.assertEqual([r['run'] for r in json.load(f)], ['base', 'head'])
     self.assertFalse(os.path.exists(os.path.join(workdir, 'lora')))
