@@ -243,6 +243,32 @@ class AdapterSetTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "DoRA adapter"):
       xrapture.unmerge_adapter(xrapture.merge_adapter(adapters, "d"), adapters, "d")
 
+  def test_a_pissa_adapter_is_added_for_the_sets_base(self):
+    # A PiSSA adapter's kernels are the residual of the base: over the set's
+    # (original) base its factors would count the top-r directions twice.
+    config = xrapture.default_config()
+    config.rank, config.init, config.targets = 2, "pissa", (".*/(w|embeddings)",)
+    model = xrapture.transform(_forward, config)
+    initial = model.adapt(jax.random.PRNGKey(3), self.base, self.ids)
+    trained = jax.tree.map(  # "trained": a and b moved
+        lambda x: x + 0.05 if isinstance(x, jax.Array) and x.ndim == 2 and x.shape[0] <= 2 else x,
+        initial)
+    self.assertNotEqual(_deltas(trained)["up/w"].sum(), _deltas(initial)["up/w"].sum())
+    with self.assertRaisesRegex(ValueError, r"'pissa': '\w+/\w+' is a PiSSA adapter.*initial="):
+      xrapture.add_adapter(self.adapters, "pissa", trained)
+    adapters = xrapture.add_adapter(self.adapters, "pissa", trained, initial=initial)
+    # Over the original base, the set's output is the trained model's.
+    np.testing.assert_allclose(
+        self._run(xrapture.adapter_params(adapters, "pissa")),
+        np.asarray(model.apply(trained, None, self.ids)), atol=1e-5)
+    # A set over the residual base itself takes it as it is.
+    residual = jax.tree.map(lambda x: x.w if isinstance(x, xrapture.LoraWeight) else x,
+                            trained, is_leaf=lambda x: isinstance(x, xrapture.LoraWeight))
+    own = xrapture.add_adapter(xrapture.AdapterSet(residual), "pissa", trained)
+    np.testing.assert_allclose(
+        self._run(xrapture.adapter_params(own, "pissa")),
+        np.asarray(model.apply(trained, None, self.ids)), atol=1e-5)
+
   def test_facade_exposes_the_same_functions(self):
     facade = xrapture.XRapTure
     adapters = facade.add_adapter(xrapture.AdapterSet(self.base), "fr", self.fr)

@@ -19,6 +19,7 @@ from xrapture._src.implicit import implicit_array
 from xrapture._src.lora import dora
 from xrapture._src.lora import lora_weight
 from xrapture._src.transform import paths
+from xrapture._src.transform import pissa
 
 LoraWeight = lora_weight.LoraWeight
 EmptyNode = implicit_array.EmptyNode
@@ -93,8 +94,14 @@ def _flat(tree: Any) -> list[Any]:
       tree, is_leaf=lambda x: implicit_array.is_implicit(x) or x is EmptyNode)
 
 
+def _same_array(x: Any, y: Any) -> bool:
+  if implicit_array.is_implicit(x):
+    x = x.materialize()
+  return np.shape(x) == np.shape(y) and bool(np.array_equal(np.asarray(x), np.asarray(y)))
+
+
 def add_adapter(adapters: AdapterSet, name: str, params: Any,
-                lora_spec: Any = None) -> AdapterSet:
+                lora_spec: Any = None, initial: Any = None) -> AdapterSet:
   """A new set with ``params``' adapters added under ``name`` (not activated).
 
   Args:
@@ -105,11 +112,18 @@ def add_adapter(adapters: AdapterSet, name: str, params: Any,
       trained, or ``load_adapter`` / ``import_peft`` output).
     lora_spec: ``model.lora_spec(base)``; with it the parameters it trains in
       full (``LORA_FULL``) belong to the adapter too.
+    initial: for adapters initialized with PiSSA (``config.init =
+      "pissa"``): the params ``model.adapt`` returned, before training. Their
+      kernels hold the residual of the set's base, so they are added as plain
+      LoRA for the set's base (rank ``2r``, as ``save_adapter(...,
+      initial=)`` writes them). Not needed when the set's base is that
+      residual.
 
   Raises:
     ValueError: the name is taken or reserved; ``params`` do not have the
       base's structure, or an adapted kernel's base shape differs from the
-      base's (the path and both shapes are named).
+      base's (the path and both shapes are named); a PiSSA adapter over
+      another base than the set's, without ``initial``.
   """
   if not isinstance(name, str) or not name or name == BASE:
     raise ValueError(f"Adapter names are non-empty strings other than {BASE!r}; "
@@ -125,12 +139,23 @@ def add_adapter(adapters: AdapterSet, name: str, params: Any,
         f"{[p for p, _ in flat]}, the base's {[p for p, _ in base_flat]}.")
   ranks = (jax.tree_util.tree_leaves(lora_spec) if lora_spec is not None
            else [lora_weight.LORA_FREEZE] * len(flat))
+  starts = None if initial is None else dict(paths.flatten_with_paths(initial)[0])
   out = []
   for (path, value), (_, base), rank in zip(flat, base_flat, ranks):
     if dora.is_adapter(value):
       if tuple(value.shape) != tuple(np.shape(base)):
         raise ValueError(f"Adapter {name!r}: '{path}' adapts a kernel of shape "
                          f"{tuple(value.shape)}, the base's is {tuple(np.shape(base))}.")
+      if getattr(value, "residual", False) and not _same_array(value.w, base):
+        # Over the set's base, its factors would add the top-r singular
+        # directions a second time.
+        if starts is None:
+          raise ValueError(
+              f"Adapter {name!r}: '{path}' is a PiSSA adapter (its kernel is "
+              "the residual of another base than this set's). Pass "
+              "initial=<the params model.adapt returned, before training> to "
+              "add it as plain LoRA for this base.")
+        value = pissa.plain_for_original(path, value, starts)
       out.append(_without_w(value))
     elif rank == lora_weight.LORA_FULL:
       out.append(value)
