@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
+from xrapture._src import pytypes
 from xrapture._src.implicit import compat
 from xrapture._src.implicit import implicit_array
 from xrapture._src.implicit import registry
@@ -27,7 +28,7 @@ is_implicit = implicit_array.is_implicit
 def _leaf_kind(x: Any) -> str:
   if is_implicit(x):
     return "implicit"
-  if isinstance(x, (jax.Array, np.ndarray, np.generic)):
+  if pytypes.is_array(x):
     return "dynamic"
   return "static"
 

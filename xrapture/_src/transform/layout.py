@@ -34,6 +34,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
+from xrapture._src import pytypes
 from xrapture._src.implicit import compat
 from xrapture._src.lora import lora_weight
 
@@ -421,7 +422,7 @@ def close_over_static(fn: Callable[..., Any], args: Sequence[Any],
     ``jax.ShapeDtypeStruct``s, ready for ``jax.make_jaxpr``/``eval_shape``.
   """
   leaves, treedef = jax.tree_util.tree_flatten((tuple(args), kwargs))
-  is_array = [isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
+  is_array = [pytypes.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
               for x in leaves]
 
   def call(dynamic):

@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 
 from xrapture._src import deprecations
+from xrapture._src import pytypes
 from xrapture._src.implicit import interpreter
 from xrapture._src.lora import dropout as dropout_lib
 from xrapture._src.transform import adapters
@@ -20,7 +21,7 @@ from xrapture._src.transform import quantization
 def _abstract(tree: Any) -> Any:
   """Arrays -> ShapeDtypeStructs; other leaves (flags, None) kept."""
   def one(x):
-    if isinstance(x, (jax.Array, np.ndarray, np.generic)):
+    if pytypes.is_array(x):
       return jax.ShapeDtypeStruct(np.shape(x), x.dtype)
     return x
   return jax.tree.map(one, tree)
