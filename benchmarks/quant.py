@@ -13,8 +13,10 @@ quantized kinds) relative to fp32. Writes benchmarks/results/quant.json and .md.
 import os
 import sys
 
-if __package__ in (None, ""):  # run as a script: import benchmarks/ and xrapture from this checkout
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Run as a script: the repository root, appended (experiments/, configs/ and
+# benchmarks/ come from this checkout; an installed xrapture wins over the checkout's).
+if not __package__:
+  sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app
 from absl import flags

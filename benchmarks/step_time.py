@@ -17,8 +17,9 @@ import re
 import sys
 import time
 
-if __package__ in (None, ""):  # run as a script: the repository root, appended
-  # (benchmarks/ comes from this checkout; an installed xrapture wins over it).
+# Run as a script: the repository root, appended (experiments/, configs/ and
+# benchmarks/ come from this checkout; an installed xrapture wins over the checkout's).
+if not __package__:
   sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app

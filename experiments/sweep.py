@@ -9,16 +9,17 @@ experiments/sweeping.py). Rerun with the same workdir to resume; finished
 points are not trained again.
 """
 
-import pathlib
+import os
 import sys
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-# The repository root, appended (experiments/ and configs/ come from this
-# checkout; an installed xrapture wins over the checkout's).
-sys.path.append(str(pathlib.Path(__file__).resolve().parents[1]))
+# Run as a script: the repository root, appended (experiments/, configs/ and
+# benchmarks/ come from this checkout; an installed xrapture wins over the checkout's).
+if not __package__:
+  sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import launch  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file(

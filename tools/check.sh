@@ -41,6 +41,7 @@ FORMATTED=(
   xrapture_test/contributing_test.py
   xrapture_test/conftest.py
   xrapture_test/deprecations_test.py
+  xrapture_test/test_utils.py
 )
 
 step() {

@@ -10,11 +10,14 @@ sweep wrote, not numbers typed by hand.
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 
-# The repository root, appended (experiments/ comes from this checkout).
-sys.path.append(str(pathlib.Path(__file__).resolve().parents[1]))
+# Run as a script: the repository root, appended (experiments/, configs/ and
+# benchmarks/ come from this checkout; an installed xrapture wins over the checkout's).
+if not __package__:
+  sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import sweep_report  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 BEGIN = '<!-- sweep table -->'

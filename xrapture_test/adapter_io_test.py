@@ -4,7 +4,6 @@ import errno
 import functools
 import json
 import os
-import tempfile
 from unittest import mock
 import warnings
 
@@ -19,6 +18,8 @@ import safetensors.numpy
 import xrapture
 from xrapture._src.io import adapter
 from xrapture._src.io import integrity
+
+import test_utils
 
 _X = np.random.default_rng(0).normal(size=(2, 8, 4)).astype(np.float32)
 
@@ -132,10 +133,7 @@ def _without_checksum(header, tensors):
 class AdapterFileTest(parameterized.TestCase):
 
   def _path(self, name="adapter.safetensors"):
-    # Not self.create_tempdir(): that needs absl flags parsed, which pytest does not do.
-    tmp = tempfile.TemporaryDirectory()
-    self.addCleanup(tmp.cleanup)
-    return os.path.join(tmp.name, name)
+    return os.path.join(test_utils.tmpdir(self), name)
 
   def assert_restored(self, loaded, trained, base):
     _assert_restored(self, loaded, trained, base)
@@ -377,9 +375,7 @@ class AdapterIntegrityTest(parameterized.TestCase):
   """Damaged or edited files are refused, naming the file and what differs."""
 
   def _saved(self, **overrides):
-    tmp = tempfile.TemporaryDirectory()
-    self.addCleanup(tmp.cleanup)
-    path = os.path.join(tmp.name, "adapter.safetensors")
+    path = os.path.join(test_utils.tmpdir(self), "adapter.safetensors")
     _, base, trained, lora_spec = _trained(**overrides)
     xrapture.save_adapter(path, trained, lora_spec)
     return path, base, trained
@@ -602,9 +598,7 @@ class AdapterIntegrityTest(parameterized.TestCase):
 class SaveAdapterErrorsTest(parameterized.TestCase):
 
   def _path(self):
-    tmp = tempfile.TemporaryDirectory()
-    self.addCleanup(tmp.cleanup)
-    return os.path.join(tmp.name, "adapter.safetensors")
+    return os.path.join(test_utils.tmpdir(self), "adapter.safetensors")
 
   def test_base_params_are_refused(self):
     _, base, _, lora_spec = _trained()

@@ -3,12 +3,13 @@
 import os
 import pathlib
 import stat
-import tempfile
 from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
 from xrapture._src.io import atomic
+
+import test_utils
 
 
 def _files(directory):
@@ -35,21 +36,15 @@ class _FailingFile:
 
 class AtomicWriteTest(parameterized.TestCase):
 
-  def _dir(self):
-    # Not self.create_tempdir(): that needs absl flags parsed, which pytest does not do.
-    tmp = tempfile.TemporaryDirectory()
-    self.addCleanup(tmp.cleanup)
-    return tmp.name
-
   def _file(self, content):
-    path = os.path.join(self._dir(), "adapter.safetensors")
+    path = os.path.join(test_utils.tmpdir(self), "adapter.safetensors")
     with open(path, "wb") as f:
       f.write(content)
     return path
 
   @parameterized.parameters(str, pathlib.Path)
   def test_writes_new_file(self, path_type):
-    directory = self._dir()
+    directory = test_utils.tmpdir(self)
     path = os.path.join(directory, "sub", "adapter.bin")  # directory made too
     atomic.atomic_write_bytes(path_type(path), b"hello")
     with open(path, "rb") as f:
@@ -107,7 +102,7 @@ class AtomicWriteTest(parameterized.TestCase):
 
   def test_permissions_follow_umask(self):
     # mkstemp's 0600 must not leak into the final file.
-    directory = self._dir()
+    directory = test_utils.tmpdir(self)
     old = os.umask(0o027)
     try:
       atomic.atomic_write_bytes(os.path.join(directory, "a"), b"x")
@@ -125,13 +120,8 @@ class AtomicWriteTest(parameterized.TestCase):
 
 class AtomicNewDirTest(parameterized.TestCase):
 
-  def _dir(self):
-    tmp = tempfile.TemporaryDirectory()
-    self.addCleanup(tmp.cleanup)
-    return tmp.name
-
   def test_appears_whole_with_its_files_fsynced(self):
-    parent = self._dir()
+    parent = test_utils.tmpdir(self)
     path = os.path.join(parent, "adapter")
     fsynced = []
     real_fsync = os.fsync
@@ -157,7 +147,7 @@ class AtomicNewDirTest(parameterized.TestCase):
     self.assertEqual(mode, 0o777 & ~old)  # not mkdtemp's 0700
 
   def test_an_exception_leaves_nothing(self):
-    parent = self._dir()
+    parent = test_utils.tmpdir(self)
     with self.assertRaisesRegex(RuntimeError, "boom"):
       with atomic.atomic_new_dir(os.path.join(parent, "adapter")) as tmp:
         with open(os.path.join(tmp, "a.json"), "w") as f:

@@ -2,8 +2,6 @@
 
 import json
 import os
-from pathlib import Path
-import sys
 import tempfile
 
 from absl import flags
@@ -11,9 +9,9 @@ from absl.testing import absltest
 from absl.testing import flagsaver
 from xrapture._src.testing import optional
 
-# benchmarks/ is not part of the package: import it from the repository root,
-# appended so that the installed xrapture still wins over the source tree.
-sys.path.append(str(Path(__file__).resolve().parents[1]))
+import test_utils
+
+test_utils.append_repo_root()
 
 from benchmarks import memory  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import qlora  # pylint: disable=g-import-not-at-top,wrong-import-position

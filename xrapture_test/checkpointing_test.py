@@ -7,8 +7,6 @@ import os
 # imported (conftest.py does the same for pytest, Bazel runs this file directly).
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 
-import sys  # pylint: disable=g-import-not-at-top,wrong-import-position
-import tempfile  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unittest import mock  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from absl.testing import absltest  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -19,9 +17,9 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import optax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import xrapture  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-# The repository root (in the source tree or in Bazel's runfiles), appended so
-# that the installed xrapture is the one imported.
-sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import test_utils  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+test_utils.append_repo_root()
 from experiments import checkpointing  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -57,10 +55,7 @@ class CheckpointingTest(parameterized.TestCase):
     super().setUp()
     self.base, self.params, self.lora_spec, self.tx, self.opt_state = _setup()
     self.mesh = sharding.make_mesh((1, 1))
-    # Not self.create_tempdir(): that needs absl flags parsed, which pytest does not do.
-    tmp = tempfile.TemporaryDirectory()
-    self.addCleanup(tmp.cleanup)
-    self.directory = os.path.join(tmp.name, 'checkpoints')
+    self.directory = os.path.join(test_utils.tmpdir(self), 'checkpoints')
 
   def checkpoints(self, keep=3):
     checkpoints = checkpointing.Checkpoints(self.directory, keep)

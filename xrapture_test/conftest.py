@@ -6,6 +6,10 @@ import os
 # jax is first imported. Test files that need the devices set it too, for Bazel.
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 
+# Helpers the test files import, not tests (pytest.ini collects *_test.py
+# only; this holds however pytest is configured).
+collect_ignore = ['test_utils.py']
+
 # The test command's py312 leg (no torch there) writes here the tests skipped
 # for a missing extra (their reason says "pip install 'xrapture[...]'"), and
 # the py311 leg runs exactly those: the suite is split, not repeated. xdist

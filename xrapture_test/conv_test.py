@@ -13,6 +13,8 @@ import xrapture
 from xrapture._src.testing import dense_check
 from xrapture._src.testing import reference
 
+import test_utils
+
 # The kernel's channel axes are M (in for HWIO, out for HWOI) and N.
 M, N, R = 48, 40, 4
 ALPHA = 2.0
@@ -20,18 +22,14 @@ ALPHA = 2.0
 check = reference.assert_matches_dense
 
 
-def _rand(seed, *shape, scale=1.0):
-  rng = np.random.default_rng(seed)
-  return jnp.asarray(scale * rng.normal(size=shape), jnp.float32)
-
-
 def _conv_lora(window, pointwise, seed=0):
   """A kernel ``[*window, M, N]`` whose ``pointwise`` factor spans no window."""
   one = (1,) * len(window)
   a_lead, b_lead = (one, window) if pointwise == "a" else (window, one)
   return xrapture.LoraWeight(
-      _rand(seed, *window, M, N, scale=0.1), _rand(seed + 1, *a_lead, R, N, scale=0.5),
-      _rand(seed + 2, *b_lead, M, R, scale=0.5), alpha=ALPHA)
+      test_utils.rand(seed, *window, M, N, scale=0.1),
+      test_utils.rand(seed + 1, *a_lead, R, N, scale=0.5),
+      test_utils.rand(seed + 2, *b_lead, M, R, scale=0.5), alpha=ALPHA)
 
 
 def _conv(dimension_numbers, **kwargs):
@@ -84,7 +82,7 @@ class ConvTest(parameterized.TestCase):
     lora = _conv_lora(window, pointwise)
     with warnings.catch_warnings():
       warnings.simplefilter("error", xrapture.MaterializationWarning)
-      check(fn, _rand(7, *x_shape), lora, rtol=1e-4, atol=1e-4)
+      check(fn, test_utils.rand(7, *x_shape), lora, rtol=1e-4, atol=1e-4)
 
   def _materializes(self, fn, x, lora):
     implicit = xrapture.use_implicit_args(fn)
@@ -105,7 +103,7 @@ class ConvTest(parameterized.TestCase):
     return implicit
 
   def test_grouped_conv_materializes_with_warning(self):
-    lora, x = _conv_lora((3,), "a"), _rand(1, 2, 9, 2 * M)
+    lora, x = _conv_lora((3,), "a"), test_utils.rand(1, 2, 9, 2 * M)
     fn = _conv(("NWC", "WIO", "NWC"), window_strides=(1,), padding="SAME",
                feature_group_count=2)
     implicit = self._materializes(fn, x, lora)
@@ -115,21 +113,21 @@ class ConvTest(parameterized.TestCase):
       self.assertNotEmpty(dense_check.find_dense_products(implicit, x, lora))
 
   def test_depthwise_conv_materializes_with_warning(self):
-    lora = xrapture.LoraWeight(_rand(0, 3, 1, N), _rand(1, 1, R, N),
-                               _rand(2, 3, 1, R))
+    lora = xrapture.LoraWeight(test_utils.rand(0, 3, 1, N), test_utils.rand(1, 1, R, N),
+                               test_utils.rand(2, 3, 1, R))
     fn = _conv(("NWC", "WIO", "NWC"), window_strides=(1,), padding="SAME",
                feature_group_count=N)
-    self._materializes(fn, _rand(3, 2, 9, N), lora)
+    self._materializes(fn, test_utils.rand(3, 2, 9, N), lora)
 
   def test_no_pointwise_factor_materializes_with_warning(self):
     # Both factors span the window: the update is not a conv times a matmul.
-    lora = xrapture.LoraWeight(_rand(0, 3, M, N), _rand(1, 3, R, N),
-                               _rand(2, 3, M, R))
+    lora = xrapture.LoraWeight(test_utils.rand(0, 3, M, N), test_utils.rand(1, 3, R, N),
+                               test_utils.rand(2, 3, M, R))
     fn = _conv(("NWC", "WIO", "NWC"), window_strides=(1,), padding="SAME")
-    self._materializes(fn, _rand(3, 2, 9, M), lora)
+    self._materializes(fn, test_utils.rand(3, 2, 9, M), lora)
 
   def test_gradient_wrt_w_is_zero(self):
-    lora, x = _conv_lora((3, 2), "b"), _rand(1, 2, 7, 9, M)
+    lora, x = _conv_lora((3, 2), "b"), test_utils.rand(1, 2, 7, 9, M)
     fn = xrapture.use_implicit_args(
         _conv(("NHWC", "HWIO", "NHWC"), window_strides=(1, 1), padding="SAME"))
     grads = jax.jit(jax.grad(lambda lora: jnp.sum(jnp.sin(fn(x, lora)))))(lora)
@@ -141,8 +139,9 @@ def _layout_lora(shape, layout, r=3, seed=0):
   ins = [shape[d] for d, c in enumerate(layout) if c == "i"]
   outs = [shape[d] for d, c in enumerate(layout) if c == "o"]
   return xrapture.LoraWeight(
-      _rand(seed, *shape, scale=0.1), _rand(seed + 1, *stack, r, *outs, scale=0.5),
-      _rand(seed + 2, *stack, *ins, r, scale=0.5), alpha=ALPHA, layout=layout)
+      test_utils.rand(seed, *shape, scale=0.1),
+      test_utils.rand(seed + 1, *stack, r, *outs, scale=0.5),
+      test_utils.rand(seed + 2, *stack, *ins, r, scale=0.5), alpha=ALPHA, layout=layout)
 
 
 # The layout adapt derives for a conv: window and input features 'i', output
@@ -179,7 +178,7 @@ class GroupedConvLayoutTest(parameterized.TestCase):
     lora = _layout_lora(shape, layout)
     with warnings.catch_warnings():
       warnings.simplefilter("error", xrapture.MaterializationWarning)
-      check(fn, _rand(7, *x_shape), lora, rtol=1e-4, atol=1e-4)
+      check(fn, test_utils.rand(7, *x_shape), lora, rtol=1e-4, atol=1e-4)
 
   def test_rank_above_in_channels(self):
     # ResNet's stem: 3 input channels, yet rank 8 is fine on [7·7·3, 64].
@@ -188,12 +187,12 @@ class GroupedConvLayoutTest(parameterized.TestCase):
     fn = _conv(("NHWC", "HWIO", "NHWC"), window_strides=(2, 2), padding="SAME")
     with warnings.catch_warnings():
       warnings.simplefilter("error", xrapture.MaterializationWarning)
-      check(fn, _rand(7, 2, 10, 10, 3), lora, rtol=1e-4, atol=1e-4)
+      check(fn, test_utils.rand(7, 2, 10, 10, 3), lora, rtol=1e-4, atol=1e-4)
 
   def test_window_split_across_groups_materializes(self):
     lora = _layout_lora((3, 2, 6, 5), "oiio")
     fn = _conv(("NHWC", "HWIO", "NHWC"), window_strides=(1, 1), padding="SAME")
-    self._materializes_once(fn, _rand(3, 2, 7, 9, 6), lora)
+    self._materializes_once(fn, test_utils.rand(3, 2, 7, 9, 6), lora)
 
   def _materializes_once(self, fn, x, lora):
     implicit = xrapture.use_implicit_args(fn)

@@ -7,15 +7,12 @@ from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
 from jax import lax
-import numpy as np
 import xrapture
 from xrapture._src.testing import dense_check
 
+import test_utils
+
 M, N, R, L = 48, 40, 4, 5
-
-
-def _rand(seed, *shape):
-  return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
 
 
 def _naive_dense(x, w, b, a):
@@ -32,8 +29,10 @@ class DenseCheckTest(parameterized.TestCase):
 
   def setUp(self):
     super().setUp()
-    self.x = _rand(0, 3, M)
-    self.w, self.b, self.a = _rand(1, M, N), _rand(2, M, R), _rand(3, R, N)
+    self.x = test_utils.rand(0, 3, M)
+    self.w = test_utils.rand(1, M, N)
+    self.b = test_utils.rand(2, M, R)
+    self.a = test_utils.rand(3, R, N)
     self.args = (self.x, self.w, self.b, self.a)
 
   def test_positive_control_caught_in_jaxpr(self):
@@ -53,7 +52,7 @@ class DenseCheckTest(parameterized.TestCase):
 
   def test_transposed_orientation_caught(self):
     found = dense_check.find_dense_products(
-        lambda x, b, a: x @ (a.T @ b.T), _rand(0, 3, N), self.b, self.a,
+        lambda x, b, a: x @ (a.T @ b.T), test_utils.rand(0, 3, N), self.b, self.a,
         shapes=[(M, N)])
     self.assertLen(found, 1)
     self.assertIn("[40,48]", found[0])
@@ -121,7 +120,8 @@ class DenseCheckTest(parameterized.TestCase):
         w_, b_, a_ = wba
         return jnp.tanh(h @ (w_ + b_ @ a_)) @ w_.T, None
       return lax.scan(body, x, (w, b, a))[0]
-    stacked = (self.x, _rand(1, L, M, N), _rand(2, L, M, R), _rand(3, L, R, N))
+    stacked = (self.x, test_utils.rand(1, L, M, N), test_utils.rand(2, L, M, R),
+                       test_utils.rand(3, L, R, N))
     found = dense_check.find_dense_products(scanned, *stacked, shapes=[(M, N)])
     self.assertLen(found, 1)
     self.assertTrue(found[0].startswith("scan[jaxpr]/"), found[0])
@@ -142,7 +142,7 @@ class DenseCheckTest(parameterized.TestCase):
 
   def test_conv_kernel_gradient_caught(self):
     # Inputs are arguments: closed-over constants would be folded away by XLA.
-    args = (_rand(2, 3, M, N), _rand(0, 2, 5, M), _rand(1, 2, 5, N))
+    args = (test_utils.rand(2, 3, M, N), test_utils.rand(0, 2, 5, M), test_utils.rand(1, 2, 5, N))
     grad = jax.grad(lambda k, x, g: jnp.sum(lax.conv_general_dilated(
         x, k, (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC")) * g))
     found = dense_check.find_dense_products(grad, *args, shapes=[(M, N)])
@@ -169,7 +169,7 @@ class DenseCheckTest(parameterized.TestCase):
   def test_flattened_stack_in_hlo(self):
     # XLA may merge a stacked [L, M, N] product into [L*M, N].
     stack = lambda b, a: jnp.einsum("lmr,rn->lmn", b, a)
-    b, a = _rand(0, L, M, R), _rand(1, R, N)
+    b, a = test_utils.rand(0, L, M, R), test_utils.rand(1, R, N)
     self.assertNotEmpty(dense_check.find_dense_products(stack, b, a,
                                                         shapes=[(M, N)]))
     self.assertNotEmpty(dense_check.find_dense_products_in_hlo(
@@ -206,7 +206,8 @@ class DenseCheckTest(parameterized.TestCase):
     self.assertLen(found, expected)
 
   def test_shapes_of_a_multi_axis_lora_weight(self):
-    lora = xrapture.LoraWeight(_rand(0, 6, 4, 5), _rand(1, 2, 4, 5), _rand(2, 6, 2),
+    lora = xrapture.LoraWeight(test_utils.rand(0, 6, 4, 5), test_utils.rand(1, 2, 4, 5),
+                               test_utils.rand(2, 6, 2),
                                layout="ioo")
     self.assertEqual(dense_check.weight_shapes(lora), [(6, 20)])
     # ΔW in w's own axes, in another order, or as the grouped matrix: caught.
@@ -216,7 +217,7 @@ class DenseCheckTest(parameterized.TestCase):
       self.assertNotEmpty(dense_check.find_dense_products(naive, lora))
     self.assertEmpty(dense_check.find_dense_products(
         xrapture.use_implicit_args(lambda x, w: jnp.einsum("td,dhk->thk", x, w)),
-        _rand(3, 3, 6), lora))
+        test_utils.rand(3, 3, 6), lora))
 
   @parameterized.named_parameters(
       # Conv3D with 3 input channels and k=3: activations hold 3s and 5s.
@@ -228,12 +229,12 @@ class DenseCheckTest(parameterized.TestCase):
   )
   def test_conv_activations_are_not_kernels(self, shape, layout, x_shape, dn):
     r = 2
-    lora = xrapture.LoraWeight(_rand(0, *shape), _rand(1, r, shape[-1]),
-                               _rand(2, *shape[:-1], r), layout=layout)
+    lora = xrapture.LoraWeight(test_utils.rand(0, *shape), test_utils.rand(1, r, shape[-1]),
+                               test_utils.rand(2, *shape[:-1], r), layout=layout)
     conv = lambda x, w: jax.lax.conv_general_dilated(
         x, w, (1,) * (len(shape) - 2), "SAME", dimension_numbers=dn)
     fn = xrapture.use_implicit_args(conv)
-    x = _rand(3, *x_shape)
+    x = test_utils.rand(3, *x_shape)
     loss = lambda x, l: jnp.sum(jnp.sin(fn(x, l)))
     # The kernel's own shapes: no report, forward or backward ...
     dense_check.assert_no_dense_product(fn, x, lora)

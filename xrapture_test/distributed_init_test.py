@@ -7,11 +7,12 @@ script does), then tries to join.
 
 import os
 import sys
-import tempfile
 
 from absl.testing import absltest
 from xrapture._src import distributed
 from xrapture._src.testing import multiprocess
+
+import test_utils
 
 # Seconds a worker waits for the others; the group's deadline is far above.
 _JOIN_S = 3
@@ -85,9 +86,7 @@ class InitializeTest(absltest.TestCase):
     # (and says so), and leaves it on where it works. Twice, so that the
     # second group would find what the first wrote.
     hangs = distributed._version() >= distributed._CACHE_HANG_SINCE
-    tmp = tempfile.TemporaryDirectory()  # not create_tempdir: pytest parses no flags
-    self.addCleanup(tmp.cleanup)
-    cache = tmp.name
+    cache = test_utils.tmpdir(self)
     for _ in range(2):
       _, results = _run([("cache", 2, 0), ("cache", 2, 1)], extra={
           "JAX_COMPILATION_CACHE_DIR": cache,

@@ -11,20 +11,18 @@ import glob
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 
 from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 import safetensors.numpy
+from xrapture._src.testing import multiprocess
 
-# The repository root (in the source tree or in Bazel's runfiles), appended so
-# that the installed xrapture is the one imported.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.append(_ROOT)
+import test_utils
+
+_ROOT = test_utils.append_repo_root()
 from experiments import distributed  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _LAUNCHER = os.path.join(_ROOT, 'experiments', 'finetune.py')
@@ -43,19 +41,11 @@ _ENV = {'XLA_FLAGS': '--xla_force_host_platform_device_count=2',
         'JAX_DISABLE_MOST_OPTIMIZATIONS': '1', 'PYTHONUNBUFFERED': '1'}
 
 
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 class TwoProcessTest(parameterized.TestCase):
 
   def setUp(self):
     super().setUp()
-    tmp = tempfile.TemporaryDirectory()
-    self.addCleanup(tmp.cleanup)
-    self.tmp = tmp.name
+    self.tmp = test_utils.tmpdir(self)
     self.workdir = os.path.join(self.tmp, 'wd')
 
   def launch(self, process_ids, num_processes, *args, limit=_ERROR_LIMIT_S,
@@ -70,7 +60,7 @@ class TwoProcessTest(parameterized.TestCase):
       config: ``--config``.
       only: ``{process id: flags}`` for one process alone.
     """
-    port = free_port()
+    port = multiprocess.free_port()
     env = dict(os.environ, **_ENV)
     procs = []
     for process_id, count in zip(process_ids, num_processes):

@@ -28,6 +28,8 @@ from xrapture._src.testing import dense_check
 from xrapture._src.testing import optional
 from xrapture._src.testing import reference
 
+import test_utils
+
 torch, peft = optional.modules("torch", "peft")
 nn = torch.nn if torch is not None else None
 
@@ -35,18 +37,14 @@ M, N, R = 48, 40, 4
 ALPHA = 2.0
 
 
-def _rand(seed, *shape, scale=1.0):
-  return jnp.asarray(scale * np.random.default_rng(seed).normal(size=shape), jnp.float32)
-
-
 def _dora(shape=(M, N), layout="io", rank=R, seed=0, alpha=ALPHA):
   """A DoraWeight with random factors and magnitudes (none of them neutral)."""
   stack = [n for n, c in zip(shape, layout) if c == "s"]
   ins = [n for n, c in zip(shape, layout) if c == "i"]
   outs = [n for n, c in zip(shape, layout) if c == "o"]
-  w = _rand(seed, *shape, scale=0.2)
-  a = _rand(seed + 1, *stack, rank, *outs, scale=0.5)
-  b = _rand(seed + 2, *stack, *ins, rank, scale=0.5)
+  w = test_utils.rand(seed, *shape, scale=0.2)
+  a = test_utils.rand(seed + 1, *stack, rank, *outs, scale=0.5)
+  b = test_utils.rand(seed + 2, *stack, *ins, rank, scale=0.5)
   m = jnp.asarray(np.random.default_rng(seed + 3).uniform(0.5, 2.0, stack + outs),
                   jnp.float32)
   return xrapture.DoraWeight(w, a, b, m, alpha=alpha, layout=layout)
@@ -84,7 +82,7 @@ def _check(test, fn, x, weight, shapes=None, grad_x=True, atol=2e-4):
     out = implicit(x, weight)
   want = jax.jit(fn)(x, jnp.asarray(_dense_np(weight), jnp.float32))
   np.testing.assert_allclose(out, want, rtol=2e-4, atol=atol)
-  ct = _rand(99, *out.shape)
+  ct = test_utils.rand(99, *out.shape)
 
   def loss(x, a, b, m):
     return jnp.sum(implicit(x, weight.replace(a=a, b=b, magnitude=m)) * ct)
@@ -145,7 +143,8 @@ class DoraWeightTest(parameterized.TestCase):
                                atol=1e-6)
 
   def test_from_lora_starts_equal_to_the_lora(self):
-    lora = xrapture.LoraWeight(_rand(0, M, N), _rand(1, R, N), _rand(2, M, R),
+    lora = xrapture.LoraWeight(test_utils.rand(0, M, N), test_utils.rand(1, R, N),
+                               test_utils.rand(2, M, R),
                                alpha=ALPHA)
     weight = dora.from_lora(lora)
     np.testing.assert_allclose(weight.materialize(), reference.dense_value(lora),
@@ -177,13 +176,13 @@ class DoraOpsTest(parameterized.TestCase):
   )
   def test_dot_general(self, x_shape, fn, layout, shape):
     weight = _dora(shape, layout)
-    _check(self, fn, _rand(7, *x_shape), weight)
+    _check(self, fn, test_utils.rand(7, *x_shape), weight)
 
   def test_conv(self):
     weight = _dora((3, 3, 6, 8), "iiio")
     fn = lambda x, w: lax.conv_general_dilated(
         x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    _check(self, fn, _rand(7, 2, 5, 5, 6), weight, shapes=[(54, 8), (3, 3, 6, 8)])
+    _check(self, fn, test_utils.rand(7, 2, 5, 5, 6), weight, shapes=[(54, 8), (3, 3, 6, 8)])
 
   @parameterized.named_parameters(
       ("rows_of_in", "io", (M, N), lambda i, w: w[i]),
@@ -202,14 +201,14 @@ class DoraOpsTest(parameterized.TestCase):
     weight = _dora((3, M, M), "sio")
     def fn(x, w):
       return lax.scan(lambda h, wl: (jnp.tanh(h @ wl), None), x, w)[0]
-    _check(self, fn, _rand(7, 2, M), weight, shapes=[(M, M)])
+    _check(self, fn, test_utils.rand(7, 2, M), weight, shapes=[(M, M)])
 
   def test_mixed_precision_cast_keeps_dora(self):
     weight = _dora()
     fn = lambda x, w: (x.astype(jnp.bfloat16) @ w.astype(jnp.bfloat16)).astype(jnp.float32)
     with xrapture.strict_mode():
-      out = xrapture.use_implicit_args(fn)(_rand(7, 3, M), weight)
-    np.testing.assert_allclose(out, np.asarray(_rand(7, 3, M)) @ _dense_np(weight),
+      out = xrapture.use_implicit_args(fn)(test_utils.rand(7, 3, M), weight)
+    np.testing.assert_allclose(out, np.asarray(test_utils.rand(7, 3, M)) @ _dense_np(weight),
                                rtol=3e-2, atol=3e-2)
 
   def test_unhandled_use_materializes_with_a_warning(self):
@@ -229,12 +228,12 @@ class DoraOpsTest(parameterized.TestCase):
     fn = xrapture.use_implicit_args(
         lambda x, w: lax.ragged_dot(x, w, jnp.asarray([2, 1], jnp.int32)))
     with self.assertRaisesRegex(ValueError, "PEFT has no DoRA.*use_dora = False"):
-      fn(_rand(7, 3, M), weight)
+      fn(test_utils.rand(7, 3, M), weight)
 
   def test_dropout_follows_peft(self):
     """y = x·w + (c - 1)·(x_d·w) + c·s·(x_d·b·a), the dropped x_d as PEFT's."""
     weight = _dora()
-    x = _rand(7, 3, M)
+    x = test_utils.rand(7, 3, M)
     mask = jnp.asarray(np.random.default_rng(3).uniform(size=x.shape) > 0.5,
                        jnp.float32) * 2.0
     fn = xrapture.use_implicit_args(lambda x, w: x @ w)
@@ -258,7 +257,7 @@ class DoraOpsTest(parameterized.TestCase):
   def test_norm_gets_no_gradient(self):
     """PEFT detaches the norm: gradients differ from the undetached formula."""
     weight = _dora()
-    x, ct = _rand(7, 3, M), _rand(8, 3, N)
+    x, ct = test_utils.rand(7, 3, M), test_utils.rand(8, 3, N)
     implicit = xrapture.use_implicit_args(lambda x, w: x @ w)
     grad = jax.jit(jax.grad(
         lambda b: jnp.sum(implicit(x, weight.replace(b=b)) * ct)))(weight.b)
@@ -282,7 +281,7 @@ class DoraTransformTest(parameterized.TestCase):
     self.config = xrapture.default_config()
     self.config.rank, self.config.use_dora = 2, True
     self.model = xrapture.transform(_mlp, self.config)
-    self.x = _rand(0, 4, 6)
+    self.x = test_utils.rand(0, 4, 6)
     self.base = self.model.init(jax.random.PRNGKey(0), self.x)
     self.params = self.model.adapt(jax.random.PRNGKey(1), self.base)
     self.lora_spec = self.model.lora_spec(self.base)
@@ -291,7 +290,7 @@ class DoraTransformTest(parameterized.TestCase):
     tx = xrapture.wrap_optimizer(optax.adam(1e-2), self.lora_spec)
     params, state = self.params, None
     state = tx.init(params)
-    y = _rand(1, 4, 5)
+    y = test_utils.rand(1, 4, 5)
 
     @jax.jit
     def step(params, state):
@@ -408,9 +407,7 @@ class DoraPeftTest(parameterized.TestCase):
     self.base = jax.jit(hk.transform(_hk_net).init)(jax.random.PRNGKey(0), self.ids,
                                                     self.images)
     self.apply = xrapture.use_implicit_args(hk.transform(_hk_net).apply)
-    tmp = tempfile.TemporaryDirectory()
-    self.addCleanup(tmp.cleanup)
-    self.tmp = tmp.name
+    self.tmp = test_utils.tmpdir(self)
 
   def _torch_out(self, model):
     with torch.no_grad():
@@ -456,7 +453,7 @@ class DoraPeftTest(parameterized.TestCase):
     lora_spec = model.lora_spec(self.base)
     tx = xrapture.wrap_optimizer(optax.adam(3e-2), lora_spec)
     state = tx.init(params)
-    y = _rand(3, 2, OUT)
+    y = test_utils.rand(3, 2, OUT)
     loss = lambda p: jnp.mean((model.apply(p, None, self.ids, self.images) - y) ** 2)
     grad = jax.jit(jax.grad(loss))
     for _ in range(4):
@@ -483,7 +480,7 @@ class DoraPeftTest(parameterized.TestCase):
     params = dict(self.base)
     params["lin"] = dict(params["lin"], w=_dora((DIM, 7), rank=2))
     params["head"] = dict(params["head"], w=xrapture.LoraWeight(
-        self.base["head"]["w"], _rand(1, 2, OUT), _rand(2, 7 + 64, 2)))
+        self.base["head"]["w"], test_utils.rand(1, 2, OUT), test_utils.rand(2, 7 + 64, 2)))
     with self.assertRaisesRegex(ValueError, "one use_dora.*mix"):
       xrapture.export_peft(self.tmp, params, None, _NAME_MAP)
 

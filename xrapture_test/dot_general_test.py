@@ -14,23 +14,21 @@ from xrapture._src.lora import dot_general
 from xrapture._src.testing import dense_check
 from xrapture._src.testing import reference
 
+import test_utils
+
 # Distinct sizes, so that a weight-sized product is unambiguous. Activations
 # use 2, 3 and 5, none a multiple of M or N.
 M, N, R, L = 48, 40, 4, 5
 ALPHA = 2.0
 
 
-def _rand(seed, *shape, scale=1.0):
-  rng = np.random.default_rng(seed)
-  return jnp.asarray(scale * rng.normal(size=shape), jnp.float32)
-
-
 def _lora(seed=0, lead=(), a_lead=None, b_lead=None, alpha=ALPHA):
   a_lead = lead if a_lead is None else a_lead
   b_lead = lead if b_lead is None else b_lead
   return xrapture.LoraWeight(
-      _rand(seed, *lead, M, N, scale=0.2), _rand(seed + 1, *a_lead, R, N, scale=0.5),
-      _rand(seed + 2, *b_lead, M, R, scale=0.5), alpha=alpha)
+      test_utils.rand(seed, *lead, M, N, scale=0.2),
+      test_utils.rand(seed + 1, *a_lead, R, N, scale=0.5),
+      test_utils.rand(seed + 2, *b_lead, M, R, scale=0.5), alpha=alpha)
 
 
 _dense_np = reference.dense_value
@@ -88,7 +86,7 @@ class DotGeneralTest(parameterized.TestCase):
       ("stacked_matmul", (L, 3, M), (L,), lambda x, w: x @ w),
   )
   def test_matches_dense(self, x_shape, lead, fn):
-    check(fn, _rand(7, *x_shape), _lora(lead=lead))
+    check(fn, test_utils.rand(7, *x_shape), _lora(lead=lead))
 
   @parameterized.named_parameters(
       ("same_order", (M, N), (((0, 1), (0, 1)), ((), ()))),
@@ -96,7 +94,7 @@ class DotGeneralTest(parameterized.TestCase):
   )
   def test_contract_both_axes(self, x_shape, dimension_numbers):
     # x is weight-sized here, so its own gradient is too: check a and b only.
-    check(_dg(dimension_numbers), _rand(7, *x_shape),
+    check(_dg(dimension_numbers), test_utils.rand(7, *x_shape),
                         _lora(), grad_x=False)
 
   @parameterized.named_parameters(
@@ -107,17 +105,17 @@ class DotGeneralTest(parameterized.TestCase):
   def test_broadcast_factors(self, a_lead, b_lead):
     lora = _lora(lead=(L,), a_lead=a_lead, b_lead=b_lead)
     check(_dg((((2,), (1,)), ((0,), (0,)))),
-                        _rand(3, L, 3, M), lora)
-    check(_dg((((1,), (1,)), ((), ()))), _rand(4, 3, M), lora)
+                        test_utils.rand(3, L, 3, M), lora)
+    check(_dg((((1,), (1,)), ((), ()))), test_utils.rand(4, 3, M), lora)
 
   def test_no_warnings(self):
     with warnings.catch_warnings():
       warnings.simplefilter("error")
       xrapture.use_implicit_args(lambda x, w: jnp.tanh(x @ w) @ w.T)(
-          _rand(0, 3, M), _lora())
+          test_utils.rand(0, 3, M), _lora())
 
   def test_gradient_wrt_w_is_zero(self):
-    lora, x = _lora(), _rand(1, 2, 3, M)
+    lora, x = _lora(), test_utils.rand(1, 2, 3, M)
     f = xrapture.use_implicit_args(lambda x, w: jnp.sin(x @ w))
     loss = lambda lora: jnp.sum(f(x, lora))
     # Run jitted (one compilation), and the very program searched.
@@ -133,13 +131,13 @@ class DotGeneralTest(parameterized.TestCase):
         traced, compiled, dense_check.weight_targets(lora))
 
   def test_general_path_gradient_wrt_w_is_zero(self):
-    lora, x = _lora(lead=(L,)), _rand(1, L, 3, M)
+    lora, x = _lora(lead=(L,)), test_utils.rand(1, L, 3, M)
     f = xrapture.use_implicit_args(lambda x, w: jnp.sin(x @ w))
     grads = jax.jit(jax.grad(lambda lora: jnp.sum(f(x, lora))))(lora)
     np.testing.assert_array_equal(grads.w, np.zeros((L, M, N)))
 
   def test_value_and_grad(self):
-    lora, x = _lora(), _rand(1, 3, M)
+    lora, x = _lora(), test_utils.rand(1, 3, M)
     f = xrapture.use_implicit_args(lambda x, w: jnp.sum(jnp.tanh(x @ w)))
     value, (ga, gb) = jax.jit(jax.value_and_grad(
         lambda a, b: f(x, lora.replace(a=a, b=b)), (0, 1)))(lora.a, lora.b)
@@ -167,12 +165,12 @@ class DotGeneralTest(parameterized.TestCase):
                                rtol=1e-4, atol=1e-4)
 
   def test_precision_is_kept(self):
-    lora, x = _lora(), _rand(1, 3, M)
+    lora, x = _lora(), test_utils.rand(1, 3, M)
     fn = lambda x, w: jnp.dot(x, w, precision=lax.Precision.HIGHEST)
     check(fn, x, lora, rtol=1e-5, atol=1e-5)
 
   def test_bf16_preferred_element_type(self):
-    lora, x = _lora(), _rand(1, 3, M)
+    lora, x = _lora(), test_utils.rand(1, 3, M)
     fn = lambda x, w: jnp.dot(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16),
                               preferred_element_type=jnp.float32)
     out = xrapture.use_implicit_args(fn)(x, lora)
@@ -186,12 +184,12 @@ class DotGeneralTest(parameterized.TestCase):
   @parameterized.parameters(0, 1)
   def test_lora_matmul(self, w_axis):
     k = M if w_axis == 0 else N
-    lora, x = _lora(), _rand(1, 6, k)
+    lora, x = _lora(), test_utils.rand(1, 6, k)
     s = lora.get_scale()
     dense = _dense_np(lora) if w_axis == 0 else _dense_np(lora).T
     out = dot_general.lora_matmul(x, lora.w, lora.a, lora.b, w_axis, s, None, None)
     np.testing.assert_allclose(out, np.asarray(x) @ dense, rtol=1e-4, atol=1e-4)
-    g = _rand(2, *out.shape)
+    g = test_utils.rand(2, *out.shape)
     loss = lambda x, w, a, b: jnp.sum(
         dot_general.lora_matmul(x, w, a, b, w_axis, s, None, None) * g)
     dx, dw, da, db = jax.jit(jax.grad(loss, (0, 1, 2, 3)))(x, lora.w, lora.a, lora.b)
@@ -209,14 +207,14 @@ class DotGeneralTest(parameterized.TestCase):
         jax.grad(loss, (0, 2, 3)), x, lora.w, lora.a, lora.b, shapes=[(M, N)])
 
   def test_vmap_batched_x_unbatched_w(self):
-    lora, xs = _lora(), _rand(1, 3, 2, M)
+    lora, xs = _lora(), test_utils.rand(1, 3, 2, M)
     f = xrapture.use_implicit_args(lambda x, w: jnp.tanh(x @ w))
     out = jax.vmap(f, in_axes=(0, None))(xs, lora)
     np.testing.assert_allclose(out, np.tanh(np.asarray(xs) @ _dense_np(lora)),
                                rtol=1e-4, atol=1e-5)
 
   def test_vmap_batched_w(self):
-    lora, x = _lora(lead=(3,)), _rand(1, 3, 2, M)
+    lora, x = _lora(lead=(3,)), test_utils.rand(1, 3, 2, M)
     f = xrapture.use_implicit_args(lambda x, w: jnp.tanh(x @ w))
     out = jax.vmap(f)(x, lora)
     np.testing.assert_allclose(out, np.tanh(np.asarray(x) @ _dense_np(lora)),
@@ -236,7 +234,7 @@ class DotGeneralTest(parameterized.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_variants(self):
-    lora, x = _lora(), _rand(1, 2, 3, M)
+    lora, x = _lora(), test_utils.rand(1, 2, 3, M)
     out = self.variant(xrapture.use_implicit_args(lambda x, w: x @ w))(x, lora)
     np.testing.assert_allclose(out, np.asarray(x) @ _dense_np(lora),
                                rtol=1e-4, atol=1e-4)
@@ -247,8 +245,9 @@ def _layout_lora(shape, layout, r=3, seed=0):
   ins = [shape[d] for d, c in enumerate(layout) if c == "i"]
   outs = [shape[d] for d, c in enumerate(layout) if c == "o"]
   return xrapture.LoraWeight(
-      _rand(seed, *shape, scale=0.2), _rand(seed + 1, *stack, r, *outs, scale=0.5),
-      _rand(seed + 2, *stack, *ins, r, scale=0.5), alpha=ALPHA, layout=layout)
+      test_utils.rand(seed, *shape, scale=0.2),
+      test_utils.rand(seed + 1, *stack, r, *outs, scale=0.5),
+      test_utils.rand(seed + 2, *stack, *ins, r, scale=0.5), alpha=ALPHA, layout=layout)
 
 
 # Axis sizes 6, 4, 5, 7, 8 are distinct; activations use 2 and 3.
@@ -290,7 +289,7 @@ class MultiAxisTest(parameterized.TestCase):
   def test_matches_dense(self, shape, layout, x_shape, fn):
     with warnings.catch_warnings():
       warnings.simplefilter("error", xrapture.MaterializationWarning)
-      check(fn, _rand(7, *x_shape), _layout_lora(shape, layout))
+      check(fn, test_utils.rand(7, *x_shape), _layout_lora(shape, layout))
 
   @parameterized.named_parameters(
       ("query", (6, 4, 5), "ioo", (2, 3, 6), "btd,dhk->bthk"),
@@ -299,18 +298,18 @@ class MultiAxisTest(parameterized.TestCase):
   def test_fast_path_runs_lora_matmul(self, shape, layout, x_shape, spec):
     lora = _layout_lora(shape, layout)
     fn = xrapture.use_implicit_args(lambda x, w: jnp.einsum(spec, x, w))
-    self.assertIn("custom_vjp_call", str(jax.make_jaxpr(fn)(_rand(1, *x_shape), lora)))
+    self.assertIn("custom_vjp_call", str(jax.make_jaxpr(fn)(test_utils.rand(1, *x_shape), lora)))
 
   def test_dense_positive_control_is_caught(self):
     # The checker sees a multi-axis ΔW formed by hand, in any axis order.
     lora = _layout_lora((6, 4, 5), "ioo")
     naive = lambda x, w: jnp.einsum("btd,dhk->bthk", x, w.materialize())
     with self.assertRaisesRegex(AssertionError, "dense product"):
-      dense_check.assert_no_dense_product(naive, _rand(1, 2, 3, 6), lora)
+      dense_check.assert_no_dense_product(naive, test_utils.rand(1, 2, 3, 6), lora)
     grad_w = jax.grad(lambda w, x: jnp.sum(jnp.einsum("btd,dhk->bthk", x, w) ** 2))
     with self.assertRaisesRegex(AssertionError, "dense product"):
       dense_check.assert_no_dense_product(
-          grad_w, lora.w, _rand(1, 2, 3, 6), shapes=[lora.shape])
+          grad_w, lora.w, test_utils.rand(1, 2, 3, 6), shapes=[lora.shape])
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ import xrapture
 from xrapture._src.implicit import randomness
 from xrapture._src.lora import dropout
 
+import test_utils
+
 _X = np.random.default_rng(0).normal(size=(4, 6)).astype(np.float32)
 _SEQ = np.random.default_rng(1).normal(size=(2, 8, 3)).astype(np.float32)
 
@@ -90,14 +92,6 @@ def _config(rate, **kw):
   return config
 
 
-def _randomize(params, stddev=0.3, seed=0):
-  rng = np.random.default_rng(seed)
-  return xrapture.tree_map_with_implicit(
-      lambda x: x.replace(a=jnp.asarray(rng.normal(0, stddev, x.a.shape), x.a.dtype),
-                          b=jnp.asarray(rng.normal(0, stddev, x.b.shape), x.b.dtype))
-      if isinstance(x, xrapture.LoraWeight) else x, params)
-
-
 def _linear(x):
   return hk.Linear(5)(x)
 
@@ -113,7 +107,7 @@ def _models_cached(fn):
   model = xrapture.transform(fn, _config(0.5))
   plain = xrapture.transform(fn, _config(0.0))
   base = model.init(jax.random.PRNGKey(0), x)
-  params = _randomize(model.adapt(jax.random.PRNGKey(1), base, x))
+  params = test_utils.randomize_adapters(model.adapt(jax.random.PRNGKey(1), base, x))
   return model, plain, base, params
 
 
@@ -180,7 +174,7 @@ class TransformDropoutTest(parameterized.TestCase):
       return ys
     model = xrapture.transform(fn, _config(0.5))
     base = model.init(jax.random.PRNGKey(0), _X)
-    params = _randomize(model.adapt(jax.random.PRNGKey(1), base, _X))
+    params = test_utils.randomize_adapters(model.adapt(jax.random.PRNGKey(1), base, _X))
     same = jax.tree.map(lambda x: jnp.broadcast_to(x[:1], x.shape), params)
     layer_outputs = model.apply(same, None, _X)
     np.testing.assert_array_equal(layer_outputs[0], layer_outputs[1])
@@ -193,7 +187,8 @@ class TransformDropoutTest(parameterized.TestCase):
       lin = hk.Linear(6)
       return lin(x), lin(x)
     model = xrapture.transform(fn, _config(0.5))
-    params = _randomize(model.adapt(jax.random.PRNGKey(1), model.init(jax.random.PRNGKey(0), _X)))
+    base = model.init(jax.random.PRNGKey(0), _X)
+    params = test_utils.randomize_adapters(model.adapt(jax.random.PRNGKey(1), base))
     one, two = model.apply(params, jax.random.PRNGKey(3), _X)
     self.assertGreater(float(jnp.abs(one - two).max()), 1e-3)
 
@@ -203,7 +198,7 @@ class TransformDropoutTest(parameterized.TestCase):
       return hk.BatchNorm(True, True, 0.9)(h, is_training=True)
     model = xrapture.transform_with_state(fn, _config(0.5))
     base, state = model.init(jax.random.PRNGKey(0), _X)
-    params = _randomize(model.adapt(jax.random.PRNGKey(1), base))
+    params = test_utils.randomize_adapters(model.adapt(jax.random.PRNGKey(1), base))
 
     def loss(p, rng):
       y, _ = model.apply(p, state, rng, _X)

@@ -3,16 +3,14 @@
 import json
 import os
 import stat
-import sys
-import tempfile
 from unittest import mock
 
 from absl.testing import absltest
 from xrapture._src.io import atomic as library_atomic
 
-# The repository root (in the source tree or in Bazel's runfiles), appended so
-# that the installed xrapture is the one imported.
-sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import test_utils
+
+test_utils.append_repo_root()
 from experiments import atomic  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -20,9 +18,7 @@ class AtomicTest(absltest.TestCase):
 
   def setUp(self):
     super().setUp()
-    tmp = tempfile.TemporaryDirectory()
-    self.addCleanup(tmp.cleanup)
-    self.dir = tmp.name
+    self.dir = test_utils.tmpdir(self)
     self.path = os.path.join(self.dir, 'sub', 'result.json')
 
   def test_writes_json_readable_like_any_file(self):

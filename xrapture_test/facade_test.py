@@ -13,6 +13,8 @@ import numpy as np
 import optax
 import xrapture
 
+import test_utils
+
 _RANK = 2
 _X = np.random.default_rng(0).normal(size=(4, 8, 3)).astype(np.float32)
 
@@ -34,15 +36,6 @@ def _config(**kw):
   kw.setdefault("lora_fine_tune_parameters", ["w"])
   kw.setdefault("verbose", False)
   return xrapture.XRapTureConfig(_RANK, **kw)
-
-
-def _randomize(params, seed=0, stddev=0.3):
-  """Random a and b in every LoraWeight (a trained adapter)."""
-  rng = np.random.default_rng(seed)
-  return xrapture.tree_map_with_implicit(
-      lambda x: x.replace(a=jnp.asarray(rng.normal(0, stddev, x.a.shape), x.a.dtype),
-                          b=jnp.asarray(rng.normal(0, stddev, x.b.shape), x.b.dtype))
-      if isinstance(x, xrapture.LoraWeight) else x, params)
 
 
 def _dense(params, scale):
@@ -165,7 +158,7 @@ class InitMergeTest(parameterized.TestCase):
   def test_merge_parameters(self, destructive):
     base = jax.tree.map(jnp.copy, _base())  # donation would delete the cached arrays
     rapture = xrapture.XRapTure(_config())
-    params = _randomize(xrapture.XRapTure.init_lora_parameters(
+    params = test_utils.randomize_adapters(xrapture.XRapTure.init_lora_parameters(
         base, rapture.make_lora_specs(base), alpha=3.0))
     expected = _dense(params, 3.0 / _RANK)
     with warnings.catch_warnings():
@@ -212,7 +205,7 @@ class ApplyLoraTest(parameterized.TestCase):
     np.testing.assert_allclose(run(out.lora_module, out.lora_parameters, _X),
                                base_fn.apply(base, None, _X), rtol=1e-6, atol=1e-6)
     # Identical adapters: identical outputs, equal to the dense reference.
-    seed_params = _randomize(out.lora_parameters)
+    seed_params = test_utils.randomize_adapters(out.lora_parameters)
     functional = _inject(functional, seed_params)
     y_seed = run(out.lora_module, seed_params, _X)
     y_functional = model.apply(functional, None, _X)
@@ -260,7 +253,7 @@ class ApplyLoraTest(parameterized.TestCase):
     rapture = xrapture.XRapTure(_config(lora_fine_tune_parameters=["w1", "w2"]))
     out = rapture.apply_lora(f, base, optax.sgd(0.1), tune_vectors=True, alpha=2.0)
     self.assertEqual(out.lora_specs, {"w1": _RANK, "w2": _RANK, "bias": xrapture.LORA_FULL})
-    params = _randomize(out.lora_parameters)
+    params = test_utils.randomize_adapters(out.lora_parameters)
     expected = f(_dense(params, 2.0 / _RANK), x)
     with xrapture.strict_mode():
       y = out.lora_module(params, x)
@@ -282,7 +275,7 @@ class ApplyLoraTest(parameterized.TestCase):
     lw = out.lora_parameters["__layer_stack_no_per_layer/linear"]["w"]
     # The seed does not tell stacks from convs: one pair spans the stack.
     self.assertEqual((lw.b.shape, lw.a.shape), ((2, 5, _RANK), (_RANK, 5)))
-    params = _randomize(out.lora_parameters)
+    params = test_utils.randomize_adapters(out.lora_parameters)
     # a is shared by the layers, so the scan over layers materializes the
     # kernel (xrapture.transform's per-layer adapters do not).
     # (Not assertWarns: it walks sys.modules, and haiku's lazy modules raise.)
@@ -302,7 +295,7 @@ class ApplyLoraTest(parameterized.TestCase):
     base_fn = hk.transform_with_state(net)
     base, state = base_fn.init(jax.random.PRNGKey(0), x)
     out = xrapture.XRapTure(_config()).apply_lora(base_fn, base, optax.sgd(0.1))
-    params = _randomize(out.lora_parameters)
+    params = test_utils.randomize_adapters(out.lora_parameters)
     y, new_state = out.lora_module.apply(params, state, None, x)
     y_ref, state_ref = base_fn.apply(_dense(params, 1.0 / _RANK), state, None, x)
     np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-5)
@@ -314,7 +307,7 @@ class ApplyLoraTest(parameterized.TestCase):
     base = _base()
     rapture = xrapture.XRapTure(_config(fully_fine_tune_parameters=["head"]))
     lora_spec = rapture.make_lora_specs(base)
-    params = _randomize(xrapture.XRapTure.init_lora_parameters(base, lora_spec))
+    params = test_utils.randomize_adapters(xrapture.XRapTure.init_lora_parameters(base, lora_spec))
     tx = xrapture.XRapTure.wrap_tx(optax.sgd(0.5), lora_spec, scalar_frozen_grads)
     state = tx.init(params)
     grads = jax.tree.map(jnp.ones_like, params)

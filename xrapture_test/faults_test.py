@@ -2,7 +2,6 @@
 
 import json
 import os
-import tempfile
 from unittest import mock
 
 from absl import logging
@@ -13,6 +12,8 @@ import safetensors.numpy
 from xrapture._src.io import adapter
 from xrapture._src.io import integrity
 from xrapture._src.testing import faults
+
+import test_utils
 
 _COUNTS = dict(header_flips=100, data_flips=100, truncations=10, write_faults=2,
                writers=3, rounds=3, kills=1)
@@ -37,9 +38,7 @@ class FaultInjectionTest(absltest.TestCase):
     self.assertEqual(report.total("bad config value"), len(faults.BAD_CONFIG_VALUES))
 
   def _saved(self):
-    tmp = tempfile.TemporaryDirectory()
-    self.addCleanup(tmp.cleanup)
-    path = os.path.join(tmp.name, "a.safetensors")
+    path = os.path.join(test_utils.tmpdir(self), "a.safetensors")
     base, params, lora_spec = faults.example()
     adapter.save_adapter(path, params, lora_spec)
     return path, base, faults._expected(base, params)

@@ -1,25 +1,21 @@
 """Smoke tests of experiments/finetune.py, the README's main command."""
 
-import importlib
 import io
 import json
 import os
 import re
 import sys
-import tempfile
 from unittest import mock
 
 from absl import app
-from absl import flags
 from absl.testing import absltest
 from absl.testing import flagsaver
 import ml_collections
 import xrapture
 
-# The repository root (in the source tree or in Bazel's runfiles), appended so
-# that the installed xrapture is the one imported.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.append(_ROOT)
+import test_utils
+
+_ROOT = test_utils.append_repo_root()
 from configs import pretrain as pretrain_configs  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import launch  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import lm_data  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -30,27 +26,12 @@ from experiments import sharding  # pylint: disable=g-import-not-at-top,wrong-im
 _CONFIG = os.path.join(_ROOT, 'configs', 'finetune.py')
 
 
-def import_launcher():
-  """experiments/finetune.py, imported afresh.
-
-  Each launcher defines --config and --workdir; under pytest another test
-  file's launcher may have defined them already in this process.
-  """
-  for name in ('config', 'workdir'):
-    if name in flags.FLAGS:
-      delattr(flags.FLAGS, name)
-  sys.modules.pop('experiments.finetune', None)
-  return importlib.import_module('experiments.finetune')
-
-
 class FinetuneTest(absltest.TestCase):
 
   def setUp(self):
     super().setUp()
-    tmp = tempfile.TemporaryDirectory()
-    self.addCleanup(tmp.cleanup)
-    self.tmp = tmp.name
-    self.launcher = import_launcher()
+    self.tmp = test_utils.tmpdir(self)
+    self.launcher = test_utils.import_launcher('experiments.finetune')
 
   def run_main(self, *args):
     """Parses ``args`` as `app.run` would, then runs ``main([])``."""

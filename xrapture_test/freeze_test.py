@@ -8,19 +8,17 @@ import numpy as np
 import optax
 import xrapture
 
+import test_utils
+
 M, N, R = 48, 40, 4
-
-
-def _rand(seed, *shape):
-  return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
 
 
 def _params():
   return {
-      "linear": {"w": xrapture.LoraWeight(_rand(0, M, N), _rand(1, R, N),
-                                          _rand(2, M, R)),
-                 "b": _rand(3, N)},
-      "norm": {"scale": _rand(4, N)},
+      "linear": {"w": xrapture.LoraWeight(test_utils.rand(0, M, N), test_utils.rand(1, R, N),
+                                          test_utils.rand(2, M, R)),
+                 "b": test_utils.rand(3, N)},
+      "norm": {"scale": test_utils.rand(4, N)},
   }
 
 
@@ -72,7 +70,7 @@ class FreezeKeysTest(parameterized.TestCase):
 
   def test_training_loop_keeps_w(self):
     params = _params()
-    x = _rand(5, 3, M)
+    x = test_utils.rand(5, 3, M)
     tx = xrapture.freeze_keys(optax.adamw(1e-2, weight_decay=0.1),
                               xrapture.LoraWeight, "w", use_scalar_zeros=True)
     f = xrapture.use_implicit_args(
@@ -136,7 +134,7 @@ class FreezeSubtreesTest(parameterized.TestCase):
                                                        pass_params):
     # jax.grad(allow_int=True) gives integer leaves float0 gradients, which
     # support no arithmetic; optax.apply_updates must still work.
-    params = {"scale": _rand(0, N), "step": jnp.arange(3, dtype=jnp.int32)}
+    params = {"scale": test_utils.rand(0, N), "step": jnp.arange(3, dtype=jnp.int32)}
     loss = lambda p: jnp.sum(p["scale"] ** 2) + 0.0 * p["step"].sum()
     grads = jax.grad(loss, allow_int=True)(params)
     self.assertEqual(grads["step"].dtype, jax.dtypes.float0)

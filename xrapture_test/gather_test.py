@@ -11,21 +11,19 @@ import numpy as np
 import xrapture
 from xrapture._src.testing import reference
 
+import test_utils
+
 # An embedding table [vocab = M, dim = N].
 M, N, R = 48, 40, 4
 
 check = reference.assert_matches_dense
 
 
-def _rand(seed, *shape, scale=1.0):
-  rng = np.random.default_rng(seed)
-  return jnp.asarray(scale * rng.normal(size=shape), jnp.float32)
-
-
 def _lora(seed=0, lead=()):
   return xrapture.LoraWeight(
-      _rand(seed, *lead, M, N, scale=0.2), _rand(seed + 1, *lead, R, N, scale=0.5),
-      _rand(seed + 2, *lead, M, R, scale=0.5), alpha=2.0)
+      test_utils.rand(seed, *lead, M, N, scale=0.2),
+      test_utils.rand(seed + 1, *lead, R, N, scale=0.5),
+      test_utils.rand(seed + 2, *lead, M, R, scale=0.5), alpha=2.0)
 
 
 def _embed(lookup_style):
@@ -98,8 +96,8 @@ def _layout_lora(shape, layout, r=3, seed=0):
   ins = [shape[d] for d, c in enumerate(layout) if c == "i"]
   outs = [shape[d] for d, c in enumerate(layout) if c == "o"]
   return xrapture.LoraWeight(
-      _rand(seed, *shape, scale=0.2), _rand(seed + 1, r, *outs, scale=0.5),
-      _rand(seed + 2, *ins, r, scale=0.5), alpha=2.0, layout=layout)
+      test_utils.rand(seed, *shape, scale=0.2), test_utils.rand(seed + 1, r, *outs, scale=0.5),
+      test_utils.rand(seed + 2, *ins, r, scale=0.5), alpha=2.0, layout=layout)
 
 
 class GatherLayoutTest(parameterized.TestCase):

@@ -19,23 +19,21 @@ import xrapture
 from xrapture._src.testing import dense_check
 from xrapture._src.testing import reference
 
+import test_utils
+
 M, N, R, L = 48, 40, 4, 5
 
 check = reference.assert_matches_dense
 dense_value = reference.dense_value
 
 
-def _rand(seed, *shape, scale=1.0):
-  rng = np.random.default_rng(seed)
-  return jnp.asarray(scale * rng.normal(size=shape), jnp.float32)
-
-
 def _lora(seed=0, lead=(), a_lead=None, shape=(M, N)):
   m, n = shape
   a_lead = lead if a_lead is None else a_lead
   return xrapture.LoraWeight(
-      _rand(seed, *lead, m, n, scale=0.2), _rand(seed + 1, *a_lead, R, n, scale=0.5),
-      _rand(seed + 2, *lead, m, R, scale=0.5), alpha=2.0)
+      test_utils.rand(seed, *lead, m, n, scale=0.2),
+      test_utils.rand(seed + 1, *a_lead, R, n, scale=0.5),
+      test_utils.rand(seed + 2, *lead, m, R, scale=0.5), alpha=2.0)
 
 
 def _record(fn, *args):
@@ -50,7 +48,7 @@ def _of(category, caught):
   return [m for c, m in caught if issubclass(c, category)]
 
 
-_BACK = _rand(50, N, M, scale=0.2)  # maps a layer's output back to width M
+_BACK = test_utils.rand(50, N, M, scale=0.2)  # maps a layer's output back to width M
 
 
 def _closed_call(fn, *example_args):
@@ -109,10 +107,10 @@ class PassThroughTest(parameterized.TestCase):
     with warnings.catch_warnings():
       warnings.simplefilter("error", xrapture.MaterializationWarning)
       warnings.simplefilter("error", xrapture.CustomRuleDroppedWarning)
-      check(fn, _rand(7, 3, M), _lora())
+      check(fn, test_utils.rand(7, 3, M), _lora())
 
   def test_closed_call(self):
-    lora, x = _lora(), _rand(7, 3, M)
+    lora, x = _lora(), test_utils.rand(7, 3, M)
     fn = _closed_call(lambda x, w: jnp.tanh(x @ w), x, jnp.zeros((M, N)))
     # `closed_call` until JAX 0.11.0, `eval_jaxpr` since 0.11.1.
     call_name = jex_core.primitives.closed_call_p.name
@@ -135,7 +133,7 @@ class PassThroughTest(parameterized.TestCase):
   def test_stacked_weight_as_scan_xs(self, fn):
     with warnings.catch_warnings():
       warnings.simplefilter("error", xrapture.MaterializationWarning)
-      check(fn, _rand(7, 3, M), _lora(lead=(L,)))
+      check(fn, test_utils.rand(7, 3, M), _lora(lead=(L,)))
 
   def test_scan_slices_weights_without_forming_them(self):
     lora = _lora(lead=(L,))
@@ -150,7 +148,7 @@ class PassThroughTest(parameterized.TestCase):
 
   def test_scan_over_broadcast_factor_materializes(self):
     # a has leading axis 1 (shared by every layer): it cannot be sliced as xs.
-    lora, x = _lora(lead=(L,), a_lead=(1,)), _rand(7, 3, M)
+    lora, x = _lora(lead=(L,), a_lead=(1,)), test_utils.rand(7, 3, M)
     fn = xrapture.use_implicit_args(
         lambda x, ws: lax.scan(lambda h, w: (_layer(h, w), None), x, ws)[0])
     out, caught = _record(fn, x, lora)
@@ -161,7 +159,7 @@ class PassThroughTest(parameterized.TestCase):
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
 
   def test_while_loop_weight_as_constant(self):
-    lora, x = _lora(), _rand(7, 3, M)
+    lora, x = _lora(), test_utils.rand(7, 3, M)
     fn = lambda x, w: lax.while_loop(
         lambda c: c[0] < 3, lambda c: (c[0] + 1, _layer(c[1], w)), (0, x))[1]
     implicit = xrapture.use_implicit_args(fn)
@@ -173,7 +171,7 @@ class PassThroughTest(parameterized.TestCase):
     self.assertEqual(dense_check.find_dense_products_in_hlo(implicit, x, lora), [])
 
   def test_fori_loop_traced_bound(self):
-    lora, x = _lora(), _rand(7, 3, M)
+    lora, x = _lora(), test_utils.rand(7, 3, M)
     fn = lambda inputs, w: lax.fori_loop(
         0, inputs[1], lambda i, h: _layer(h, w), inputs[0])
     implicit = xrapture.use_implicit_args(fn)
@@ -195,7 +193,7 @@ class HaikuTest(absltest.TestCase):
       return layer(x)
 
     transformed = hk.without_apply_rng(hk.transform(forward))
-    x = _rand(7, 3, M)
+    x = test_utils.rand(7, 3, M)
     params = jax.jit(transformed.init)(jax.random.PRNGKey(0), x)
     (up_name,) = [k for k in params if k.endswith("/up")]
     (down_name,) = [k for k in params if k.endswith("/down")]
@@ -235,10 +233,10 @@ class HaikuTest(absltest.TestCase):
 
     transformed = hk.without_apply_rng(hk.transform(forward))
     fn = lambda x, w: transformed.apply({"linear": {"w": w}}, x)
-    self.assertIn("remat", str(jax.make_jaxpr(fn)(_rand(7, 3, M), jnp.zeros((M, N)))))
+    self.assertIn("remat", str(jax.make_jaxpr(fn)(test_utils.rand(7, 3, M), jnp.zeros((M, N)))))
     with warnings.catch_warnings():
       warnings.simplefilter("error", xrapture.MaterializationWarning)
-      check(fn, _rand(7, 3, M), _lora())
+      check(fn, test_utils.rand(7, 3, M), _lora())
 
 
 class MaterializedValuesTest(absltest.TestCase):
@@ -260,16 +258,16 @@ class MaterializedValuesTest(absltest.TestCase):
 
   def test_scan_carry(self):
     fn = lambda x, w: x @ lax.scan(lambda c, _: (c * 0.5, None), w, None, length=2)[0]
-    self._check_materializes(fn, _rand(7, 3, M), _lora(), "scan carry")
+    self._check_materializes(fn, test_utils.rand(7, 3, M), _lora(), "scan carry")
 
   def test_while_carry(self):
     fn = lambda x, w: x @ lax.while_loop(
         lambda c: c[0] < 2, lambda c: (c[0] + 1, c[1] * 0.5), (0, w))[1]
-    self._check_materializes(fn, _rand(7, 3, M), _lora(), "while_loop carry")
+    self._check_materializes(fn, test_utils.rand(7, 3, M), _lora(), "while_loop carry")
 
   def test_cond_output(self):
     fn = lambda x, w: x @ lax.cond(jnp.sum(x) > 0, lambda w: w, lambda w: -w, w)
-    self._check_materializes(fn, _rand(7, 3, M), _lora(), "cond")
+    self._check_materializes(fn, test_utils.rand(7, 3, M), _lora(), "cond")
 
 
 @jax.custom_jvp
@@ -297,7 +295,7 @@ class CustomDerivativeTest(parameterized.TestCase):
   )
   def test_activation_keeps_its_rule(self, activation):
     fn = lambda x, w: activation(x @ w)
-    lora, x = _lora(), _rand(7, 3, M)
+    lora, x = _lora(), test_utils.rand(7, 3, M)
     implicit = xrapture.use_implicit_args(fn)
     _, caught = _record(implicit, x, lora)
     self.assertEmpty(caught)
@@ -312,7 +310,7 @@ class CustomDerivativeTest(parameterized.TestCase):
     self.assertEqual(dense_check.find_dense_products(implicit, x, lora), [])
 
   def test_custom_jvp_rule_is_used_on_activations(self):
-    lora, x = _lora(), _rand(7, 3, M)
+    lora, x = _lora(), test_utils.rand(7, 3, M)
     fn = xrapture.use_implicit_args(lambda x, w: _odd_tanh(x @ w))
     self.assertIn("custom_jvp_call", str(jax.make_jaxpr(fn)(x, lora)))
     grad = jax.jit(jax.grad(lambda x: jnp.sum(fn(x, lora))))(x)
@@ -322,7 +320,7 @@ class CustomDerivativeTest(parameterized.TestCase):
                                rtol=1e-4, atol=1e-4)
 
   def test_custom_vjp_rule_is_used_on_activations(self):
-    lora, x = _lora(), _rand(7, 3, M)
+    lora, x = _lora(), test_utils.rand(7, 3, M)
     fn = lambda x, w: _odd_sin(x @ w)
     with warnings.catch_warnings():
       warnings.simplefilter("error", xrapture.CustomRuleDroppedWarning)

@@ -16,6 +16,8 @@ from xrapture._src.implicit import interpreter
 from xrapture._src.implicit import registry
 from xrapture._src.testing import reference
 
+import test_utils
+
 M, N, R = 48, 40, 4
 
 
@@ -29,13 +31,9 @@ class FrozenMode:
   temperature: float
 
 
-def _rand(seed, *shape):
-  return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
-
-
 def _lora(seed=0, m=M, n=N):
-  return xrapture.LoraWeight(_rand(seed, m, n), _rand(seed + 1, R, n),
-                             _rand(seed + 2, m, R), alpha=2.0)
+  return xrapture.LoraWeight(test_utils.rand(seed, m, n), test_utils.rand(seed + 1, R, n),
+                             test_utils.rand(seed + 2, m, R), alpha=2.0)
 
 
 class WrongShape(xrapture.ImplicitArray):
@@ -57,13 +55,13 @@ def _record(fn, *args, **kwargs):
 class UseImplicitArgsTest(parameterized.TestCase):
 
   def test_pytree_arguments_and_outputs(self):
-    params = {"layers": [_lora(0), _lora(10, N, M)], "bias": _rand(20, M)}
+    params = {"layers": [_lora(0), _lora(10, N, M)], "bias": test_utils.rand(20, M)}
 
     def fn(params, x, *, scale):
       w1, w2 = params["layers"]
       return {"h": jnp.tanh(x @ w1) @ w2 * scale + params["bias"], "w": w2}
 
-    x = _rand(30, 3, M)
+    x = test_utils.rand(30, 3, M)
     out, caught = _record(xrapture.use_implicit_args(fn), params, x, scale=2.0)
     self.assertEmpty(caught)
     self.assertIsInstance(out["w"], xrapture.LoraWeight)  # returned unchanged
@@ -75,7 +73,7 @@ class UseImplicitArgsTest(parameterized.TestCase):
 
   def test_static_arguments(self):
     fn = xrapture.use_implicit_args(lambda x, w, n: (x @ w)[:, :n])
-    lora, x = _lora(), _rand(1, 3, M)
+    lora, x = _lora(), test_utils.rand(1, 3, M)
     self.assertEqual(fn(x, lora, 5).shape, (3, 5))
     self.assertEqual(fn(x, lora, 7).shape, (3, 7))
     self.assertEqual(fn.cache_size(), 2)
@@ -87,7 +85,7 @@ class UseImplicitArgsTest(parameterized.TestCase):
   def test_unhashable_static_argument_is_refused(self, call, where):
     fn = xrapture.use_implicit_args(lambda x, w, mode: x @ w)
     with self.assertRaises(TypeError) as ctx:
-      call(fn, _rand(0, 3, M), _lora())
+      call(fn, test_utils.rand(0, 3, M), _lora())
     message = str(ctx.exception)
     self.assertRegex(message, where)
     self.assertIn(f"{Mode.__module__}.Mode", message)  # the type (__main__ under Bazel)
@@ -119,7 +117,7 @@ class UseImplicitArgsTest(parameterized.TestCase):
     traces = []
     fn = xrapture.use_implicit_args(
         lambda x, w, s: traces.append(None) or (x @ w) * s)
-    lora, x = _lora(), _rand(1, 3, M)
+    lora, x = _lora(), test_utils.rand(1, 3, M)
     for s in (np.float32(2.0), np.array(3.0, np.float32), jnp.float32(4.0)):
       np.testing.assert_allclose(fn(x, lora, s), (x @ reference.dense_value(lora)) * s,
                                  rtol=1e-5, atol=1e-5)
@@ -133,7 +131,7 @@ class UseImplicitArgsTest(parameterized.TestCase):
       return (x @ w)[:, :n]
 
     fn = xrapture.use_implicit_args(f, max_traces=2)
-    lora, x = _lora(), _rand(1, 3, M)
+    lora, x = _lora(), test_utils.rand(1, 3, M)
     dense = x @ reference.dense_value(lora)
     for n in (1, 2, 3, 2, 1):
       np.testing.assert_allclose(fn(x, lora, n), dense[:, :n], rtol=1e-5, atol=1e-5)
@@ -155,7 +153,7 @@ class UseImplicitArgsTest(parameterized.TestCase):
 
   def test_no_implicit_arguments_binds_unchanged(self):
     fn = lambda x, w: jax.nn.relu(x @ w)
-    x, w = _rand(0, 3, M), _rand(1, M, N)
+    x, w = test_utils.rand(0, 3, M), test_utils.rand(1, M, N)
     names = lambda j: [e.primitive.name for e in j.eqns]
     self.assertEqual(names(jax.make_jaxpr(xrapture.use_implicit_args(fn))(x, w)),
                      names(jax.make_jaxpr(fn)(x, w)))
@@ -171,15 +169,15 @@ class UseImplicitArgsTest(parameterized.TestCase):
     wrapped = xrapture.use_implicit_args(fn)
     jitted = jax.jit(wrapped)
     for seed in range(3):
-      jitted(_rand(seed, 3, M), _lora(seed))
+      jitted(test_utils.rand(seed, 3, M), _lora(seed))
     self.assertEqual((len(traces), wrapped.cache_size()), (1, 1))
     # Eager calls reuse the same jaxpr.
     for seed in range(2):
-      wrapped(_rand(seed, 3, M), _lora(seed))
+      wrapped(test_utils.rand(seed, 3, M), _lora(seed))
     self.assertEqual((len(traces), wrapped.cache_size()), (1, 1))
     # A new shape, or a dense array where a LoraWeight was, traces again.
-    jitted(_rand(0, 5, M), _lora())
-    wrapped(_rand(0, 3, M), _rand(1, M, N))
+    jitted(test_utils.rand(0, 5, M), _lora())
+    wrapped(test_utils.rand(0, 3, M), test_utils.rand(1, M, N))
     self.assertEqual((len(traces), wrapped.cache_size()), (3, 3))
 
   def test_value_dependent_python_control_flow_fails(self):
@@ -187,7 +185,7 @@ class UseImplicitArgsTest(parameterized.TestCase):
     fn = xrapture.use_implicit_args(
         lambda x, w: x @ w if jnp.sum(x) > 0 else -(x @ w))
     with self.assertRaises(jax.errors.ConcretizationTypeError):
-      fn(_rand(0, 3, M), _lora())
+      fn(test_utils.rand(0, 3, M), _lora())
 
   def test_unhandled_primitive_warning_text(self):
     fn = xrapture.use_implicit_args(lambda w: jnp.exp(w))
@@ -202,9 +200,9 @@ class UseImplicitArgsTest(parameterized.TestCase):
     fn = xrapture.use_implicit_args(lambda x, w: jnp.exp(w) @ x)
     with xrapture.strict_mode():
       with self.assertRaisesRegex(xrapture.MaterializationError, "'exp'"):
-        fn(_rand(0, N, 3), _lora())
+        fn(test_utils.rand(0, N, 3), _lora())
       # Everything handled: strict mode is silent.
-      xrapture.use_implicit_args(lambda x, w: w @ x)(_rand(0, N, 3), _lora())
+      xrapture.use_implicit_args(lambda x, w: w @ x)(test_utils.rand(0, N, 3), _lora())
 
   def test_handler_with_wrong_output_shape(self):
     def bad(primitive, x, **params):
@@ -223,7 +221,7 @@ class UseImplicitArgsTest(parameterized.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_grad_and_vmap_compose(self):
-    lora, x = _lora(), _rand(1, 2, 3, M)
+    lora, x = _lora(), test_utils.rand(1, 2, 3, M)
     fn = xrapture.use_implicit_args(lambda x, w: jnp.sum(jnp.tanh(x @ w)))
 
     @self.variant

@@ -6,7 +6,6 @@ import os
 # (conftest.py does the same for pytest, Bazel runs this file directly).
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 
-import importlib  # pylint: disable=g-import-not-at-top,wrong-import-position
 import re  # pylint: disable=g-import-not-at-top,wrong-import-position
 import shlex  # pylint: disable=g-import-not-at-top,wrong-import-position
 import sys  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -19,10 +18,9 @@ from absl.testing import flagsaver  # pylint: disable=g-import-not-at-top,wrong-
 from absl.testing import parameterized  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-# The repository root (in the source tree or in Bazel's runfiles), appended so
-# that the installed xrapture is the one imported.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.append(_ROOT)
+import test_utils  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_ROOT = test_utils.append_repo_root()
 from configs import finetune as finetune_configs  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import pretrain as pretrain_configs  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import launch  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -58,16 +56,6 @@ def readme_commands() -> list[list[str]]:
   return commands
 
 
-def import_launcher(path: str):
-  """The launcher module at ``path``, imported afresh (it defines the flags)."""
-  for name in ('config', 'workdir'):
-    if name in flags.FLAGS:
-      delattr(flags.FLAGS, name)
-  name = path[:-len('.py')].replace('/', '.')
-  sys.modules.pop(name, None)
-  return importlib.import_module(name)
-
-
 class ReadmeCommandsTest(absltest.TestCase):
 
   def test_every_launcher_command_in_the_readme_parses_and_checks(self):
@@ -78,7 +66,7 @@ class ReadmeCommandsTest(absltest.TestCase):
     self.assertIn('--config.cluster.process_id=1', sum(commands, []))
     for launcher, *args in commands:
       with self.subTest(' '.join([launcher, *args])):
-        import_launcher(launcher)
+        test_utils.import_launcher(launcher[:-len('.py')].replace('/', '.'))
         # Paths in the README are relative to the repository root.
         args = [re.sub(r'^--config=', f'--config={_ROOT}/', a) for a in args]
         with flagsaver.flagsaver(), mock.patch.object(sys, 'argv', [launcher, *args]):
@@ -89,7 +77,7 @@ class ReadmeCommandsTest(absltest.TestCase):
 
   def test_a_wrong_field_fails_to_parse(self):
     # Positive control: what the README had before (--config.rank) is refused.
-    import_launcher('experiments/finetune.py')
+    test_utils.import_launcher('experiments.finetune')
     argv = ['finetune.py', f'--config={_ROOT}/configs/finetune.py:lora',
             '--workdir=/tmp/w', '--config.rank=32']
     with flagsaver.flagsaver(), mock.patch.object(sys, 'stderr') as stderr:

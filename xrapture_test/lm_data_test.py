@@ -1,15 +1,13 @@
 """Tests for experiments/lm_data.py: the offline corpora and their splits."""
 
-import os
-import sys
 
 from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 
-# The repository root (in the source tree or in Bazel's runfiles), appended so
-# that the installed xrapture is the one imported.
-sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import test_utils
+
+test_utils.append_repo_root()
 from experiments import lm_data  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 

@@ -20,19 +20,18 @@ import numpy as np
 import xrapture
 from xrapture._src.testing import dense_check
 from xrapture._src.testing import reference
+
+import test_utils
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 M, N, R, L = 48, 40, 4, 5
 MODEL = 4  # devices along the mesh's "model" axis; N // MODEL = 10
 
 
-def _rand(seed, *shape):
-  return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
-
-
 def _lora(lead=()):
-  return xrapture.LoraWeight(0.2 * _rand(0, *lead, M, N), 0.5 * _rand(1, *lead, R, N),
-                             0.5 * _rand(2, *lead, M, R), alpha=2.0)
+  return xrapture.LoraWeight(0.2 * test_utils.rand(0, *lead, M, N),
+                             0.5 * test_utils.rand(1, *lead, R, N),
+                             0.5 * test_utils.rand(2, *lead, M, R), alpha=2.0)
 
 
 class ShardingTest(absltest.TestCase):
@@ -55,7 +54,7 @@ class ShardingTest(absltest.TestCase):
                         b=self.put(lora.b))
 
   def test_forward_and_grads_match_unsharded(self):
-    lora, x = _lora(), _rand(3, 8, M)
+    lora, x = _lora(), test_utils.rand(3, 8, M)
     sharded, x_sharded = self.shard(lora), self.put(x, "data", None)
     self.assertIsInstance(sharded.w.sharding, NamedSharding)
     f = xrapture.use_implicit_args(lambda x, w: jnp.tanh(x @ w))
@@ -77,8 +76,8 @@ class ShardingTest(absltest.TestCase):
         shapes=shapes), [])
 
   def test_scan_over_sharded_stack(self):
-    lora, x = _lora((L,)), _rand(3, 8, M)
-    back = _rand(4, N, M) * 0.2
+    lora, x = _lora((L,)), test_utils.rand(3, 8, M)
+    back = test_utils.rand(4, N, M) * 0.2
     layers = lambda x, ws: lax.scan(
         lambda h, w: (h + jnp.tanh(h @ w) @ back, None), x, ws)[0]
     f = jax.jit(xrapture.use_implicit_args(layers))
@@ -90,7 +89,7 @@ class ShardingTest(absltest.TestCase):
   def test_nested_jit_keeps_its_output_sharding(self):
     # The interpreter inlines a nested jit; its out_shardings stay as
     # sharding constraints instead of being dropped.
-    lora, x = _lora(), _rand(3, 8, M)
+    lora, x = _lora(), test_utils.rand(3, 8, M)
     spec = P(None, "model")
     inner = jax.jit(lambda x, w: x @ w, out_shardings=NamedSharding(self.mesh, spec))
     f = jax.jit(xrapture.use_implicit_args(lambda x, w: inner(x, w) * 2.0))
@@ -100,7 +99,7 @@ class ShardingTest(absltest.TestCase):
                                rtol=1e-4, atol=1e-4)
 
   def test_explicit_sharding_constraint(self):
-    lora, x = _lora(), _rand(3, 8, M)
+    lora, x = _lora(), test_utils.rand(3, 8, M)
     spec = P("data", "model")
     f = jax.jit(xrapture.use_implicit_args(lambda x, w: lax.with_sharding_constraint(
         x @ w, NamedSharding(self.mesh, spec))))

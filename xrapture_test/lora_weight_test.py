@@ -9,18 +9,16 @@ import jax.numpy as jnp
 import numpy as np
 import xrapture
 
+import test_utils
+
 M, N, R, L = 48, 40, 4, 5
-
-
-def _rand(seed, *shape):
-  return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
 
 
 def _lora(lead=(), a_lead=None, b_lead=None, **kwargs):
   a_lead = lead if a_lead is None else a_lead
   b_lead = lead if b_lead is None else b_lead
-  return xrapture.LoraWeight(_rand(0, *lead, M, N), _rand(1, *a_lead, R, N),
-                             _rand(2, *b_lead, M, R), **kwargs)
+  return xrapture.LoraWeight(test_utils.rand(0, *lead, M, N), test_utils.rand(1, *a_lead, R, N),
+                             test_utils.rand(2, *b_lead, M, R), **kwargs)
 
 
 class LoraWeightTest(parameterized.TestCase):
@@ -57,7 +55,7 @@ class LoraWeightTest(parameterized.TestCase):
     # layout; the value is 0.1.0's broadcasting formula on the given factors.
     a_lead = lead if a_lead is None else a_lead
     b_lead = lead if b_lead is None else b_lead
-    w, a, b = (np.asarray(_rand(i, *s), np.float64) for i, s in
+    w, a, b = (np.asarray(test_utils.rand(i, *s), np.float64) for i, s in
                ((0, lead + (M, N)), (1, a_lead + (R, N)), (2, b_lead + (M, R))))
     lora = _lora(lead=lead, a_lead=a_lead, b_lead=b_lead, alpha=3.0)
     expected = w + 3.0 / R * np.einsum("...mr,...rn->...mn", b, a)
@@ -66,8 +64,8 @@ class LoraWeightTest(parameterized.TestCase):
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
   def test_materialize_keeps_w_dtype(self):
-    lora = xrapture.LoraWeight(_rand(0, M, N).astype(jnp.bfloat16),
-                               _rand(1, R, N), _rand(2, M, R))
+    lora = xrapture.LoraWeight(test_utils.rand(0, M, N).astype(jnp.bfloat16),
+                               test_utils.rand(1, R, N), test_utils.rand(2, M, R))
     self.assertEqual(lora.materialize().dtype, jnp.bfloat16)
     self.assertEqual(lora.dtype, jnp.bfloat16)
 
@@ -180,7 +178,9 @@ class LayoutTest(parameterized.TestCase):
     stack = [shape[d] for d, c in enumerate(layout) if c == "s"]
     ins = [shape[d] for d, c in enumerate(layout) if c == "i"]
     outs = [shape[d] for d, c in enumerate(layout) if c == "o"]
-    w, a, b = _rand(0, *shape), _rand(1, *stack, r, *outs), _rand(2, *stack, *ins, r)
+    w = test_utils.rand(0, *shape)
+    a = test_utils.rand(1, *stack, r, *outs)
+    b = test_utils.rand(2, *stack, *ins, r)
     lora = xrapture.LoraWeight(w, a, b, alpha=3.0, layout=layout)
     self.assertEqual(lora.layout, layout)
     self.assertEqual(lora.rank, r)
@@ -228,8 +228,8 @@ class LayoutTest(parameterized.TestCase):
   )
   def test_v010_forms_are_rearranged(self, w_shape, a_shape, b_shape, layout,
                                      new_a, new_b):
-    lora = xrapture.LoraWeight(_rand(0, *w_shape), _rand(1, *a_shape),
-                               _rand(2, *b_shape))
+    lora = xrapture.LoraWeight(test_utils.rand(0, *w_shape), test_utils.rand(1, *a_shape),
+                               test_utils.rand(2, *b_shape))
     self.assertEqual(lora.layout, layout)
     self.assertEqual((lora.a.shape, lora.b.shape), (new_a, new_b))
     # The same LoraWeight written in the new form is equal.
@@ -237,13 +237,14 @@ class LayoutTest(parameterized.TestCase):
     np.testing.assert_array_equal(again.materialize(), lora.materialize())
 
   def test_layout_is_static(self):
-    lora = xrapture.LoraWeight(_rand(0, 6, 3, 5), _rand(1, 2, 3, 5), _rand(2, 6, 2),
+    lora = xrapture.LoraWeight(test_utils.rand(0, 6, 3, 5), test_utils.rand(1, 2, 3, 5),
+                               test_utils.rand(2, 6, 2),
                                layout="ioo")
     leaves, treedef = jax.tree.flatten(lora)
     self.assertLen(leaves, 3)
     self.assertEqual(jax.tree.unflatten(treedef, leaves).layout, "ioo")
     self.assertNotEqual(treedef, jax.tree.structure(xrapture.LoraWeight(
-        _rand(0, 6, 15), _rand(1, 2, 15), _rand(2, 6, 2))))
+        test_utils.rand(0, 6, 15), test_utils.rand(1, 2, 15), test_utils.rand(2, 6, 2))))
 
   def test_vmap_over_a_stack_drops_the_stacked_axis(self):
     lora = _lora(lead=(L,), alpha=2.0)

@@ -6,7 +6,6 @@ field.
 """
 
 import os
-import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -21,6 +20,8 @@ import optax
 import xrapture
 from xrapture._src.lora import dora
 from xrapture._src.testing import optional
+
+import test_utils
 
 torch, peft, peft_optimizers = optional.modules("torch", "peft", "peft.optimizers")
 nn = torch.nn if torch is not None else None
@@ -77,9 +78,7 @@ class PeftLoraPlusTest(parameterized.TestCase):
     self.x = rng.normal(size=(5, IN)).astype(np.float32)
     self.y = rng.normal(size=(5, OUT)).astype(np.float32)
     self.base = hk.transform(_forward).init(jax.random.PRNGKey(0), self.x)
-    tmp = tempfile.TemporaryDirectory()
-    self.addCleanup(tmp.cleanup)
-    self.tmp = tmp.name
+    self.tmp = test_utils.tmpdir(self)
 
   def _torch(self):
     model = nn.Sequential()

@@ -2,14 +2,12 @@
 
 import json
 import os
-import sys
-import tempfile
 
 from absl.testing import absltest
 
-# The repository root (in the source tree or in Bazel's runfiles), appended so
-# that the installed xrapture is the one imported.
-sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import test_utils
+
+test_utils.append_repo_root()
 from experiments import metrics  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _RECORDS = [dict(step=0, split='val', loss=5.0), dict(step=3, split='train', loss=4.0),
@@ -20,9 +18,7 @@ class MetricsTest(absltest.TestCase):
 
   def setUp(self):
     super().setUp()
-    tmp = tempfile.TemporaryDirectory()
-    self.addCleanup(tmp.cleanup)
-    self.path = os.path.join(tmp.name, 'metrics.jsonl')
+    self.path = os.path.join(test_utils.tmpdir(self), 'metrics.jsonl')
 
   def write_lines(self, *lines):
     with open(self.path, 'w') as f:

@@ -6,7 +6,6 @@ real PEFT's ``add_weighted_adapter`` on a torch twin of the model.
 """
 
 import os
-import tempfile
 import warnings
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -22,6 +21,8 @@ import xrapture
 from xrapture._src.lora import dora
 from xrapture._src.testing import optional
 from xrapture._src.testing import reference
+
+import test_utils
 
 torch, peft = optional.modules("torch", "peft")
 nn = torch.nn if torch is not None else None
@@ -308,9 +309,7 @@ class PeftWeightedAdapterTest(parameterized.TestCase):
     self.ids = np.random.default_rng(0).integers(0, VOCAB, (2, 4)).astype(np.int32)
     self.base = hk.transform(_forward).init(jax.random.PRNGKey(0), self.ids)
     self.apply = xrapture.use_implicit_args(hk.transform(_forward).apply)
-    tmp = tempfile.TemporaryDirectory()
-    self.addCleanup(tmp.cleanup)
-    self.tmp = tmp.name
+    self.tmp = test_utils.tmpdir(self)
 
   def _torch(self):
     model = _Torch()

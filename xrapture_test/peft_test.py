@@ -7,7 +7,6 @@ adapters made on one side must give the same outputs on the other.
 import json
 import os
 import re
-import tempfile
 import warnings
 
 # PEFT and transformers must never reach the Hub; read before they import.
@@ -28,6 +27,8 @@ from xrapture._src.io import peft as peft_io
 from xrapture._src.transform import config as config_lib
 
 from xrapture._src.testing import optional
+
+import test_utils
 
 # None where the `peft` extra is not installed (an error in the test command's
 # full leg, which sets XRAPTURE_REQUIRE_TORCH=1).
@@ -317,9 +318,7 @@ class _Base(parameterized.TestCase):
 
   def setUp(self):
     super().setUp()
-    tmp = tempfile.TemporaryDirectory()  # not create_tempdir: pytest parses no flags
-    self.addCleanup(tmp.cleanup)
-    self.tmp = tmp.name
+    self.tmp = test_utils.tmpdir(self)
     self.ids = np.random.default_rng(1).integers(0, VOCAB, (2, SEQ)).astype(np.int32)
     self.base = hk.transform(hk_forward).init(jax.random.PRNGKey(0), self.ids)
     self.apply = xrapture.use_implicit_args(hk.transform(hk_forward).apply)
@@ -562,9 +561,7 @@ class PeftLayoutTest(parameterized.TestCase):
 
   def setUp(self):
     super().setUp()
-    tmp = tempfile.TemporaryDirectory()
-    self.addCleanup(tmp.cleanup)
-    self.tmp = tmp.name
+    self.tmp = test_utils.tmpdir(self)
 
   def _random(self, params, seed=0):
     rng = np.random.default_rng(seed)

@@ -7,7 +7,6 @@ loaded by ``peft.PeftModel.from_pretrained`` on the ORIGINAL torch base.
 
 import json
 import os
-import tempfile
 import warnings
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -26,6 +25,8 @@ from xrapture._src.lora import lora_weight
 from xrapture._src.testing import optional
 from xrapture._src.testing import reference
 from xrapture._src.transform import pissa
+
+import test_utils
 
 torch, peft = optional.modules("torch", "peft")
 nn = torch.nn if torch is not None else None
@@ -107,9 +108,7 @@ class PissaPeftTest(absltest.TestCase):
     self.x, self.y, self.base = _data()
     self.model = _pissa_model()
     self.config = self.model.config
-    tmp = tempfile.TemporaryDirectory()
-    self.addCleanup(tmp.cleanup)
-    self.tmp = tmp.name
+    self.tmp = test_utils.tmpdir(self)
 
   def _torch(self):
     model = nn.Sequential()
@@ -219,9 +218,7 @@ class PissaAdapterFileTest(absltest.TestCase):
     self.initial = self.model.adapt(jax.random.PRNGKey(1), self.base)
     self.params = _trained(self.model, self.initial, self.x, self.y)
     self.want = np.asarray(self.model.apply(self.params, None, self.x))
-    tmp = tempfile.TemporaryDirectory()
-    self.addCleanup(tmp.cleanup)
-    self.path = os.path.join(tmp.name, "adapter.safetensors")
+    self.path = os.path.join(test_utils.tmpdir(self), "adapter.safetensors")
 
   def apply(self, params):
     return np.asarray(xrapture.use_implicit_args(hk.transform(_forward).apply)(
@@ -339,9 +336,7 @@ class QuantizedPissaFileTest(absltest.TestCase):
     super().setUp()
     self.x = np.random.default_rng(0).normal(size=(4, 64)).astype(np.float32)
     self.base = hk.transform(_wide).init(jax.random.PRNGKey(0), self.x)
-    tmp = tempfile.TemporaryDirectory()
-    self.addCleanup(tmp.cleanup)
-    self.path = os.path.join(tmp.name, "adapter.safetensors")
+    self.path = os.path.join(test_utils.tmpdir(self), "adapter.safetensors")
 
   def model(self, **fields):
     config = xrapture.default_config()

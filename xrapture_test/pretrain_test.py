@@ -1,24 +1,20 @@
 """Smoke tests of experiments/pretrain.py."""
 
-import importlib
 import io
 import json
 import os
 import sys
-import tempfile
 from unittest import mock
 
-from absl import flags
 from absl.testing import absltest
 from absl.testing import flagsaver
 import jax
 import ml_collections
 import numpy as np
 
-# The repository root (in the source tree or in Bazel's runfiles), appended so
-# that the installed xrapture is the one imported.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.append(_ROOT)
+import test_utils
+
+_ROOT = test_utils.append_repo_root()
 from experiments import launch  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import lm_model  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import pretraining  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -26,27 +22,12 @@ from experiments import pretraining  # pylint: disable=g-import-not-at-top,wrong
 _CONFIG = os.path.join(_ROOT, 'configs', 'pretrain.py')
 
 
-def import_launcher():
-  """experiments/pretrain.py, imported afresh.
-
-  Each launcher defines --config and --workdir; under pytest another test
-  file's launcher may have defined them already in this process.
-  """
-  for name in ('config', 'workdir'):
-    if name in flags.FLAGS:
-      delattr(flags.FLAGS, name)
-  sys.modules.pop('experiments.pretrain', None)
-  return importlib.import_module('experiments.pretrain')
-
-
 class PretrainTest(absltest.TestCase):
 
   def setUp(self):
     super().setUp()
-    tmp = tempfile.TemporaryDirectory()
-    self.addCleanup(tmp.cleanup)
-    self.tmp = tmp.name
-    self.launcher = import_launcher()
+    self.tmp = test_utils.tmpdir(self)
+    self.launcher = test_utils.import_launcher('experiments.pretrain')
 
   def run_main(self, *args):
     """Parses ``args`` as `app.run` would, then runs ``main([])``."""

@@ -10,7 +10,6 @@ outputs. No network: the model is built here.
 
 import collections
 import os
-import tempfile
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -21,6 +20,8 @@ import numpy as np
 import optax
 import xrapture
 from xrapture._src.testing import optional
+
+import test_utils
 
 # Every test here needs them: skipped as a module where they are missing.
 torch, bnb, peft = optional.require("torch", "bitsandbytes", "peft")
@@ -87,9 +88,7 @@ class QloraPeftTest(parameterized.TestCase):
 
   def setUp(self):
     super().setUp()
-    tmp = tempfile.TemporaryDirectory()
-    self.addCleanup(tmp.cleanup)
-    self.dir = tmp.name
+    self.dir = test_utils.tmpdir(self)
     torch.manual_seed(0)
 
   def _check_same_base(self, params, torch_model, double_quant):

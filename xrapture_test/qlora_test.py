@@ -9,7 +9,6 @@ JAX from the dequantized kernel plus ``scale · b @ a``.
 
 import functools
 import os
-import tempfile
 
 import haiku as hk
 from absl.testing import absltest
@@ -21,6 +20,8 @@ import numpy as np
 import optax
 import xrapture
 from xrapture._src.testing import dense_check
+
+import test_utils
 
 V, D, H, L = 40, 64, 96, 2   # vocab, model width, hidden width, stacked layers
 RANK, ALPHA = 4, 8.0
@@ -73,15 +74,9 @@ def _adapt(config, base=None, seed=1):
   return xrapture.transform(lm, config).adapt(jax.random.PRNGKey(seed), base, _tokens())
 
 
-def _flat(params):
-  flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=xrapture.is_implicit)
-  names = ["/".join(str(getattr(k, "key", k)) for k in p) for p, _ in flat]
-  return names, [v for _, v in flat], treedef
-
-
 def _perturb(params, seed=0, stddev=0.1):
   """Non-zero random adapters, so that the low-rank path counts."""
-  names, leaves, treedef = _flat(params)
+  names, leaves, treedef = test_utils.flat_with_names(params)
   out = []
   for i, leaf in enumerate(leaves):
     if isinstance(leaf, xrapture.LoraWeight):
@@ -120,8 +115,8 @@ class QuantizeTest(parameterized.TestCase):
     config = _config(scheme, double_quant)
     params = _adapt(config, base)
     plain = _adapt(_config(None), base)
-    names, leaves, _ = _flat(params)
-    _, plain_leaves, _ = _flat(plain)
+    names, leaves, _ = test_utils.flat_with_names(params)
+    _, plain_leaves, _ = test_utils.flat_with_names(plain)
     loras = 0
     for name, leaf, plain_leaf in zip(names, leaves, plain_leaves):
       if not isinstance(leaf, xrapture.LoraWeight):
@@ -158,9 +153,7 @@ class QuantizeTest(parameterized.TestCase):
     base, config = _base(), _config("nf4", True)
     model = xrapture.transform(lm, _config(None))
     trained = _perturb(model.adapt(jax.random.PRNGKey(1), base, _tokens()))
-    tmp = tempfile.TemporaryDirectory()
-    self.addCleanup(tmp.cleanup)
-    path = os.path.join(tmp.name, "adapter.safetensors")
+    path = os.path.join(test_utils.tmpdir(self), "adapter.safetensors")
     xrapture.save_adapter(path, trained, model.lora_spec(base, _tokens()))
     loaded = xrapture.quantize(xrapture.load_adapter(path, base), config)
     direct = xrapture.quantize(trained, config)
@@ -211,7 +204,7 @@ def _dense_loss(tokens, params):
 
   A function of :func:`_factors`; ``params`` gives the (dequantized) bases.
   """
-  _, leaves, treedef = _flat(params)
+  _, leaves, treedef = test_utils.flat_with_names(params)
   bases = [jnp.asarray(_dense_kernel(x.w)) if isinstance(x, xrapture.LoraWeight) else x
            for x in leaves]
 
@@ -228,7 +221,7 @@ def _dense_loss(tokens, params):
 
 def _factors(params):
   return [(x.a, x.b) if isinstance(x, xrapture.LoraWeight) else None
-          for x in _flat(params)[1]]
+          for x in test_utils.flat_with_names(params)[1]]
 
 
 class NestedTest(parameterized.TestCase):
@@ -255,7 +248,7 @@ class NestedTest(parameterized.TestCase):
     with xrapture.strict_mode():
       grads = jax.jit(jax.grad(loss, allow_int=True))(params)
     expected = jax.jit(jax.grad(_dense_loss(tokens, params)))(_factors(params))
-    for got, want in zip(_flat(grads)[1], expected):
+    for got, want in zip(test_utils.flat_with_names(grads)[1], expected):
       if want is None:
         continue
       for g, w in ((got.a, want[0]), (got.b, want[1])):   # float32 sums of ~1e3 terms
@@ -523,9 +516,9 @@ class MergeTest(parameterized.TestCase):
     params, tokens = _perturb(_adapt(config)), _tokens(15)
     merged, errors = xrapture.merge_and_requantize(params)
     reference = _numpy_merged(params)           # float64 numpy: deq(w) + s · b @ a
-    names, leaves, _ = _flat(params)
-    _, merged_leaves, _ = _flat(merged)
-    _, reference_leaves, _ = _flat(reference)
+    names, leaves, _ = test_utils.flat_with_names(params)
+    _, merged_leaves, _ = test_utils.flat_with_names(merged)
+    _, reference_leaves, _ = test_utils.flat_with_names(reference)
     self.assertEqual(sorted(errors), sorted(n for n, x in zip(names, leaves)
                                             if isinstance(x, xrapture.LoraWeight)))
     for name, old, new, ref in zip(names, leaves, merged_leaves, reference_leaves):

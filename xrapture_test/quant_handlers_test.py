@@ -5,7 +5,6 @@ same JAX code on the dequantized dense array; every handled case runs in
 strict mode, where any materialization raises.
 """
 
-import warnings
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -17,17 +16,15 @@ import numpy as np
 import xrapture
 from xrapture._src.testing import dense_check
 
+import test_utils
+
 K, N, L = 128, 40, 3  # dense kernel [K, N] (K blocked), L stacked layers; activations avoid these
 
 SCHEMES = (("nf4", False), ("nf4", True), ("int8", False))
 
 
-def _rand(seed, *shape, scale=1.0):
-  return jnp.asarray(scale * np.random.default_rng(seed).normal(size=shape), jnp.float32)
-
-
 def _quantized(scheme="nf4", double_quant=False, lead=(), shape=(K, N), axis=-2, seed=0):
-  w = _rand(seed, *lead, *shape, scale=0.1)
+  w = test_utils.rand(seed, *lead, *shape, scale=0.1)
   return xrapture.quantize_array(w, scheme, double_quant=double_quant, axis=axis)
 
 
@@ -41,15 +38,6 @@ def _check(test, fn, *args, rtol=1e-5, atol=1e-5):
       test.assertEqual(got.shape, expected.shape)
       test.assertEqual(got.dtype, expected.dtype)
       np.testing.assert_allclose(got, expected, rtol=rtol, atol=atol)
-
-
-def _materialization_messages(fn, *args):
-  """``fn(*args)`` and the texts of the MaterializationWarnings it raised."""
-  with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    out = fn(*args)
-  return out, [str(w.message) for w in caught
-               if issubclass(w.category, xrapture.MaterializationWarning)]
 
 
 class DotGeneralTest(parameterized.TestCase):
@@ -69,19 +57,19 @@ class DotGeneralTest(parameterized.TestCase):
       ])
   def test_matches_dense(self, scheme, case):
     _, x_shape, lead, fn = case
-    _check(self, fn, _rand(1, *x_shape), _quantized(*scheme, lead=lead))
+    _check(self, fn, test_utils.rand(1, *x_shape), _quantized(*scheme, lead=lead))
 
   def test_embedding_layout_on_the_right(self):
     q = _quantized("nf4", True, shape=(N, K), axis=-1)  # blocked along its last axis
-    _check(self, lambda x, w: x @ w.T, _rand(2, 6, K), q)
+    _check(self, lambda x, w: x @ w.T, test_utils.rand(2, 6, K), q)
 
   def test_mixed_precision(self):
     fn = lambda x, w: x.astype(jnp.bfloat16) @ w.astype(jnp.bfloat16)
-    _check(self, fn, _rand(3, 6, K), _quantized("nf4", True), rtol=1e-2, atol=1e-2)
+    _check(self, fn, test_utils.rand(3, 6, K), _quantized("nf4", True), rtol=1e-2, atol=1e-2)
 
   @parameterized.parameters(*SCHEMES)
   def test_input_gradient_and_no_weight_gradient(self, scheme, double_quant):
-    q, x = _quantized(scheme, double_quant), _rand(5, 6, K)
+    q, x = _quantized(scheme, double_quant), test_utils.rand(5, 6, K)
     loss = lambda x, w: jnp.sum(jnp.tanh(x @ w) ** 2)
     implicit = xrapture.use_implicit_args(loss)
     with xrapture.strict_mode():
@@ -98,7 +86,7 @@ class DotGeneralTest(parameterized.TestCase):
         jax.grad(loss, argnums=1), x, xrapture.dequantize(q), shapes=[(K, N)]))
 
   def test_backward_keeps_codes_not_the_dense_kernel(self):
-    q, x = _quantized("nf4", True), _rand(6, 6, K)
+    q, x = _quantized("nf4", True), test_utils.rand(6, 6, K)
     fn = lambda x, w: jnp.tanh(x @ w)
 
     def residuals(f, w):
@@ -116,7 +104,7 @@ class DotGeneralTest(parameterized.TestCase):
 
   def test_two_implicit_operands_materialize_with_warning(self):
     q = _quantized()
-    out, messages = _materialization_messages(
+    out, messages = test_utils.materialization_messages(
         xrapture.use_implicit_args(lambda a, b: a.T @ b), q, q)
     self.assertNotEmpty(messages)
     self.assertIn("QuantizedArray", messages[0])
@@ -156,7 +144,7 @@ class GatherTest(parameterized.TestCase):
   def test_blocked_axis_materializes_with_warning(self):
     q = _quantized("nf4", shape=(K, N), axis=-2)  # rows of the kernel run along blocks
     ids = jnp.array([1, 2])
-    out, messages = _materialization_messages(
+    out, messages = test_utils.materialization_messages(
         xrapture.use_implicit_args(lambda ids, e: e[ids]), ids, q)
     self.assertLen(messages, 1)
     self.assertIn("'gather'", messages[0])
@@ -180,7 +168,7 @@ class StructuralTest(parameterized.TestCase):
   def test_matches_dense(self, scheme, case):
     _, x_shape, fn = case
     lead = (2, L) if case[0] == "permute_leading" else (L,)
-    _check(self, fn, _rand(7, *x_shape), _quantized(*scheme, lead=lead))
+    _check(self, fn, test_utils.rand(7, *x_shape), _quantized(*scheme, lead=lead))
 
   def test_cast_keeps_codes(self):
     q = _quantized("nf4", True)
@@ -199,7 +187,8 @@ class StructuralTest(parameterized.TestCase):
 
   def test_unhandled_primitive_materializes_with_warning(self):
     q = _quantized("int8")
-    out, messages = _materialization_messages(xrapture.use_implicit_args(lambda w: w + 1.0), q)
+    out, messages = test_utils.materialization_messages(
+        xrapture.use_implicit_args(lambda w: w + 1.0), q)
     self.assertLen(messages, 1)
     self.assertRegex(messages[0], "QuantizedArray of shape .* 'add'")
     np.testing.assert_array_equal(out, xrapture.dequantize(q) + 1.0)
@@ -211,7 +200,7 @@ class ScanTest(parameterized.TestCase):
 
   @parameterized.parameters(*SCHEMES)
   def test_scan_over_stacked_layers(self, scheme, double_quant):
-    q, x = _quantized(scheme, double_quant, lead=(L,), shape=(K, K)), _rand(8, 5, K)
+    q, x = _quantized(scheme, double_quant, lead=(L,), shape=(K, K)), test_utils.rand(8, 5, K)
 
     def net(x, ws):
       return lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, ws)[0]
@@ -234,7 +223,7 @@ class ScanTest(parameterized.TestCase):
       layer = lambda h: jnp.tanh(hk.Linear(K, with_bias=False)(h))
       return hk.layer_stack(L)(layer)(x)
     model = hk.without_apply_rng(hk.transform(forward))
-    x = _rand(9, 5, K)
+    x = test_utils.rand(9, 5, K)
     params = jax.jit(model.init)(jax.random.PRNGKey(0), x)
     params = jax.tree_util.tree_map(
         lambda w: xrapture.quantize_array(w, "nf4", double_quant=True), params)

@@ -19,14 +19,12 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 import xrapture
+
+import test_utils
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 K, N, L = 128, 48, 3
 MODEL = 4  # devices along the mesh's "model" axis
-
-
-def _rand(seed, *shape, scale=1.0):
-  return jnp.asarray(scale * np.random.default_rng(seed).normal(size=shape), jnp.float32)
 
 
 class ShardingTest(parameterized.TestCase):
@@ -51,8 +49,9 @@ class ShardingTest(parameterized.TestCase):
 
   @parameterized.parameters(("nf4", False), ("nf4", True), ("int8", False))
   def test_forward_and_input_gradient_match_unsharded(self, scheme, double_quant):
-    q = xrapture.quantize_array(_rand(0, K, N, scale=0.1), scheme, double_quant=double_quant)
-    x = _rand(1, 8, K)
+    q = xrapture.quantize_array(test_utils.rand(0, K, N, scale=0.1), scheme,
+                                double_quant=double_quant)
+    x = test_utils.rand(1, 8, K)
     sharded, x_sharded = self.shard(q), self.put(x, "data", None)
     self.assertIsInstance(sharded.codes.sharding, NamedSharding)
     self.assertEqual(sharded.codes.sharding.spec, P("model", None))
@@ -67,7 +66,7 @@ class ShardingTest(parameterized.TestCase):
     np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-5)
 
   def test_device_put_of_the_whole_array(self):
-    q = xrapture.quantize_array(_rand(2, K, N, scale=0.1), "nf4", double_quant=True)
+    q = xrapture.quantize_array(test_utils.rand(2, K, N, scale=0.1), "nf4", double_quant=True)
     shardings = jax.tree_util.tree_map(
         lambda x: NamedSharding(self.mesh, P("model") if x.ndim == 2 else P()), q)
     sharded = jax.device_put(q, shardings)
@@ -78,8 +77,8 @@ class ShardingTest(parameterized.TestCase):
     np.testing.assert_array_equal(jax.jit(xrapture.dequantize)(sharded), xrapture.dequantize(q))
 
   def test_scan_over_sharded_stack(self):
-    q = xrapture.quantize_array(_rand(3, L, K, K, scale=0.1), "nf4", double_quant=True)
-    x = _rand(4, 8, K)
+    q = xrapture.quantize_array(test_utils.rand(3, L, K, K, scale=0.1), "nf4", double_quant=True)
+    x = test_utils.rand(4, 8, K)
     layers = lambda x, ws: lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, ws)[0]
     f = jax.jit(xrapture.use_implicit_args(layers))
     with xrapture.strict_mode():

@@ -12,6 +12,8 @@ import xrapture
 from xrapture._src.testing import dense_check
 from xrapture._src.testing import reference
 
+import test_utils
+
 # Experts G, in K, out N, rank R; 7 tokens. All distinct.
 G, K, N, R, T = 3, 6, 5, 2, 7
 GROUP_SIZES = np.array([2, 0, 5], np.int32)  # an empty group too
@@ -19,18 +21,13 @@ GROUP_SIZES = np.array([2, 0, 5], np.int32)  # an empty group too
 check = reference.assert_matches_dense
 
 
-def _rand(seed, *shape, scale=1.0):
-  rng = np.random.default_rng(seed)
-  return jnp.asarray(scale * rng.normal(size=shape), jnp.float32)
-
-
 def _experts(shape=(G, K, N), layout="sio"):
   stack = [shape[d] for d, c in enumerate(layout) if c == "s"]
   ins = [shape[d] for d, c in enumerate(layout) if c == "i"]
   outs = [shape[d] for d, c in enumerate(layout) if c == "o"]
   return xrapture.LoraWeight(
-      _rand(0, *shape, scale=0.3), _rand(1, *stack, R, *outs, scale=0.5),
-      _rand(2, *stack, *ins, R, scale=0.5), alpha=2.0, layout=layout)
+      test_utils.rand(0, *shape, scale=0.3), test_utils.rand(1, *stack, R, *outs, scale=0.5),
+      test_utils.rand(2, *stack, *ins, R, scale=0.5), alpha=2.0, layout=layout)
 
 
 def _loop_reference(x, w, sizes):
@@ -45,7 +42,7 @@ def _loop_reference(x, w, sizes):
 class RaggedDotTest(parameterized.TestCase):
 
   def test_matches_a_loop_over_experts(self):
-    lora, x = _experts(), _rand(3, T, K)
+    lora, x = _experts(), test_utils.rand(3, T, K)
     out = xrapture.use_implicit_args(lax.ragged_dot)(x, lora, jnp.asarray(GROUP_SIZES))
     np.testing.assert_allclose(
         out, _loop_reference(np.asarray(x), reference.dense_value(lora), GROUP_SIZES),
@@ -68,10 +65,10 @@ class RaggedDotTest(parameterized.TestCase):
     # [K, N]-sized product forward or backward.
     with warnings.catch_warnings():
       warnings.simplefilter("error", xrapture.MaterializationWarning)
-      check(fn, _rand(3, *x_shape), _experts(shape, layout), rtol=1e-4, atol=1e-4)
+      check(fn, test_utils.rand(3, *x_shape), _experts(shape, layout), rtol=1e-4, atol=1e-4)
 
   def test_no_gradient_for_w(self):
-    lora, x = _experts(), _rand(3, T, K)
+    lora, x = _experts(), test_utils.rand(3, T, K)
     fn = xrapture.use_implicit_args(lax.ragged_dot)
     sizes = jnp.asarray(GROUP_SIZES)
     grads = jax.grad(lambda l: jnp.sum(jnp.sin(fn(x, l, sizes))))(lora)
@@ -84,7 +81,7 @@ class RaggedDotTest(parameterized.TestCase):
 
   def test_positive_control(self):
     # Forming the experts' dense kernels is caught.
-    lora, x = _experts(), _rand(3, T, K)
+    lora, x = _experts(), test_utils.rand(3, T, K)
     naive = lambda x, l: lax.ragged_dot(x, l.materialize(), jnp.asarray(GROUP_SIZES))
     with self.assertRaisesRegex(AssertionError, "dense product"):
       dense_check.assert_no_dense_product(naive, x, lora, hlo=False)
@@ -95,13 +92,13 @@ class RaggedDotTest(parameterized.TestCase):
     fn = xrapture.use_implicit_args(lax.ragged_dot)
     with warnings.catch_warnings(record=True) as caught:
       warnings.simplefilter("always")
-      out = fn(_rand(3, T, K), lora, jnp.asarray(GROUP_SIZES))
+      out = fn(test_utils.rand(3, T, K), lora, jnp.asarray(GROUP_SIZES))
     messages = [str(w.message) for w in caught
                 if issubclass(w.category, xrapture.MaterializationWarning)]
     self.assertLen(messages, 1)
     self.assertIn("ragged_dot", messages[0])
     np.testing.assert_allclose(out, _loop_reference(
-        np.asarray(_rand(3, T, K)), reference.dense_value(lora), GROUP_SIZES),
+        np.asarray(test_utils.rand(3, T, K)), reference.dense_value(lora), GROUP_SIZES),
                                rtol=1e-5, atol=1e-5)
 
 

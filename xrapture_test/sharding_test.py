@@ -6,7 +6,6 @@ import os
 # same for pytest, Bazel runs this file directly).
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 
-import sys  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tempfile  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from absl.testing import absltest  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -17,10 +16,9 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import safetensors.numpy  # pylint: disable=g-import-not-at-top,wrong-import-position
 import xrapture  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-# The repository root (in the source tree or in Bazel's runfiles), appended so
-# that the installed xrapture is the one imported.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.append(_ROOT)
+import test_utils  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_ROOT = test_utils.append_repo_root()
 from configs import finetune as finetune_configs  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import lm_data  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import lm_model  # pylint: disable=g-import-not-at-top,wrong-import-position

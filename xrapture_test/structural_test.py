@@ -18,31 +18,21 @@ import xrapture
 from xrapture._src.testing import dense_check
 from xrapture._src.testing import reference
 
+import test_utils
+
 M, N, R, L = 48, 40, 4, 5
 
 check = reference.assert_matches_dense
 dense_value = reference.dense_value
 
 
-def _rand(seed, *shape, scale=1.0):
-  rng = np.random.default_rng(seed)
-  return jnp.asarray(scale * rng.normal(size=shape), jnp.float32)
-
-
 def _lora(seed=0, lead=(), a_lead=None, b_lead=None):
   a_lead = lead if a_lead is None else a_lead
   b_lead = lead if b_lead is None else b_lead
   return xrapture.LoraWeight(
-      _rand(seed, *lead, M, N, scale=0.2), _rand(seed + 1, *a_lead, R, N, scale=0.5),
-      _rand(seed + 2, *b_lead, M, R, scale=0.5), alpha=2.0)
-
-
-def _materialization_messages(fn, *args):
-  with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    out = fn(*args)
-  return out, [str(w.message) for w in caught
-               if issubclass(w.category, xrapture.MaterializationWarning)]
+      test_utils.rand(seed, *lead, M, N, scale=0.2),
+      test_utils.rand(seed + 1, *a_lead, R, N, scale=0.5),
+      test_utils.rand(seed + 2, *b_lead, M, R, scale=0.5), alpha=2.0)
 
 
 class TransposeTest(parameterized.TestCase):
@@ -63,7 +53,7 @@ class TransposeTest(parameterized.TestCase):
     lora = _lora(lead=lead)
     with warnings.catch_warnings():
       warnings.simplefilter("error", xrapture.MaterializationWarning)
-      check(fn, _rand(7, *x_shape), lora)
+      check(fn, test_utils.rand(7, *x_shape), lora)
 
   def test_returns_lora_weight(self):
     # 0.1.0 swapped the factors (a' = bᵀ, b' = aᵀ); now the layout is permuted
@@ -90,7 +80,7 @@ class TransposeTest(parameterized.TestCase):
 class ConvertElementTypeTest(parameterized.TestCase):
 
   def test_bf16_matmul(self):
-    lora, x = _lora(), _rand(7, 2, 3, M)
+    lora, x = _lora(), test_utils.rand(7, 2, 3, M)
     fn = lambda x, w: x.astype(jnp.bfloat16) @ w.astype(jnp.bfloat16)
     # bf16 keeps 8 bits: compare loosely, against a dense bf16 reference.
     out = check(fn, x, lora, rtol=5e-2, atol=5e-2)
@@ -115,13 +105,13 @@ class ConvertElementTypeTest(parameterized.TestCase):
 
     transformed = hk.without_apply_rng(hk.transform(forward))
     fn = lambda x, w: transformed.apply({"linear": {"w": w}}, x)
-    out = check(fn, _rand(7, 3, M), _lora(), rtol=5e-2, atol=5e-2)
+    out = check(fn, test_utils.rand(7, 3, M), _lora(), rtol=5e-2, atol=5e-2)
     self.assertEqual(out.dtype, jnp.float32)
 
   def test_integer_cast_materializes(self):
     lora = _lora()
     fn = xrapture.use_implicit_args(lambda w: w.astype(jnp.int32))
-    out, messages = _materialization_messages(fn, lora)
+    out, messages = test_utils.materialization_messages(fn, lora)
     self.assertEqual(out.dtype, jnp.int32)
     self.assertLen(messages, 1)
     self.assertIn("convert_element_type", messages[0])
@@ -140,11 +130,11 @@ class IndexingTest(parameterized.TestCase):
   def test_matches_dense(self, lead, fn):
     with warnings.catch_warnings():
       warnings.simplefilter("error", xrapture.MaterializationWarning)
-      check(fn, _rand(7, 3, M), _lora(lead=lead))
+      check(fn, test_utils.rand(7, 3, M), _lora(lead=lead))
 
   @parameterized.parameters(0, 2, L - 1)
   def test_traced_index(self, index):
-    lora, x = _lora(lead=(L,)), _rand(7, 3, M)
+    lora, x = _lora(lead=(L,)), test_utils.rand(7, 3, M)
     fn = lambda inputs, w: inputs[0] @ w[inputs[1]]
     jaxpr = jax.make_jaxpr(xrapture.use_implicit_args(fn))((x, 0), lora)
     self.assertIn("dynamic_slice", str(jaxpr))
@@ -158,7 +148,7 @@ class IndexingTest(parameterized.TestCase):
   )
   def test_broadcast_factor(self, a_lead, b_lead):
     lora = _lora(lead=(L,), a_lead=a_lead, b_lead=b_lead)
-    x = _rand(7, 3, M)
+    x = test_utils.rand(7, 3, M)
     with warnings.catch_warnings():
       warnings.simplefilter("error", xrapture.MaterializationWarning)
       check(lambda x, w: x @ w[2], x, lora)
@@ -210,16 +200,16 @@ class ScalarTest(parameterized.TestCase):
   def test_matches_dense(self, fn):
     with warnings.catch_warnings():
       warnings.simplefilter("error", xrapture.MaterializationWarning)
-      check(fn, _rand(7, 3, M), _lora())
+      check(fn, test_utils.rand(7, 3, M), _lora())
 
   def test_traced_scalar_materializes_and_keeps_its_gradient(self):
     # w gets no gradient inside a LoraWeight, so a traced (maybe trained)
     # scalar folded into it would lose the w part of its own gradient.
-    lora, x = _lora(), _rand(7, 3, M)
+    lora, x = _lora(), test_utils.rand(7, 3, M)
     fn = lambda c, x, w: x @ (w * c)
     implicit = xrapture.use_implicit_args(fn)
     loss = lambda c: jnp.sum(jnp.sin(implicit(c, x, lora)))
-    grad, messages = _materialization_messages(jax.jit(jax.grad(loss)), 1.5)
+    grad, messages = test_utils.materialization_messages(jax.jit(jax.grad(loss)), 1.5)
     self.assertNotEmpty(messages)
     self.assertIn("'mul'", messages[0])
     dense = jnp.asarray(dense_value(lora))
@@ -241,7 +231,7 @@ class ScalarTest(parameterized.TestCase):
   )
   def test_other_elementwise_materializes(self, fn, primitive):
     lora = _lora()
-    out, messages = _materialization_messages(xrapture.use_implicit_args(fn), lora)
+    out, messages = test_utils.materialization_messages(xrapture.use_implicit_args(fn), lora)
     self.assertNotEmpty(messages)
     self.assertIn(f"'{primitive}'", messages[0])
     self.assertIn("LoraWeight", messages[0])
@@ -253,7 +243,7 @@ class ScalarTest(parameterized.TestCase):
 class CopyTest(absltest.TestCase):
 
   def test_copy_keeps_lora_weight(self):
-    lora, x = _lora(), _rand(7, 3, M)
+    lora, x = _lora(), test_utils.rand(7, 3, M)
     fn = lambda x, w: x @ jnp.copy(w)
     with warnings.catch_warnings():
       warnings.simplefilter("error", xrapture.MaterializationWarning)
@@ -269,7 +259,7 @@ class OptimizationBarrierTest(absltest.TestCase):
       x, w = lax.optimization_barrier((x, w))
       return jnp.tanh(x @ w)
 
-    lora, x = _lora(), _rand(7, 3, M)
+    lora, x = _lora(), test_utils.rand(7, 3, M)
     with warnings.catch_warnings():
       warnings.simplefilter("error", xrapture.MaterializationWarning)
       check(fn, x, lora)
@@ -277,7 +267,7 @@ class OptimizationBarrierTest(absltest.TestCase):
         xrapture.use_implicit_args(fn), x, lora), [])
 
   def test_barrier_returns_lora_weights_and_holds_their_factors(self):
-    lora, other, x = _lora(), _lora(seed=10, lead=(L,)), _rand(7, 3, M)
+    lora, other, x = _lora(), _lora(seed=10, lead=(L,)), test_utils.rand(7, 3, M)
     fn = xrapture.use_implicit_args(lambda *ops: lax.optimization_barrier(ops))
     out = fn(x, lora, other)
     self.assertLen(out, 3)
@@ -301,8 +291,9 @@ def _layout_lora(shape, layout, r=2, seed=0):
   ins = [shape[d] for d, c in enumerate(layout) if c == "i"]
   outs = [shape[d] for d, c in enumerate(layout) if c == "o"]
   return xrapture.LoraWeight(
-      _rand(seed, *shape, scale=0.2), _rand(seed + 1, *stack, r, *outs, scale=0.5),
-      _rand(seed + 2, *stack, *ins, r, scale=0.5), alpha=2.0, layout=layout)
+      test_utils.rand(seed, *shape, scale=0.2),
+      test_utils.rand(seed + 1, *stack, r, *outs, scale=0.5),
+      test_utils.rand(seed + 2, *stack, *ins, r, scale=0.5), alpha=2.0, layout=layout)
 
 
 # Sizes 6, 3, 5, 7, 4 are distinct; activations use 2 and 9.
@@ -373,11 +364,11 @@ class LayoutOpsTest(parameterized.TestCase):
     # no weight-sized product is formed, forward or backward.
     with warnings.catch_warnings():
       warnings.simplefilter("error", xrapture.MaterializationWarning)
-      check(lambda x, w: use(x, op(w)), _rand(7, *x_shape), lora)
+      check(lambda x, w: use(x, op(w)), test_utils.rand(7, *x_shape), lora)
 
   def test_reshape_across_groups_materializes(self):
     lora = _layout_lora((6, 7), "io")
-    out, messages = _materialization_messages(
+    out, messages = test_utils.materialization_messages(
         xrapture.use_implicit_args(lambda w: w.reshape(42)), lora)
     self.assertLen(messages, 1)
     self.assertIn("reshape", messages[0])
@@ -387,7 +378,7 @@ class LayoutOpsTest(parameterized.TestCase):
     # Folded into the frozen w, the plain array would lose its gradient.
     lora = _layout_lora((6, 7), "io")
     fn = xrapture.use_implicit_args(lambda w, v: jnp.concatenate([w, v], axis=1))
-    out, messages = _materialization_messages(fn, lora, jnp.ones((6, 2)))
+    out, messages = test_utils.materialization_messages(fn, lora, jnp.ones((6, 2)))
     self.assertLen(messages, 1)
     self.assertIn("concatenate", messages[0])
     self.assertEqual(out.shape, (6, 9))

@@ -4,19 +4,15 @@ import contextlib
 import io
 import json
 import os
-import sys
-import tempfile
 from unittest import mock
 
 from absl import app
 from absl.testing import absltest
 import xrapture
 
-# The repository root (in the source tree or in Bazel's runfiles), appended so
-# that the installed xrapture is the one imported.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.append(_ROOT)
-sys.path.append(os.path.join(_ROOT, 'tools'))
+import test_utils
+
+_ROOT = test_utils.append_repo_root('tools')
 from configs import sweep as sweep_configs  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import launch  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import lm_data  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -33,13 +29,8 @@ def stages(*stages):
 class SweepRunTest(absltest.TestCase):
   """The smoke sweep, trained for real (a tiny model, a few steps)."""
 
-  def tmpdir(self) -> str:
-    tmp = tempfile.TemporaryDirectory()
-    self.addCleanup(tmp.cleanup)
-    return tmp.name
-
   def test_smoke_sweep_and_rerun(self):
-    tmp = self.tmpdir()
+    tmp = test_utils.tmpdir(self)
     workdir = os.path.join(tmp, 'sweep')
     config = sweep_configs.get_config('smoke')
     config.progress_bar = config.pretrain.progress_bar = False
@@ -212,9 +203,7 @@ class ReportTest(absltest.TestCase):
       sweep_readme.render('no markers', _record())
 
   def test_readme_tool_writes_the_file(self):
-    tmp = tempfile.TemporaryDirectory()
-    self.addCleanup(tmp.cleanup)
-    tmp = tmp.name
+    tmp = test_utils.tmpdir(self)
     readme, results = os.path.join(tmp, 'README.md'), os.path.join(tmp, 'sweep.json')
     with open(readme, 'w') as f:
       f.write('<!-- sweep table -->\n<!-- end sweep table -->\n')

@@ -3,8 +3,6 @@
 import glob
 import json
 import os
-import sys
-import tempfile
 from unittest import mock
 
 from absl import app
@@ -13,10 +11,9 @@ import jax
 import numpy as np
 import safetensors.numpy
 
-# The repository root (in the source tree or in Bazel's runfiles), appended so
-# that the installed xrapture is the one imported.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.append(_ROOT)
+import test_utils
+
+_ROOT = test_utils.append_repo_root()
 from configs import finetune as finetune_configs  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import lm_data  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import lm_model  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -41,9 +38,7 @@ class TrainerTest(absltest.TestCase):
 
   def setUp(self):
     super().setUp()
-    tmp = tempfile.TemporaryDirectory()
-    self.addCleanup(tmp.cleanup)
-    self.tmp = tmp.name
+    self.tmp = test_utils.tmpdir(self)
     # Checkpoints at 3 and 6, logs at 4 and 8: resuming at 6 starts mid-window.
     self.config = smoke_config(num_steps=8, eval_every=4, log_every=4)
     self.base = lm_model.init_params(self.config.pretrain.model, 0)

@@ -12,6 +12,8 @@ import jmp
 import numpy as np
 import xrapture
 
+import test_utils
+
 _RANK = 2
 _ALPHA = 4.0
 
@@ -25,16 +27,9 @@ def _config(**overrides):
   return config
 
 
-def _flat(params):
-  flat, treedef = jax.tree_util.tree_flatten_with_path(
-      params, is_leaf=xrapture.is_implicit)
-  names = ["/".join(str(getattr(k, "key", k)) for k in p) for p, _ in flat]
-  return names, [v for _, v in flat], treedef
-
-
 def _perturb(params, seed=0, stddev=0.2):
   """Random non-zero ``a`` and ``b`` in every LoraWeight (in their dtypes)."""
-  _, leaves, treedef = _flat(params)
+  _, leaves, treedef = test_utils.flat_with_names(params)
   out = []
   for i, leaf in enumerate(leaves):
     if isinstance(leaf, xrapture.LoraWeight):
@@ -173,8 +168,8 @@ class HaikuModulesTest(parameterized.TestCase):
     model = xrapture.transform(fn, _config(**overrides))
     base = model.init(jax.random.PRNGKey(0), *inputs)
     params = model.adapt(jax.random.PRNGKey(1), base, *inputs)
-    names, leaves, _ = _flat(params)
-    base_names, base_leaves, _ = _flat(base)
+    names, leaves, _ = test_utils.flat_with_names(params)
+    base_names, base_leaves, _ = test_utils.flat_with_names(base)
     self.assertEqual(names, base_names)
 
     # Exactly the expected kernels are adapted, with the expected layouts.

@@ -1,7 +1,5 @@
 """Tests for experiments/variants.py: what each fine-tuning method trains."""
 
-import os
-import sys
 
 from absl.testing import absltest
 import jax
@@ -9,10 +7,9 @@ import numpy as np
 import optax
 import xrapture
 
-# The repository root (in the source tree or in Bazel's runfiles), appended so
-# that the installed xrapture is the one imported.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.append(_ROOT)
+import test_utils
+
+_ROOT = test_utils.append_repo_root()
 from configs import finetune as finetune_configs  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import lm_data  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import lm_model  # pylint: disable=g-import-not-at-top,wrong-import-position
