@@ -94,12 +94,6 @@ def _flat(tree: Any) -> list[Any]:
       tree, is_leaf=lambda x: implicit_array.is_implicit(x) or x is EmptyNode)
 
 
-def _same_array(x: Any, y: Any) -> bool:
-  if implicit_array.is_implicit(x):
-    x = x.materialize()
-  return np.shape(x) == np.shape(y) and bool(np.array_equal(np.asarray(x), np.asarray(y)))
-
-
 def add_adapter(adapters: AdapterSet, name: str, params: Any,
                 lora_spec: Any = None, initial: Any = None) -> AdapterSet:
   """A new set with ``params``' adapters added under ``name`` (not activated).
@@ -146,7 +140,7 @@ def add_adapter(adapters: AdapterSet, name: str, params: Any,
       if tuple(value.shape) != tuple(np.shape(base)):
         raise ValueError(f"Adapter {name!r}: '{path}' adapts a kernel of shape "
                          f"{tuple(value.shape)}, the base's is {tuple(np.shape(base))}.")
-      if getattr(value, "residual", False) and not _same_array(value.w, base):
+      if getattr(value, "residual", False) and not pissa.same_kernel(value.w, base):
         # Over the set's base, its factors would add the top-r singular
         # directions a second time.
         if starts is None:

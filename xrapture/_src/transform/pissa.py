@@ -61,7 +61,7 @@ def pissa_init(lora: LoraWeight) -> LoraWeight:
   return lora.replace(w=residual, a=a, b=b, residual=True)
 
 
-def _same_kernel(x, y) -> bool:
+def same_kernel(x, y) -> bool:
   """Equal kernels, also quantized ones (QLoRA): equal pieces."""
   try:
     same = jax.tree.map(lambda u, v: bool(jnp.array_equal(u, v)), x, y)
@@ -86,7 +86,7 @@ def to_plain_lora(trained: LoraWeight, initial: LoraWeight | None) -> LoraWeight
       or initial.rank != trained.rank or initial.alpha != trained.alpha
       or initial.rslora != trained.rslora
       or lora_weight.layout_of(initial) != lora_weight.layout_of(trained)
-      or not _same_kernel(initial.w, trained.w)):
+      or not same_kernel(initial.w, trained.w)):
     raise ValueError(
         "the initial adapter does not belong to this trained one: pass the params "
         "model.adapt returned (before training); their residual kernel w, shape, "
@@ -108,7 +108,6 @@ def initialize(lora: LoraWeight, name: str) -> LoraWeight:
   """``lora`` (default-initialized) under the ``config.init`` named ``name``."""
   check_init(name)
   return pissa_init(lora) if name == "pissa" else lora
-
 
 
 def plain_for_original(name: str, adapter: Any, initial: Mapping[str, Any]) -> LoraWeight:
