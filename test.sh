@@ -262,25 +262,19 @@ end_leg() {
 }
 
 ALL_TESTS=("${REPO}"/xrapture_test/*_test.py)
-# The library's tests: every file but those that run experiments/ or
-# benchmarks/ (which need the 'experiments' extra and test the launchers,
-# not the JAX version). Of those, the files with tests that need torch, PEFT,
-# bitsandbytes or the third-party model packages (which py312 skips).
-LIBRARY_TESTS=() LAUNCHER_TESTS=() OPTIONAL_TESTS=()
+# py311's files when py312 did not pass (so its record of skips may be
+# incomplete): those that run experiments/ or benchmarks/, and those with
+# tests that need torch, PEFT, bitsandbytes or the third-party model packages.
+FALLBACK_TESTS=()
 for f in "${ALL_TESTS[@]}"; do
-  if grep -qE '^\s*(from|import) (experiments|benchmarks)\b' "${f}"; then
-    LAUNCHER_TESTS+=("${f}")
-  else
-    LIBRARY_TESTS+=("${f}")
-    if grep -qE '^\s*import (peft|torch)\b|optional\.(modules|require)\(' "${f}"; then
-      OPTIONAL_TESTS+=("${f}")
-    fi
+  if grep -qE '^\s*(from|import) (experiments|benchmarks)\b|^\s*import (peft|torch)\b|optional\.(modules|require)\(' "${f}"; then
+    FALLBACK_TESTS+=("${f}")
   fi
 done
 
 # The tests py312 skipped for a missing extra (xrapture_test/conftest.py
-# records them), which py311 then runs; all of OPTIONAL_TESTS there when
-# py312 did not run to the end.
+# records them), which py311 then runs; FALLBACK_TESTS there when py312 did
+# not pass.
 SKIPS_FILE="${TMP_DIR}/py312-skipped-for-extras.txt"
 PY312_SKIPS_VALID=0
 
@@ -292,8 +286,7 @@ if wants py312 && ready py312; then
        "Python >= 3.12): the tests that need them are skipped here, listed below," \
        "and run in the py311 leg."
   status=0
-  XRAPTURE_RECORD_SKIPS="${SKIPS_FILE}" run_pytest py312 "${venv}" \
-    "${LIBRARY_TESTS[@]}" "${LAUNCHER_TESTS[@]}" || status=$?
+  XRAPTURE_RECORD_SKIPS="${SKIPS_FILE}" run_pytest py312 "${venv}" "${ALL_TESTS[@]}" || status=$?
   [[ "${status}" -eq 0 ]] && PY312_SKIPS_VALID=1
   end_leg py312 "${status}" "${leg_start}" "Python $(python_minor "${venv}/bin/python"), $("${venv}/bin/python" -c 'import jax; print("jax", jax.__version__)')"
 fi
@@ -321,7 +314,7 @@ if wants py311 && ready py311; then
   step "leg py311: the tests py312 skipped for torch, PEFT, bitsandbytes or the model packages"
   leg_start=${SECONDS}
   venv="${LEG_VENV[py311]}"
-  TESTS=("${LAUNCHER_TESTS[@]}" "${OPTIONAL_TESTS[@]}")
+  TESTS=("${FALLBACK_TESTS[@]}")
   if [[ "${PY312_SKIPS_VALID}" -eq 1 ]]; then
     TESTS=()
     if [[ -s "${SKIPS_FILE}" ]]; then
@@ -341,7 +334,7 @@ if wants check && [[ -n "${LEG_VENV[py311]:-}" ]] && ready py311; then
   leg_start=${SECONDS}
   status=0
   bash tools/check.sh "${LEG_VENV[py311]}" || status=$?
-  end_leg check "${status}" "${leg_start}" "$(tr '\n' ' ' < tools/requirements-check.txt | grep -oE '[a-z]+==[0-9.]+' | tr '\n' ' ')"
+  end_leg check "${status}" "${leg_start}" "$(grep -oE '^[a-z]+==[0-9.]+' tools/requirements-check.txt | tr '\n' ' ')"
 fi
 
 # ---------------------------------------------------------------------------
