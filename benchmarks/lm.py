@@ -43,6 +43,10 @@ class Config:
   batch: int = 4
   rank: int = 8
   alpha: float = 16.0
+  # Memory on demand: each block under ``hk.remat`` with this
+  # ``jax.checkpoint_policies`` policy ('nothing_saveable', 'dots_saveable',
+  # 'dots_with_no_batch_dims_saveable', ...); '' keeps every activation.
+  remat: str = ""
 
   @property
   def scale(self) -> float:
@@ -124,12 +128,18 @@ def forward(tokens: jax.Array, h0: jax.Array | None = None, *, cfg: Config,
             linear: Callable[[int, str], Any] = dense_linear) -> jax.Array:
   """Logits ``[B, T, vocab]``; from embeddings ``h0`` instead when given."""
   h = embed(tokens, cfg) if h0 is None else h0
+
+  def block(h):
+    h = h + _attention(_layer_norm("ln_attn")(h), cfg, linear)
+    y = _layer_norm("ln_mlp")(h)
+    y = jax.nn.gelu(linear(cfg.mlp_ratio * cfg.d_model, "up")(y))
+    return h + linear(cfg.d_model, "down")(y)
+
+  if cfg.remat:
+    block = hk.remat(block, policy=getattr(jax.checkpoint_policies, cfg.remat))
   for i in range(cfg.n_layers):
     with hk.name_scope(f"layer_{i}"):
-      h = h + _attention(_layer_norm("ln_attn")(h), cfg, linear)
-      y = _layer_norm("ln_mlp")(h)
-      y = jax.nn.gelu(linear(cfg.mlp_ratio * cfg.d_model, "up")(y))
-      h = h + linear(cfg.d_model, "down")(y)
+      h = block(h)
   return hk.Linear(cfg.vocab, name="unembed")(_layer_norm("ln_final")(h))
 
 

@@ -23,6 +23,10 @@ what each child reports:
   (GPU).
 * ``opt_state_bytes``: bytes of the optimizer state.
 
+The ``xrapture_remat`` child is xrapture with every block under ``hk.remat``
+with the ``--remat`` policy (memory on demand; its step time against plain
+LoRA is benchmarks/remat.py's).
+
 Writes benchmarks/results/memory.json and .md.
 """
 
@@ -45,7 +49,7 @@ from benchmarks import sizes
 
 _BATCHES = flags.DEFINE_list("batches", ["1", "4"], "Sequences per step (B), one run each.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Training steps each child runs (the first compiles).")
-_VARIANTS = flags.DEFINE_list("variants", ["full", "xrapture", "naive", "peft"],
+_VARIANTS = flags.DEFINE_list("variants", ["full", "xrapture", "xrapture_remat", "naive", "peft"],
                               "Children to run.")
 _CHILD = flags.DEFINE_string("child", None, "Internal: run one variant and print JSON.")
 
@@ -80,6 +84,9 @@ def run_child(name: str) -> dict:
       adapted = variants.adapted_params(cfg, base)
       if name == "xrapture":
         variant = variants.xrapture_variant(cfg, base, adapted, batch, copy=False)
+      elif name == "xrapture_remat":  # memory on demand: every block under hk.remat
+        variant = variants.xrapture_variant(cfg.replace(remat=sizes.REMAT.value), base,
+                                            adapted, batch, copy=False, name=name)
       else:
         variant = variants.naive(cfg, adapted, batch, copy=False)
       del adapted
@@ -154,7 +161,7 @@ def ratios(children: dict, batches: list[str]) -> dict[str, float]:
     full = children.get(f"full B={b}")
     if not full:
       continue
-    for name in ("xrapture", "naive", "peft"):
+    for name in ("xrapture", "xrapture_remat", "naive", "peft"):
       c = children.get(f"{name} B={b}")
       if not c:
         continue
@@ -179,7 +186,8 @@ def main(argv):
   from benchmarks import timing  # pylint: disable=g-import-not-at-top
   env = timing.environment()
   passthrough = [f"--{f}={flags.FLAGS[f].value}" for f in
-                 ("d_model", "n_layers", "head_dim", "vocab", "seq_len", "rank", "steps")]
+                 ("d_model", "n_layers", "head_dim", "vocab", "seq_len", "rank", "steps",
+                  "remat")]
   children = {}
   for b in _BATCHES.value:
     for name in _VARIANTS.value:

@@ -147,8 +147,12 @@ def adapted_params(cfg: lm.Config, base: Any, seed: int = 1) -> Any:
 
 
 def xrapture_variant(cfg: lm.Config, base: Any, adapted: Any, batch: Any,
-                     copy: bool = True) -> JaxVariant:
-  """The unmodified model through xrapture's public API, as a user writes it."""
+                     copy: bool = True, name: str = "xrapture") -> JaxVariant:
+  """The unmodified model through xrapture's public API, as a user writes it.
+
+  With ``cfg.remat`` set (the ``xrapture_remat`` variant), each block of the
+  model runs under ``hk.remat`` with that policy.
+  """
   config = lora_config(cfg)
   forward = functools.partial(lm.forward, cfg=cfg)
   model = xrapture.transform(forward, config)
@@ -167,7 +171,7 @@ def xrapture_variant(cfg: lm.Config, base: Any, adapted: Any, batch: Any,
   trainable = sum(x.a.size + x.b.size for x in jax.tree.leaves(
       params, is_leaf=lambda x: isinstance(x, xrapture.LoraWeight))
                   if isinstance(x, xrapture.LoraWeight))
-  return JaxVariant("xrapture", make_step, (params, opt_state), (), batch,
+  return JaxVariant(name, make_step, (params, opt_state), (), batch,
                     trainable, opt_state)
 
 

@@ -69,6 +69,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.presets.all_linear_embed = ALL_LINEAR + (r'embed/embeddings',)
   # The unembedding trained in full (lora.full).
   config.presets.head = (r'head/.*',)
+  # The unembedding and the token embedding trained in full (lora.full).
+  config.presets.head_embed = (r'head/.*', r'embed/.*')
   # Nothing (lora.full: no parameter trained in full).
   config.presets.none = ()
 
@@ -95,6 +97,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       stage('targets', 'best', ('lora.targets', ('attn',))),
       # The token embedding gets an adapter too (+r * (256 + 128)).
       stage('embed', 'best', ('lora.targets', ('all_linear_embed',))),
+      # The token embedding trained in full instead (+32,768), at half the
+      # rank to stay within the budget.
+      stage('embed_full', 'best', ('lora.full', ('head_embed',)), ('lora.rank', (8,))),
       # DoRA and LoRA+: skipped until those fields exist.
       stage('dora', 'best', ('lora.use_dora', (True,))),
       stage('loraplus', 'best', ('loraplus_lr_ratio', (4.0, 16.0))),
