@@ -238,6 +238,52 @@ class HaikuTest(absltest.TestCase):
       warnings.simplefilter("error", xrapture.MaterializationWarning)
       check(fn, test_utils.rand(7, 3, M), _lora())
 
+  def test_remat_policy_decides_what_the_backward_keeps(self):
+    # Memory on demand: the user's hk.remat policy, not xrapture, decides
+    # which activations of a LoRA model live until the backward pass.
+    from jax._src import ad_checkpoint  # pylint: disable=g-import-not-at-top
+    tokens, hidden = 8, 3 * M
+
+    def make(policy):
+      def forward(x):
+        def block(h):
+          up = hk.Linear(hidden, name="up")(h)
+          return h + hk.Linear(M, name="down")(jax.nn.gelu(up))
+        if policy is not None:
+          block = hk.remat(block, policy=policy)
+        for i in range(3):
+          with hk.name_scope(f"layer_{i}"):
+            x = block(x)
+        return jnp.sum(x)
+      return forward
+
+    config = xrapture.default_config()
+    config.rank, config.targets = R, (r".*/(up|down)/w",)
+    x = test_utils.rand(1, tokens, M)
+    base = hk.transform(make(None)).init(jax.random.PRNGKey(0), x)
+
+    def kept(policy):
+      model = xrapture.transform(make(policy), config)
+      params = model.adapt(jax.random.PRNGKey(1), base, x)
+      residuals = ad_checkpoint.saved_residuals(lambda p: model.apply(p, None, x), params)
+      per_token = [r.shape for r, _ in residuals if r.shape[:1] == (tokens,)]
+      grads = jax.grad(lambda p: model.apply(p, None, x))(params)
+      return per_token, grads
+
+    plain, plain_grads = kept(None)
+    nothing, nothing_grads = kept(jax.checkpoint_policies.nothing_saveable)
+    dots, _ = kept(jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    # Without remat the hidden activations are kept; with nothing_saveable
+    # only each block's input (the example input is a constant); dots keep
+    # the products but not the GELU's intermediates.
+    self.assertGreater(plain.count((tokens, hidden)), 3)
+    self.assertEqual(nothing, [(tokens, M)] * 3)
+    self.assertLess(len(nothing), len(dots))
+    self.assertLess(len(dots), len(plain))
+    self.assertEqual(dots.count((tokens, hidden)), 6)  # up's output, in x@w and x@b@a
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 nothing_grads, plain_grads)
+
 
 class MaterializedValuesTest(absltest.TestCase):
   """Where JAX needs a dense value of fixed structure, with a warning."""
