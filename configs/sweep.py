@@ -67,6 +67,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.presets.all_linear_head = ALL_LINEAR + (r'head/w',)
   # All linear layers and the token embedding.
   config.presets.all_linear_embed = ALL_LINEAR + (r'embed/embeddings',)
+  # All linear layers, the token embedding and the unembedding.
+  config.presets.all_linear_embed_head = ALL_LINEAR + (r'embed/embeddings', r'head/w')
   # The unembedding trained in full (lora.full).
   config.presets.head = (r'head/.*',)
   # The unembedding and the token embedding trained in full (lora.full).
@@ -77,9 +79,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The best point must train at most this fraction of full fine-tuning's
   # parameters; points above it run and are shown, but are never the best.
   config.max_trainable_fraction = 0.25
-  # Fields a stage may name that the config does not have yet (they arrive
-  # with DoRA and LoRA+): their points are skipped with a notice. Any other
-  # unknown field is an error.
+  # Fields a stage may name that the config might not have (a finetune config
+  # from before DoRA and LoRA+): their points are skipped with a notice. Any
+  # other unknown field is an error.
   config.optional_fields = ('lora.use_dora', 'loraplus_lr_ratio')
 
   # The stages, run in order: on 2 shared CPU cores a point takes minutes,
@@ -100,9 +102,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # The token embedding trained in full instead (+32,768), at half the
       # rank to stay within the budget.
       stage('embed_full', 'best', ('lora.full', ('head_embed',)), ('lora.rank', (8,))),
-      # DoRA and LoRA+: skipped until those fields exist.
+      # DoRA, and LoRA+ at the best point's rate.
       stage('dora', 'best', ('lora.use_dora', (True,))),
       stage('loraplus', 'best', ('loraplus_lr_ratio', (4.0, 16.0))),
+      # LoRA+ at a lower base rate (the `a` factors then learn 4x or 16x
+      # faster than the rest, as the LoRA+ paper runs it).
+      stage('loraplus_lr', 'best', ('learning_rate.lora', (3e-3,)),
+            ('loraplus_lr_ratio', (4.0, 16.0))),
+      # The unembedding gets an adapter instead of training in full (-33,024
+      # + r * (128 + 256)): the budget then buys rank 20 everywhere (24 is
+      # over it).
+      stage('head_adapter', 'best', ('lora.full', ('none',)),
+            ('lora.targets', ('all_linear_embed_head',)), ('lora.rank', (20, 24))),
+      # Beyond the budget, to show where LoRA meets full fine-tuning: higher
+      # ranks at the best point (shown, never the best).
+      stage('rank', 'best', ('lora.rank', (32, 64))),
   )
 
   if smoke:
