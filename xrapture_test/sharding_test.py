@@ -97,6 +97,12 @@ class ShardingTest(parameterized.TestCase):
     self.assertAlmostEqual(single['test_bpb'], sharded['test_bpb'], delta=1e-4)
     self.assertCountEqual(adapters[1], adapters[0])
     for name in adapters[0]:
+      if name.endswith('attn/key/b'):
+        # A key bias moves every logit of a query by the same amount, which
+        # the softmax removes: its gradient is zero but for rounding, and
+        # Adam scales that noise up to full-size steps, different on
+        # different meshes (the outputs, compared above, do not see it).
+        continue
       np.testing.assert_allclose(adapters[1][name], adapters[0][name],
                                  atol=2e-4, err_msg=name)
 

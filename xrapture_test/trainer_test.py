@@ -131,8 +131,14 @@ class TrainerTest(absltest.TestCase):
     result = self.train(os.path.join(self.tmp, 'run'))
     d, layers, mlp, rank, vocab = 32, 2, 64, 4, 256
     # Adapters on query/key/value/linear (d×d) and both MLP kernels, per
-    # layer, and the head (config.lora.full) in full.
-    want = layers * rank * (4 * (d + d) + (d + mlp) + (mlp + d)) + (d + 1) * vocab
+    # layer, on the token embedding and the head; every 1-D parameter
+    # (config.lora.tune_vectors) in full: per layer two LayerNorms' scales
+    # and offsets and the biases of the four projections and the MLP, then
+    # the final LayerNorm and the head's bias.
+    adapters = (layers * rank * (4 * (d + d) + (d + mlp) + (mlp + d))
+                + rank * (vocab + d) + rank * (d + vocab))
+    vectors = layers * (2 * 2 * d + 4 * d + mlp + d) + 2 * d + vocab
+    want = adapters + vectors
     self.assertEqual(result['trainable_params'], want)
     # Adam's two moments per trainable number, plus a few step counters.
     self.assertBetween(result['opt_state_bytes'], 8 * want, 8 * want + 64)
