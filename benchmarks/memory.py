@@ -131,7 +131,10 @@ def markdown(results: dict) -> str:
       f"Model: d={cfg['d_model']}, {cfg['n_layers']} layers, vocab {cfg['vocab']}, "
       f"T={cfg['seq_len']}, B={', '.join(results['batches'])}, r={cfg['rank']}: "
       f"{first['params'] / 1e6:.1f}M fp32 params ({mib(first['param_bytes'])} MiB); "
-      f"Adam; {results['steps']} steps per process.",
+      f"Adam; {results['steps']} steps per process."
+      + (f" xrapture_remat: every block under hk.remat(policy="
+         f"jax.checkpoint_policies.{results['remat_policy']})."
+         if any(k.startswith("xrapture_remat") for k in children) else ""),
       "",
       report.environment_line(env),
       "",
@@ -201,6 +204,7 @@ def main(argv):
       print(key, {k: v for k, v in children[key].items() if k != "losses"}, flush=True)
   env["loadavg_end"] = timing.load_average()
   results = {"environment": env, "config": sizes.config().__dict__, "steps": _STEPS.value,
+             "remat_policy": sizes.REMAT.value,
              "batches": list(_BATCHES.value), "children": children,
              "ratios": ratios(children, _BATCHES.value)}
   text = markdown(results)

@@ -18,7 +18,7 @@ RANK = flags.DEFINE_integer("rank", 8, "LoRA rank on query/key/value/out/up/down
 ROUNDS = flags.DEFINE_integer("rounds", 30, "Timed rounds (one step of each variant a round).")
 WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed rounds first.")
 REMAT = flags.DEFINE_string(
-    "remat", "dots_with_no_batch_dims_saveable",
+    "remat", "nothing_saveable",
     "jax.checkpoint_policies policy of the xrapture_remat variant (memory on demand: "
     "each block under hk.remat with it).")
 OUT = flags.DEFINE_string("out", None, "JSON to write (.md and .png beside it); "

@@ -7,6 +7,7 @@ import tempfile
 from absl import flags
 from absl.testing import absltest
 from absl.testing import flagsaver
+import numpy as np
 from xrapture._src.testing import optional
 
 import test_utils
@@ -16,6 +17,7 @@ test_utils.append_repo_root()
 from benchmarks import memory  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import qlora  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import quant  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import remat  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import mixed_batch  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import scaling  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import step_time  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -90,6 +92,24 @@ class BenchmarksSmokeTest(absltest.TestCase):
     self.assertEqual(kinds["fp32"]["bits_per_param"], 32)
     self.assertLess(kinds["nf4+dq"]["bytes"], kinds["nf4"]["bytes"])
     self.assertLess(kinds["nf4"]["bytes"], kinds["int8"]["bytes"])
+
+  def test_remat_trains_the_same_model(self):
+    out = os.path.join(self.out_dir, "remat.json")
+    policies = ["nothing_saveable", "dots_with_no_batch_dims_saveable"]
+    with flagsaver.flagsaver(out=out, policies=policies, **_TOY):
+      remat.main([])
+    with open(out) as f:
+      results = json.load(f)
+    for policy in policies:
+      np.testing.assert_allclose(results["losses"][policy], results["losses"]["lora"],
+                                 rtol=1e-5)
+      self.assertIn(policy, results["step_ratios"])
+    # Recomputing every block keeps less than keeping every activation.
+    self.assertLess(results["plan_bytes"]["nothing_saveable"], results["plan_bytes"]["lora"])
+    self.assertLess(results["plan_bytes"]["lora"], results["plan_bytes"]["full"])
+    with flagsaver.flagsaver(steps=1, remat="nothing_saveable", **_TOY):
+      child = memory.run_child("xrapture_remat")
+    self.assertEqual(child["variant"], "xrapture_remat")
 
   def test_mixed_batch_agrees_with_the_loop(self):
     out = os.path.join(self.out_dir, "mixed_batch.json")
