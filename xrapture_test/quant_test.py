@@ -197,6 +197,18 @@ class NF4Test(parameterized.TestCase):
       np.testing.assert_array_equal(
           xrapture.dequantize(q), xrapture.dequantize(xrapture.quantize_array(w, axis=negative)))
 
+  def test_nibble_halves_interleave_to_the_dequantized_array(self):
+    # The products read NF4 kernels as two halves (quant/dot_general.py).
+    stack = jnp.stack([_kernel(s, 128, 40) for s in range(2)])
+    for axis, w in ((-2, stack), (-1, jnp.swapaxes(stack, -1, -2))):
+      for double_quant in (False, True):
+        q = xrapture.quantize_array(w, "nf4", axis=axis, double_quant=double_quant)
+        hi, lo = quantized_array.dequantize_halves(q)
+        dense = np.asarray(xrapture.dequantize(q))
+        blocked = dense.ndim + axis
+        _assert_bits_equal(self, hi, np.take(dense, np.arange(0, 128, 2), axis=blocked))
+        _assert_bits_equal(self, lo, np.take(dense, np.arange(1, 128, 2), axis=blocked))
+
   def test_stacked_layers_are_quantized_one_by_one(self):
     stack = jnp.stack([_kernel(s, 128, 40) for s in range(3)])
     q = xrapture.quantize_array(stack, "nf4", double_quant=True)

@@ -27,14 +27,48 @@ from xrapture._src.implicit import registry
 from xrapture._src.quant import quantized_array
 
 QuantizedArray = quantized_array.QuantizedArray
+dequantize_halves = quantized_array.dequantize_halves
 
 
-def _tied_dense(q: QuantizedArray, anchor: jax.Array) -> jax.Array:
-  """``dequantize(q)``, computed only after (and from) ``anchor``."""
+def _tied(q: QuantizedArray, anchor: jax.Array) -> QuantizedArray:
+  """``q`` whose codes depend on (are computed after) ``anchor``."""
   if anchor.size:
     zero = (anchor.reshape(-1)[0] * 0).astype(q.codes.dtype)
     q = q.replace(codes=lax.stop_gradient(q.codes) + zero)
-  return quantized_array.dequantize(q)
+  return q
+
+
+def _split_dot(primitive, ops, k, params):
+  """``dot_general`` with ``ops[k]`` an NF4 array, from its two nibble halves.
+
+  The product is linear in the kernel, and the kernel is its high-nibble
+  values on the even positions of the blocked axis plus its low-nibble
+  values on the odd ones. Where the blocked axis is contracted, each half
+  meets the even (odd) slice of the other operand and the two products add;
+  where it is a free axis, the two products interleave along the output
+  axis it becomes (activation-sized work). None where it is a batch axis.
+  """
+  q, x = ops[k], ops[1 - k]
+  n = len(q.shape)
+  packed = n - 2 if q.axis == -2 else n - 1
+  (lc, rc), (lb, rb) = params["dimension_numbers"]
+  q_contract, x_contract = (lc, rc) if k == 0 else (rc, lc)
+  q_batch = lb if k == 0 else rb
+  if packed in q_batch:
+    return None
+  hi, lo = dequantize_halves(q)
+  bind = lambda x, w: primitive.bind(*((w, x) if k == 0 else (x, w)), **params)
+  if packed in q_contract:
+    axis = x_contract[list(q_contract).index(packed)]
+    even = lax.slice_in_dim(x, 0, None, stride=2, axis=axis)
+    odd = lax.slice_in_dim(x, 1, None, stride=2, axis=axis)
+    return bind(even, hi) + bind(odd, lo)
+  q_free = [d for d in range(n) if d not in q_contract and d not in q_batch]
+  lhs_free = (n if k == 0 else x.ndim) - len(lc) - len(lb)
+  out_axis = len(lb) + (0 if k == 0 else lhs_free) + q_free.index(packed)
+  y = jnp.stack([bind(x, hi), bind(x, lo)], axis=out_axis + 1)
+  shape = list(y.shape[:out_axis]) + [2 * y.shape[out_axis]] + list(y.shape[out_axis + 2:])
+  return y.reshape(shape)
 
 
 def _bind_dequantized(primitive, operands, params):
@@ -51,7 +85,12 @@ def _bind_dequantized(primitive, operands, params):
 
   def run(ops, anchor):
     ops = list(ops)
-    ops[k] = _tied_dense(ops[k], anchor)
+    ops[k] = _tied(ops[k], anchor)
+    if primitive.name == "dot_general" and ops[k].scheme == "nf4":
+      out = _split_dot(primitive, ops, k, params)
+      if out is not None:
+        return out
+    ops[k] = quantized_array.dequantize(ops[k])
     return primitive.bind(*ops, **params)
 
   @jax.custom_vjp
