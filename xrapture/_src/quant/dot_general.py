@@ -8,6 +8,11 @@ product is a ``jax.custom_vjp`` whose residual is the quantized array (not
 the dense kernel), and whose backward pass dequantizes it again for the
 input gradient. No gradient flows to the quantized array.
 
+An NF4 kernel enters a ``dot_general`` as its two nibble halves (the values
+at even and at odd positions of its blocked axis), each multiplied on its
+own: dequantizing into one interleaved kernel cost XLA:CPU twice the
+product itself, and a QLoRA step 2-4x a LoRA step (benchmarks/qlora.py).
+
 Each dequantization is tied to the other operand of its product (a zero
 derived from it is added to the codes): the forward product's kernel
 depends on the activations, the backward pass's on the incoming gradient.
