@@ -203,7 +203,7 @@ class NF4Test(parameterized.TestCase):
     for axis, w in ((-2, stack), (-1, jnp.swapaxes(stack, -1, -2))):
       for double_quant in (False, True):
         q = xrapture.quantize_array(w, "nf4", axis=axis, double_quant=double_quant)
-        hi, lo = quantized_array.dequantize_halves(q)
+        hi, lo = (quantized_array.dequantize_half(q, high) for high in (True, False))
         dense = np.asarray(xrapture.dequantize(q))
         blocked = dense.ndim + axis
         _assert_bits_equal(self, hi, np.take(dense, np.arange(0, 128, 2), axis=blocked))

@@ -32,7 +32,7 @@ from xrapture._src.implicit import registry
 from xrapture._src.quant import quantized_array
 
 QuantizedArray = quantized_array.QuantizedArray
-dequantize_halves = quantized_array.dequantize_halves
+dequantize_half = quantized_array.dequantize_half
 
 
 def _tied(q: QuantizedArray, anchor: jax.Array) -> QuantizedArray:
@@ -61,17 +61,21 @@ def _split_dot(primitive, ops, k, params):
   q_batch = lb if k == 0 else rb
   if packed in q_batch:
     return None
-  hi, lo = dequantize_halves(q)
   bind = lambda x, w: primitive.bind(*((w, x) if k == 0 else (x, w)), **params)
+  # The low half is dequantized after (from) the high half's product, so
+  # that one half of the kernel is alive at a time.
   if packed in q_contract:
     axis = x_contract[list(q_contract).index(packed)]
     even = lax.slice_in_dim(x, 0, None, stride=2, axis=axis)
     odd = lax.slice_in_dim(x, 1, None, stride=2, axis=axis)
-    return bind(even, hi) + bind(odd, lo)
+    y_hi = bind(even, dequantize_half(q, True))
+    return y_hi + bind(odd, dequantize_half(_tied(q, y_hi), False))
   q_free = [d for d in range(n) if d not in q_contract and d not in q_batch]
   lhs_free = (n if k == 0 else x.ndim) - len(lc) - len(lb)
   out_axis = len(lb) + (0 if k == 0 else lhs_free) + q_free.index(packed)
-  y = jnp.stack([bind(x, hi), bind(x, lo)], axis=out_axis + 1)
+  y_hi = bind(x, dequantize_half(q, True))
+  y_lo = bind(x, dequantize_half(_tied(q, y_hi), False))
+  y = jnp.stack([y_hi, y_lo], axis=out_axis + 1)
   shape = list(y.shape[:out_axis]) + [2 * y.shape[out_axis]] + list(y.shape[out_axis + 2:])
   return y.reshape(shape)
 

@@ -161,27 +161,25 @@ def dequantize_rows(codes: jax.Array | np.ndarray, scales: jax.Array | np.ndarra
   return values.astype(dtype)
 
 
-def dequantize_halves(q: QuantizedArray) -> tuple[jax.Array, jax.Array]:
-  """NF4: the dense values of the high and of the low nibbles, apart.
+def dequantize_half(q: QuantizedArray, high: bool) -> jax.Array:
+  """NF4: the dense values of the high (``high``) or of the low nibbles alone.
 
-  ``dequantize(q)`` interleaves them along the blocked axis: its values at
-  even positions of that axis are the first array, at odd positions the
-  second, each ``q.shape`` with the blocked axis halved and bit-equal to
-  those values. A product can take them apart (the other operand's even
-  and odd slices), which spares XLA the interleaving of a whole kernel.
+  ``dequantize(q)`` interleaves the two along the blocked axis: its values at
+  even positions of that axis are the high half, at odd positions the low
+  half, each ``q.shape`` with the blocked axis halved and bit-equal to those
+  values. A product can take them apart (the other operand's even and odd
+  slices), which spares XLA the interleaving of a whole kernel.
   """
   if q.scheme != "nf4":
-    raise ValueError(f"dequantize_halves needs an NF4 array, not {q.scheme!r}.")
+    raise ValueError(f"dequantize_half needs an NF4 array, not {q.scheme!r}.")
   scales = block_scales(q)
   codes = q.codes
   blocks = scales.shape[-1]
   grouped = codes.reshape(*codes.shape[:-1], blocks, codes.shape[-1] // blocks)
-  table = jnp.asarray(codebooks.NF4)
-
-  def half(nibbles):
-    values = (table[nibbles] * scales[..., None]).reshape(codes.shape).astype(q.dtype)
-    return jnp.swapaxes(values, -1, -2) if q.axis == -2 else values
-  return half(grouped >> 4), half(grouped & 0xF)
+  nibbles = grouped >> 4 if high else grouped & 0xF
+  values = jnp.asarray(codebooks.NF4)[nibbles] * scales[..., None]
+  values = values.reshape(codes.shape).astype(q.dtype)
+  return jnp.swapaxes(values, -1, -2) if q.axis == -2 else values
 
 
 def dequantize(q: QuantizedArray) -> jax.Array:
