@@ -53,8 +53,8 @@ class FinetuneTest(absltest.TestCase):
                   '--config.progress_bar=False')
     with open(os.path.join(workdir, 'results.md')) as f:
       table = f.read()
-    for row in ('base (no fine-tune)', 'LoRA r=4 (+ head/.*)',
-                'QLoRA NF4 + double quant, LoRA r=4 (+ head/.*)', 'full fine-tune',
+    for row in ('base (no fine-tune)', 'LoRA r=4 (+ 1-D params)',
+                'QLoRA NF4 + double quant, LoRA r=4 (+ 1-D params)', 'full fine-tune',
                 'head-only'):
       self.assertRegex(table, rf'\n\| {re.escape(row)} \| \d\.\d{{3}} \|')
     with open(os.path.join(workdir, 'curves.png'), 'rb') as f:
