@@ -68,14 +68,21 @@ def plot(record: dict[str, Any], path: str) -> None:
   fig = figure.Figure(figsize=(8, 5))  # no pyplot: no global state
   ax = fig.subplots()
   base = record['base']['val_bpb']
+  # Points worse than the base (a diverged run) sit on the top edge, marked
+  # with their value, so that they do not squash the others.
+  values = [r['val_bpb'] for r in record['points']] + [f['val_bpb'] for f in record['full']]
+  top = base + 0.1 * (base - min(values, default=base))
   stages = list(dict.fromkeys(r['stage'] for r in record['points']))
   for i, stage in enumerate(stages):
     rows = [r for r in record['points'] if r['stage'] == stage]
-    ax.scatter([r['trainable_params'] for r in rows], [r['val_bpb'] for r in rows],
-               color=f'C{i}', label=f'LoRA: {stage}', zorder=3)
-    for r in rows:
-      ax.annotate(r['name'], (r['trainable_params'], r['val_bpb']), fontsize=6,
-                  xytext=(3, 3), textcoords='offset points')
+    shown = [min(r['val_bpb'], top) for r in rows]
+    ax.scatter([r['trainable_params'] for r in rows], shown, color=f'C{i}',
+               marker='o', label=f'LoRA: {stage}', zorder=3)
+    for r, y in zip(rows, shown):
+      off = r['val_bpb'] > top
+      text = f"{r['name']} ({r['val_bpb']:.2f}, off the chart)" if off else r['name']
+      ax.annotate(text, (r['trainable_params'], y), fontsize=6,
+                  xytext=(3, -9 if off else 3), textcoords='offset points')
   for full in record['full']:
     ax.scatter([full['trainable_params']], [full['val_bpb']], marker='*', s=120,
                color='k', label=f"full fine-tune ({full['name']})", zorder=3)
@@ -85,6 +92,7 @@ def plot(record: dict[str, Any], path: str) -> None:
     ax.axhline(base - 0.95 * (base - reference), color='green', ls='--', lw=1,
                label="95% of full's gain")
   ax.axvline(record['budget'], color='red', ls='--', lw=1, label='parameter budget')
+  ax.set_ylim(top=top + 0.02 * (top - min(values, default=base)))
   ax.set_xscale('log')
   ax.set_xlabel('trainable parameters')
   ax.set_ylabel('val bits per byte')
