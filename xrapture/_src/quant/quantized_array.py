@@ -145,16 +145,28 @@ def block_scales(q: QuantizedArray) -> jax.Array | np.ndarray:
   return values.reshape(absmax.shape)
 
 
+def _nf4_half_rows(codes: jax.Array | np.ndarray, scales: jax.Array | np.ndarray,
+                   high: bool) -> jax.Array:
+  """float32 ``[..., R, K/2]``: the NF4 values of the high (or low) nibbles of ``codes``.
+
+  Each code's table value times its block's absmax (float32), the rule
+  bitsandbytes dequantizes by; the high nibbles are the even positions of
+  the blocked axis, the low ones the odd positions.
+  """
+  codes = jnp.asarray(codes)
+  blocks = scales.shape[-1]
+  grouped = codes.reshape(*codes.shape[:-1], blocks, codes.shape[-1] // blocks)
+  nibbles = grouped >> 4 if high else grouped & 0xF
+  values = jnp.asarray(codebooks.NF4)[nibbles] * scales[..., None]
+  return values.reshape(codes.shape)
+
+
 def dequantize_rows(codes: jax.Array | np.ndarray, scales: jax.Array | np.ndarray, scheme: str,
                     dtype: np.dtype) -> jax.Array:
   """Dense ``[..., R, K]`` from codes ``[..., R, K/2 | K]`` and scales ``[..., R, blocks]``."""
   if scheme == "nf4":
-    idx = jnp.stack([codes >> 4, codes & 0xF], axis=-1)
-    idx = idx.reshape(*codes.shape[:-1], 2 * codes.shape[-1])
-    values = jnp.asarray(codebooks.NF4)[idx]
-    blocks = scales.shape[-1]
-    values = values.reshape(*idx.shape[:-1], blocks, idx.shape[-1] // blocks)
-    values = (values * scales[..., None]).reshape(idx.shape)
+    halves = [_nf4_half_rows(codes, scales, high) for high in (True, False)]
+    values = jnp.stack(halves, axis=-1).reshape(*codes.shape[:-1], 2 * codes.shape[-1])
   else:
     values = jnp.asarray(codes).astype(jnp.float32) * scales
     values = values * codebooks.INT8_INV_MAX
@@ -172,13 +184,7 @@ def dequantize_half(q: QuantizedArray, high: bool) -> jax.Array:
   """
   if q.scheme != "nf4":
     raise ValueError(f"dequantize_half needs an NF4 array, not {q.scheme!r}.")
-  scales = block_scales(q)
-  codes = q.codes
-  blocks = scales.shape[-1]
-  grouped = codes.reshape(*codes.shape[:-1], blocks, codes.shape[-1] // blocks)
-  nibbles = grouped >> 4 if high else grouped & 0xF
-  values = jnp.asarray(codebooks.NF4)[nibbles] * scales[..., None]
-  values = values.reshape(codes.shape).astype(q.dtype)
+  values = _nf4_half_rows(q.codes, block_scales(q), high).astype(q.dtype)
   return jnp.swapaxes(values, -1, -2) if q.axis == -2 else values
 
 
