@@ -208,10 +208,7 @@ def main(argv):
              "batches": list(_BATCHES.value), "children": children,
              "ratios": ratios(children, _BATCHES.value)}
   text = markdown(results)
-  out = sizes.OUT.value or os.path.join(report.RESULTS_DIR, "memory.json")
-  paths = report.write(out, results, text)
-  print(text)
-  print("\nwrote", *paths)
+  report.publish(sizes.OUT.value, "memory", results, text)
 
 
 if __name__ == "__main__":

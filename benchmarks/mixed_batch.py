@@ -130,10 +130,7 @@ def main(argv):
     raise app.UsageError("Too many command-line arguments.")
   cfg = sizes.config(batch=_ADAPTERS.value)
   results = run(cfg, _ADAPTERS.value, sizes.ROUNDS.value, sizes.WARMUP.value)
-  out = sizes.OUT.value or os.path.join(report.RESULTS_DIR, "mixed_batch.json")
-  paths = report.write(out, results, markdown(results))
-  print(markdown(results))
-  print("wrote", *paths)
+  report.publish(sizes.OUT.value, "mixed_batch", results, markdown(results))
 
 
 if __name__ == "__main__":

@@ -302,10 +302,7 @@ def main(argv):
              "steps": _STEPS.value, "memory": memory, "time": time, "errors": errors,
              "ratios": ratios(memory, time)}
   text = markdown(results)
-  out = sizes.OUT.value or os.path.join(report.RESULTS_DIR, "qlora.json")
-  paths = report.write(out, results, text)
-  print(text)
-  print("\nwrote", *paths)
+  report.publish(sizes.OUT.value, "qlora", results, text)
 
 
 if __name__ == "__main__":

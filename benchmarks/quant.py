@@ -92,9 +92,7 @@ def main(argv):
   markdown = (f"Kernel {_D_IN.value}×{_D_OUT.value}, x of {_TOKENS.value} rows "
               f"(median of {sizes.ROUNDS.value} rounds).\n\n{table}\n\n"
               f"{report.environment_line(env)}\n")
-  report.write(sizes.OUT.value or os.path.join(report.RESULTS_DIR, "quant.json"),
-               results, markdown)
-  print(markdown)
+  report.publish(sizes.OUT.value, "quant", results, markdown)
 
 if __name__ == "__main__":
   app.run(main)

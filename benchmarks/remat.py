@@ -111,10 +111,7 @@ def main(argv):
     raise app.UsageError("Too many command-line arguments.")
   cfg = sizes.config()
   results = run(cfg, list(_POLICIES.value), sizes.ROUNDS.value, sizes.WARMUP.value)
-  out = sizes.OUT.value or os.path.join(report.RESULTS_DIR, "remat.json")
-  paths = report.write(out, results, markdown(results))
-  print(markdown(results))
-  print("wrote", *paths)
+  report.publish(sizes.OUT.value, "remat", results, markdown(results))
 
 
 if __name__ == "__main__":

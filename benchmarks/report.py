@@ -28,6 +28,17 @@ def environment_line(env: dict[str, Any]) -> str:
           f"load average (1/5/15 min) at start {load[0]}, at end {load[1]}")
 
 
+def publish(out: str | None, name: str, data: dict[str, Any], markdown: str) -> tuple[str, str]:
+  """Writes a benchmark's results (``out``, default ``results/<name>.json``), prints them.
+
+  Returns the JSON and markdown paths :func:`write` wrote.
+  """
+  paths = write(out or os.path.join(RESULTS_DIR, f"{name}.json"), data, markdown)
+  print(markdown)
+  print("\nwrote", *paths)
+  return paths
+
+
 def write(path: str, data: dict[str, Any], markdown: str) -> tuple[str, str]:
   """Writes ``path`` (JSON) and the same path with ``.md``; returns both."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

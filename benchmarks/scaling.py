@@ -135,12 +135,10 @@ def main(argv):
     jax.clear_caches()
   env["loadavg_end"] = timing.load_average()
   text = markdown(results)
-  out = sizes.OUT.value or os.path.join(report.RESULTS_DIR, "scaling.json")
-  paths = report.write(out, results, text)
-  png = os.path.splitext(out)[0] + ".png"
+  json_path, _ = report.publish(sizes.OUT.value, "scaling", results, text)
+  png = os.path.splitext(json_path)[0] + ".png"
   plot(results, png)
-  print(text)
-  print("\nwrote", *paths, png)
+  print("wrote", png)
 
 
 if __name__ == "__main__":

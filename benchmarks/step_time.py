@@ -248,10 +248,7 @@ def main(argv):
   results = run(sizes.config(), sizes.ROUNDS.value, sizes.WARMUP.value,
                 _COMPILE_REPS.value, _PEFT.value, _TORCH_DEVICE.value)
   text = markdown(results)
-  out = sizes.OUT.value or os.path.join(report.RESULTS_DIR, "step_time.json")
-  paths = report.write(out, results, text)
-  print(text)
-  print("\nwrote", *paths)
+  report.publish(sizes.OUT.value, "step_time", results, text)
 
 
 if __name__ == "__main__":
