@@ -6,7 +6,8 @@ r"""Every benchmark, one after another, each in its own process.
 Runs memory.py (one subprocess per variant and batch size), scaling.py and
 last step_time.py (the headline table, measured as late as possible), writing
 benchmarks/results/{memory,scaling,step_time}.{json,md} and scaling.png.
-``--only=qlora`` runs qlora.py (QLoRA memory, time and error; ~30 min at its
+``--only=first_step`` runs first_step.py (the first step of 12- to 48-layer
+models, ~10 min), ``--only=qlora`` runs qlora.py (QLoRA memory, time and error; ~30 min at its
 306M-parameter default), ``--only=remat`` remat.py (memory on demand, ~5 min),
 which the default set leaves out.
 """
@@ -31,6 +32,8 @@ _QUICK_FLAGS = {
                 "--rounds=2", "--warmup=1", "--head_dim=16"],
     "step_time": ["--d_model=64", "--head_dim=16", "--vocab=64", "--seq_len=16",
                   "--rounds=2", "--warmup=1", "--compile_reps=1"],
+    "first_step": ["--d_model=64", "--head_dim=16", "--vocab=64", "--seq_len=16",
+                   "--depths=2,4", "--rounds=1"],
     "remat": ["--d_model=64", "--head_dim=16", "--n_layers=2", "--vocab=64", "--seq_len=16",
               "--rounds=2", "--warmup=1"],
     "qlora": ["--d_model=64", "--head_dim=16", "--n_layers=1", "--vocab=64", "--seq_len=16",

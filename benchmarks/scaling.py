@@ -4,9 +4,11 @@ r"""How the LoRA step grows with width and rank, against full fine-tune and the 
     python benchmarks/scaling.py --widths=128,256 --ranks=4,16 --rounds=3   # quick
 
 For each width, one process-wide round robin of: full fine-tune, the bound,
-and xrapture and the hand-written LoRA at every rank (benchmarks/lm.py's
-model, 2 layers, heads of 64). Reports medians over rounds of each step's
-time paired with the bound's (and the full fine-tune's) in the same round.
+and xrapture, the hand-written LoRA and HuggingFace PEFT (torch, when
+installed) at every rank (benchmarks/lm.py's model, 2 layers, heads of 64).
+Reports medians over rounds of each step's time paired with the bound's (and
+the full fine-tune's, and PEFT's at the same rank) in the same round, against
+issue 15's targets: xrapture ÷ bound ≤ 1 + 3r/d + 0.03 and ÷ PEFT ≤ 0.85.
 Writes benchmarks/results/scaling.json, .md and .png.
 """
 
@@ -32,9 +34,28 @@ _WIDTHS = flags.DEFINE_list("widths", ["256", "512", "768", "1024"], "Model widt
 _RANKS = flags.DEFINE_list("ranks", ["4", "8", "16", "32", "64"], "LoRA ranks.")
 _NAIVE = flags.DEFINE_bool("naive", True, "Also time the hand-written LoRA at every rank.")
 
+# Targets per point (issue 15): xrapture ÷ bound within 0.03 of the FLOP
+# limit 1 + 3r/d (the rank-r work, 6·T·d·r FLOPs per d×d layer against the
+# bound's 2·T·d²), and xrapture ÷ PEFT at most 0.85.
+PEFT_TARGET = 0.85
+
+
+def bound_target(width: int, rank: int) -> float:
+  return 1 + 3 * rank / width + 0.03
+
+
+def _have_peft() -> bool:
+  try:
+    import peft  # pylint: disable=g-import-not-at-top,unused-import
+    import torch  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    print("scaling: no torch/peft here (pip install '.[peft]'): PEFT not timed", flush=True)
+    return False
+  return True
+
 
 def measure_width(cfg: lm.Config, ranks: list[int], with_naive: bool,
-                  rounds: int, warmup: int) -> dict:
+                  rounds: int, warmup: int, with_peft: bool = False) -> dict:
   batch = lm.batch(cfg)
   base = jax.jit(lm.dense_model(cfg).init)(jax.random.PRNGKey(0), batch[0])
   steps = {"full": variants.full(cfg, base, batch).step,
@@ -45,38 +66,56 @@ def measure_width(cfg: lm.Config, ranks: list[int], with_naive: bool,
     steps[f"xrapture_r{rank}"] = variants.xrapture_variant(rcfg, base, adapted, batch).step
     if with_naive:
       steps[f"naive_r{rank}"] = variants.naive(rcfg, adapted, batch).step
+    if with_peft:
+      steps[f"peft_r{rank}"] = variants.PeftVariant(
+          rcfg, batch, threads=timing.cpu_threads(), base=base, adapted=adapted).step
   times = timing.alternate(steps, rounds, warmup)
   out = {"step_ms": timing.summarize(times), "points": []}
   for rank in ranks:
-    point = {"rank": rank}
-    for kind in ("xrapture", "naive"):
+    point = {"rank": rank, "bound_target": bound_target(cfg.d_model, rank)}
+    for kind in ("xrapture", "naive", "peft"):
       name = f"{kind}_r{rank}"
       if name in times:
         point[kind] = {"ms": 1e3 * timing.quartiles(times[name])[1],
                        "bound": timing.paired_ratio(times, name, "bound")["median"],
                        "full": timing.paired_ratio(times, name, "full")["median"]}
+    if f"peft_r{rank}" in times:
+      point["xrapture_over_peft"] = timing.paired_ratio(
+          times, f"xrapture_r{rank}", f"peft_r{rank}")["median"]
     out["points"].append(point)
   out["full_over_bound"] = timing.paired_ratio(times, "full", "bound")["median"]
   return out
 
 
+def _met(value: float, target: float) -> str:
+  return "yes" if value <= target else "**no**"
+
+
 def markdown(results: dict) -> str:
   lines = [f"Transformer LM, {results['n_layers']} layers, T={results['seq_len']}, "
            f"B={results['batch']}, vocab {results['vocab']}; LoRA on q/k/v/out/up/down; "
-           f"medians of {results['rounds']} alternated rounds, ratios paired per round.",
+           f"medians of {results['rounds']} alternated rounds, ratios paired per round. "
+           "Targets: xrapture ÷ bound ≤ 1 + 3r/d + 0.03 (the rank-r FLOPs over the "
+           f"bound's, plus 0.03); xrapture ÷ PEFT ≤ {PEFT_TARGET}.",
            "", report.environment_line(results["environment"]), ""]
   rows = []
   for width, w in sorted(results["widths"].items(), key=lambda kv: int(kv[0])):
     ms = w["step_ms"]
     for p in w["points"]:
       x, n = p["xrapture"], p.get("naive")
+      target = p.get("bound_target", bound_target(int(width), p["rank"]))
+      over_peft = p.get("xrapture_over_peft")
       rows.append([width, p["rank"], f"{ms['full']['median_ms']:.1f}",
-                   f"{ms['bound']['median_ms']:.1f}", f"{x['ms']:.1f}", x["bound"], x["full"],
-                   "" if n is None else f"{n['ms']:.1f}", "" if n is None else n["bound"],
-                   "" if n is None else x["ms"] / n["ms"]])
+                   f"{ms['bound']['median_ms']:.1f}", f"{x['ms']:.1f}", x["bound"],
+                   f"{target:.3f}", _met(x["bound"], target), x["full"],
+                   "" if n is None else n["bound"],
+                   "" if "peft" not in p else f"{p['peft']['ms']:.1f}",
+                   "" if over_peft is None else over_peft,
+                   "" if over_peft is None else _met(over_peft, PEFT_TARGET)])
   lines.append(report.markdown_table(
-      ["d", "r", "full ms", "bound ms", "xrapture ms", "xrapture ÷ bound",
-       "xrapture ÷ full", "naive ms", "naive ÷ bound", "xrapture ÷ naive (of medians)"], rows))
+      ["d", "r", "full ms", "bound ms", "xrapture ms", "xrapture ÷ bound", "target",
+       "met", "xrapture ÷ full", "hand-written ÷ bound", "PEFT ms", "xrapture ÷ PEFT",
+       "met"], rows))
   return "\n".join(lines)
 
 
@@ -98,7 +137,9 @@ def plot(results: dict, path: str) -> None:
   left.plot(widths, [results["widths"][str(w)]["full_over_bound"] for w in widths], "s:",
             color="black", label="full fine-tune")
   left.axhline(1.0, color="gray", lw=0.8)
-  left.axhline(1.12, color="red", lw=0.8, ls=":", label="target 1.12× bound")
+  for i, rank in enumerate(ranks):
+    left.plot(widths, [bound_target(w, rank) for w in widths], ":", lw=0.8,
+              color=plt.cm.viridis(i / max(1, len(ranks) - 1)))
   left.set(xlabel="model width d", ylabel="step time ÷ bound (paired median)",
            title="LoRA step against the bound", xticks=widths)
   left.legend(fontsize=7, ncol=2)
@@ -124,13 +165,15 @@ def main(argv):
     raise app.UsageError("Too many command-line arguments.")
   env = timing.environment()
   ranks = [int(r) for r in _RANKS.value]
+  with_peft = sizes.PEFT.value and _have_peft()
   results = {"environment": env, "n_layers": sizes.N_LAYERS.value, "seq_len": sizes.SEQ_LEN.value,
              "batch": sizes.BATCH.value, "vocab": sizes.VOCAB.value, "rounds": sizes.ROUNDS.value,
              "widths": {}}
   for width in (int(w) for w in _WIDTHS.value):
     cfg = sizes.config(d_model=width)
     results["widths"][str(width)] = measure_width(cfg, ranks, _NAIVE.value,
-                                                  sizes.ROUNDS.value, sizes.WARMUP.value)
+                                                  sizes.ROUNDS.value, sizes.WARMUP.value,
+                                                  with_peft)
     print(f"d={width} done, load {timing.load_average()}", flush=True)
     jax.clear_caches()
   env["loadavg_end"] = timing.load_average()

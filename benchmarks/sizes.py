@@ -21,6 +21,8 @@ REMAT = flags.DEFINE_string(
     "remat", "nothing_saveable",
     "jax.checkpoint_policies policy of the xrapture_remat variant (memory on demand: "
     "each block under hk.remat with it).")
+PEFT = flags.DEFINE_bool("peft", True, "Also time HuggingFace PEFT LoRA in torch "
+                         "(pip install '.[peft]').")
 OUT = flags.DEFINE_string("out", None, "JSON to write (.md and .png beside it); "
                           "default benchmarks/results/<script>.json.")
 

@@ -36,7 +36,6 @@ from benchmarks import timing
 from benchmarks import variants
 
 _COMPILE_REPS = flags.DEFINE_integer("compile_reps", 3, "Compile-time repetitions.")
-_PEFT = flags.DEFINE_bool("peft", True, "Include HuggingFace PEFT (needs torch, peft).")
 _TORCH_DEVICE = flags.DEFINE_string("torch_device", None,
                                     "torch device for PEFT; default cuda when JAX runs on a GPU.")
 
@@ -246,7 +245,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
   results = run(sizes.config(), sizes.ROUNDS.value, sizes.WARMUP.value,
-                _COMPILE_REPS.value, _PEFT.value, _TORCH_DEVICE.value)
+                _COMPILE_REPS.value, sizes.PEFT.value, _TORCH_DEVICE.value)
   text = markdown(results)
   report.publish(sizes.OUT.value, "step_time", results, text)
 

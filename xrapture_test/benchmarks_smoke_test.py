@@ -14,6 +14,7 @@ import test_utils
 
 test_utils.append_repo_root()
 
+from benchmarks import first_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import memory  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import qlora  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import quant  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -73,6 +74,21 @@ class BenchmarksSmokeTest(absltest.TestCase):
     self.assertTrue(os.path.getsize(out[:-len(".json")] + ".png") > 0)
     with open(out[:-len(".json")] + ".md") as f:
       self.assertIn("xrapture ÷ bound", f.read())
+
+  def test_first_step_times_each_phase(self):
+    out = os.path.join(self.out_dir, "first_step.json")
+    with flagsaver.flagsaver(out=out, depths=["1", "2"], **_TOY):
+      first_step.main([])
+    with open(out) as f:
+      results = json.load(f)
+    self.assertEqual(set(results["depths"]), {"1", "2"})
+    for depth in results["depths"].values():
+      for seconds in depth["seconds"].values():
+        self.assertEqual(set(seconds), {*first_step.PHASES, "total"})
+        self.assertTrue(all(s > 0 for s in seconds.values()), seconds)
+    # A deeper model traces more: the phases measure the model, not a cache.
+    traced = {d: results["depths"][d]["seconds"]["xrapture"]["trace"] for d in ("1", "2")}
+    self.assertGreater(traced["2"], traced["1"])
 
   def test_memory_child_reports_xla_bytes(self):
     with flagsaver.flagsaver(steps=1, **_TOY):
