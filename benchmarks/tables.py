@@ -1,0 +1,407 @@
+r"""The READMEs' benchmark tables, rendered from the result files.
+
+    python benchmarks/tables.py            # rewrites the tables in README.md and benchmarks/README.md
+    python benchmarks/tables.py --check    # exits 1 if a table differs from its results
+
+Every table of figures in the two READMEs sits between ``<!-- table: NAME -->``
+and ``<!-- end table: NAME -->`` and is rendered here from
+``benchmarks/results/*.json``, with each target's met/missed, so the READMEs
+show what the benchmarks wrote, never numbers typed by hand. A benchmark run
+rewrites its JSON; this script then rewrites the tables
+(``xrapture_test/bench_tables_test.py`` fails while they differ).
+"""
+
+import json
+import os
+import pathlib
+import re
+import sys
+from typing import Any, Callable
+
+# Run as a script: the repository root, appended.
+if not __package__:
+  sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import report  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+READMES = (ROOT / "README.md", ROOT / "benchmarks" / "README.md")
+_BLOCK = re.compile(r"(<!-- table: ([\w-]+) -->\n)(.*?)(<!-- end table: \2 -->)", re.S)
+
+# Targets (issues 3 and 15): step time and memory, as ratios.
+BOUND_TARGET = 1.12
+NAIVE_TARGET = 0.80
+MEMORY_TARGET = 0.45
+REMAT_STEP_TARGET = 1.25
+FIRST_STEP_TARGET = 1.0
+SCALING_PEFT_TARGET = 0.85
+
+
+def _load(results: pathlib.Path, name: str) -> dict[str, Any]:
+  with open(results / f"{name}.json", encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _met(ok: bool) -> str:
+  return "yes" if ok else "**no**"
+
+
+def _mib(n: float) -> str:
+  return f"{n / 2**20:,.0f} MiB"
+
+
+def _env(env: dict[str, Any]) -> str:
+  return "_" + report.environment_line(env) + "_"
+
+
+def _net_rss(child: dict[str, Any]) -> int:
+  return child["step_peak_rss"] - child["baseline_rss"]
+
+
+_VARIANTS = {"full": "dense full fine-tune", "bound": "bound: forward + input gradients",
+             "naive": "hand-written Haiku LoRA `x@W + (x@b)@a·s`",
+             "xrapture": "**xrapture on the unmodified model**",
+             "peft": "HuggingFace PEFT LoRA (torch)"}
+
+
+def step_time_variants(results: pathlib.Path, name: str = "step_time") -> str:
+  """Each variant's step: median ms, ÷ the bound's median, trainable values."""
+  r = _load(results, name)
+  step, bound = r["step_ms"], r["step_ms"]["bound"]["median_ms"]
+  rows = [[_VARIANTS[v], f"{step[v]['median_ms']:.1f}", f"{step[v]['median_ms'] / bound:.2f}",
+           f"{r['params']['trainable'][v]:,}",
+           f"{r['params']['opt_state_bytes'][v] / 1e6:,.2f} MB"]
+          for v in _VARIANTS if v in step]
+  cfg = r["config"]
+  return "\n".join([
+      _env(r["environment"]) + f"; d={cfg['d_model']}, {cfg['n_layers']} layers, "
+      f"T={cfg['seq_len']}, B={cfg['batch']}, LoRA r={cfg['rank']}; "
+      f"{step['bound']['n']} alternated rounds.", "",
+      report.markdown_table(["variant", "median ms", "÷ bound", "trainable",
+                             "optimizer state"], rows)])
+
+
+def _ratio_row(label: str, v: dict[str, Any], target: Any) -> list[str]:
+  if isinstance(target, (list, tuple)):
+    ok, shown = target[0] <= v["median"] <= target[1], f"{target[0]}–{target[1]}"
+  else:
+    ok, shown = v["median"] <= target, f"≤ {target}"
+  return [label, f"{v['median']:.2f}", f"{v['q1']:.2f}–{v['q3']:.2f}", shown, _met(ok)]
+
+
+def step_time_ratios(results: pathlib.Path, name: str = "step_time") -> str:
+  """The paired ratios against their targets."""
+  r = _load(results, name)
+  ratios = r["step_ratios"]
+  rows = [_ratio_row(f"xrapture step ÷ {what}", ratios[f"xrapture/{key}"],
+                     ratios[f"xrapture/{key}"]["target"])
+          for key, what in (("bound", "bound"), ("naive", "hand-written LoRA"),
+                            ("peft", "PEFT")) if f"xrapture/{key}" in ratios]
+  rows.append(_ratio_row("jit compile, xrapture ÷ hand-written", r["compile"]["xrapture/naive"],
+                         r["compile"]["xrapture/naive"]["target"]))
+  merged = r["inference_ratios"]["merged/base"]
+  rows.append(_ratio_row("inference, merged params ÷ base", merged, merged["target"]))
+  return report.markdown_table(["measure (median of paired ratios)", "value", "IQR", "target",
+                                "met"], rows)
+
+
+def memory(results: pathlib.Path) -> str:
+  """Step peak RSS and XLA's plan per variant and batch, ÷ full fine-tuning's."""
+  r = _load(results, "memory")
+  children = r["children"]
+  rows = []
+  for batch in r["batches"]:
+    full = children[f"full B={batch}"]
+    for variant in ("xrapture", "naive", "peft"):
+      child = children.get(f"{variant} B={batch}")
+      if child is None:
+        continue
+      rss = _net_rss(child) / _net_rss(full)
+      plan = child["xla"]["total"] / full["xla"]["total"] if "xla" in child else None
+      rows.append([batch, _VARIANTS[variant].strip("*"), _mib(_net_rss(child)),
+                   _mib(_net_rss(full)), f"{rss:.2f}",
+                   "" if plan is None else f"{plan:.2f}", _met(rss <= MEMORY_TARGET)])
+  return "\n".join([
+      _env(r["environment"]), "",
+      report.markdown_table(["B", "variant", "step peak RSS − runtime", "full fine-tune's",
+                             "÷ full", "XLA step plan ÷ full's", f"≤ {MEMORY_TARGET}"], rows)])
+
+
+def remat(results: pathlib.Path) -> str:
+  """LoRA with each block under hk.remat: memory ÷ full, step ÷ plain LoRA."""
+  r = _load(results, "remat")
+  plans = r["plan_bytes"]
+  rss = {}
+  for name, policy in (("memory_remat", "nothing_saveable"),
+                       ("memory_remat_dots", "dots_with_no_batch_dims_saveable")):
+    m = _load(results, name)
+    full = _net_rss(m["children"]["full B=4"])
+    rss[policy] = _net_rss(m["children"]["xrapture_remat B=4"]) / full
+    if "xrapture B=4" in m["children"]:
+      rss["lora"] = _net_rss(m["children"]["xrapture B=4"]) / full
+  rows = []
+  for name in ("lora", *r["step_ratios"]):
+    ratio = r["step_ratios"].get(name)
+    mem = rss.get(name)
+    plan = plans[name] / plans["full"]
+    label = "every activation kept" if name == "lora" else f"`hk.remat`, `{name}`"
+    step = ratio["median"] if ratio else 1.0
+    ok = (mem if mem is not None else plan) <= MEMORY_TARGET and step <= REMAT_STEP_TARGET
+    rows.append([label, "" if mem is None else f"{mem:.3f}", f"{plan:.3f}",
+                 "1" if ratio is None else
+                 f"{ratio['median']:.2f} ({ratio['q1']:.2f}–{ratio['q3']:.2f})", _met(ok)])
+  return "\n".join([
+      _env(r["environment"]), "",
+      report.markdown_table(["LoRA", "step peak RSS ÷ full fine-tuning's",
+                             "XLA step plan ÷ full's", "step ÷ plain LoRA's (IQR)",
+                             f"memory ≤ {MEMORY_TARGET}, step ≤ {REMAT_STEP_TARGET}"], rows)])
+
+
+def _scaling_points(r: dict[str, Any]):
+  for width, w in sorted(r["widths"].items(), key=lambda kv: int(kv[0])):
+    for p in w["points"]:
+      target = p.get("bound_target", 1 + 3 * p["rank"] / int(width) + 0.03)
+      yield int(width), p, target
+
+
+def scaling(results: pathlib.Path) -> str:
+  """xrapture ÷ bound and ÷ PEFT at every width and rank, against the targets."""
+  r = _load(results, "scaling")
+  ranks = [p["rank"] for p in next(iter(r["widths"].values()))["points"]]
+  rows = []
+  for width, w in sorted(r["widths"].items(), key=lambda kv: int(kv[0])):
+    cells = []
+    for p in w["points"]:
+      target = p.get("bound_target", 1 + 3 * p["rank"] / int(width) + 0.03)
+      x = p["xrapture"]["bound"]
+      cell = f"{x:.2f} / {target:.2f}" + ("" if x <= target else " ✗")
+      if "xrapture_over_peft" in p:
+        q = p["xrapture_over_peft"]
+        cell += f"; {q:.2f}" + ("" if q <= SCALING_PEFT_TARGET else " ✗")
+      cells.append(cell)
+    rows.append([width, f"{w['step_ms']['bound']['median_ms']:.1f}", *cells,
+                 f"{w['full_over_bound']:.2f}"])
+  with_peft = any("xrapture_over_peft" in p for _, p, _ in _scaling_points(r))
+  return "\n".join([
+      _env(r["environment"]) + f"; {r['n_layers']} layers, T={r['seq_len']}, "
+      f"B={r['batch']}, vocab {r['vocab']}; {r['rounds']} alternated rounds per width.", "",
+      "Each cell: xrapture ÷ bound / its target 1 + 3r/d + 0.03" +
+      (f"; xrapture ÷ PEFT (target ≤ {SCALING_PEFT_TARGET})" if with_peft else "") +
+      "; ✗ where missed.", "",
+      report.markdown_table(["d", "bound ms", *(f"r={k}" for k in ranks),
+                             "full ÷ bound"], rows)])
+
+
+def first_step(results: pathlib.Path) -> str:
+  """First step (trace + lower + compile + run) by depth, xrapture ÷ hand-written."""
+  r = _load(results, "first_step")
+  rows = []
+  for depth, d in sorted(r["depths"].items(), key=lambda kv: int(kv[0])):
+    x, n, ratio = d["seconds"]["xrapture"], d["seconds"]["naive"], d["ratio"]
+    rows.append([depth, f"{x['trace']:.2f} / {n['trace']:.2f}",
+                 f"{x['compile']:.2f} / {n['compile']:.2f}",
+                 f"{x['total']:.2f} / {n['total']:.2f}",
+                 f"{ratio['median']:.2f} ({ratio['q1']:.2f}–{ratio['q3']:.2f})",
+                 _met(ratio["median"] <= ratio.get("target", FIRST_STEP_TARGET))])
+  cfg = r["config"]
+  return "\n".join([
+      _env(r["environment"]) + f"; d={cfg['d_model']}, T={cfg['seq_len']}, "
+      f"B={cfg['batch']}, r={cfg['rank']}; {r['rounds']} alternated rounds.", "",
+      report.markdown_table(["layers", "trace s (xrapture / hand-written)", "compile s",
+                             "first step s", "xrapture ÷ hand-written (IQR)",
+                             f"≤ {FIRST_STEP_TARGET}"], rows)])
+
+
+def qlora(results: pathlib.Path) -> str:
+  """QLoRA's memory against LoRA and full fine-tuning, and its step time."""
+  r = _load(results, "qlora")
+  mem, ratios = r["memory"], r["ratios"]
+  names = {"full": "full fine-tune", "lora": "LoRA, fp32 base", "qlora-nf4": "QLoRA NF4",
+           "qlora-nf4-dq": "QLoRA NF4 + double quant", "qlora-int8": "QLoRA int8"}
+
+  def cell(key):
+    v = ratios.get(key)
+    return "" if v is None else f"{v['ratio']:.3f}" + ("" if v["met"] else " ✗")
+  rows = []
+  for name, label in names.items():
+    if name not in mem:
+      continue
+    m = mem[name]
+    rows.append([label, _mib(m["param_bytes"]), _mib(_net_rss(m)), _mib(m["xla"]["total"]),
+                 cell(f"{name} / lora: step peak RSS − runtime"),
+                 cell(f"{name} / lora: XLA step plan"),
+                 cell(f"{name} / full: step peak RSS − runtime"),
+                 cell(f"{name} / full: XLA step plan")])
+  time_key = "qlora-nf4 / lora: step time (median of paired ratios)"
+  lines = [_env(r["environment"]), "",
+           report.markdown_table(["", "params", "step peak RSS", "XLA plan", "RSS ÷ LoRA",
+                                  "plan ÷ LoRA", "RSS ÷ full", "plan ÷ full"], rows), "",
+           "Targets: ÷ LoRA ≤ 0.35, ÷ full ≤ 0.15; ✗ where missed."]
+  if time_key in ratios:
+    t = ratios[time_key]
+    lines += ["", f"Step time, QLoRA NF4 ÷ LoRA (median of paired ratios): {t['ratio']:.2f} "
+              f"(target ≤ {t['target']}: {'met' if t['met'] else 'missed'})."]
+  return "\n".join(lines)
+
+
+def gpu(results: pathlib.Path) -> str:
+  """The step-time benchmark on a GPU, and memory there."""
+  rows = []
+  for name in ("step_time_gpu", "step_time_gpu_large"):
+    if not (results / f"{name}.json").exists():
+      continue
+    r = _load(results, name)
+    cfg, ms, ratios = r["config"], r["step_ms"], r["step_ratios"]
+    model = (f"d={cfg['d_model']}, {cfg['n_layers']} layers, B={cfg['batch']}, "
+             f"T={cfg['seq_len']} ({r['params']['base'] / 1e6:.1f}M)")
+    rows.append([model, *(f"{ms[v]['median_ms']:.1f} ms" for v in
+                          ("full", "bound", "naive", "xrapture", "peft")),
+                 *(f"{ratios[k]['median']:.2f}" for k in
+                   ("xrapture/bound", "xrapture/naive", "xrapture/peft")),
+                 f"{r['compile']['xrapture/naive']['median']:.2f}",
+                 f"{r['inference_ratios']['merged/base']['median']:.2f}"])
+  env = _load(results, "step_time_gpu")["environment"]
+  lines = [_env(env), "",
+           report.markdown_table(["model", "full", "bound", "hand-written", "xrapture", "PEFT",
+                                  "xrapture ÷ bound", "÷ hand-written", "÷ PEFT", "compile ÷",
+                                  "merged ÷ base"], rows)]
+  if (results / "memory_gpu.json").exists():
+    m = _load(results, "memory_gpu")
+    full, lora = m["children"]["full B=4"], m["children"]["xrapture B=4"]
+    lines += ["", f"Memory on the GPU (B=4, {full['params'] / 1e6:.1f}M params, device "
+              f"`peak_bytes_in_use`): full fine-tune {_mib(full['device_peak'])}, xrapture "
+              f"{_mib(lora['device_peak'])}: {lora['device_peak'] / full['device_peak']:.2f} "
+              f"(XLA plan {lora['xla']['total'] / full['xla']['total']:.2f})."]
+  return "\n".join(lines)
+
+
+def _step_time_targets(results: pathlib.Path) -> list[list[str]]:
+  st = _load(results, "step_time")
+  ratios, rows = st["step_ratios"], []
+  for key, what in (("bound", "bound (forward + input gradients)"),
+                    ("naive", "hand-written LoRA"), ("peft", "PEFT")):
+    v = ratios.get(f"xrapture/{key}")
+    if v is not None:
+      rows.append([f"step ≤ {v['target']}× {what}, d={st['config']['d_model']}",
+                   f"{v['median']:.2f}", _met(v["median"] <= v["target"])])
+  c = st["compile"]["xrapture/naive"]
+  rows.append([f"jit compile ≤ {c['target']}× hand-written", f"{c['median']:.2f}",
+               _met(c["median"] <= c["target"])])
+  m = st["inference_ratios"]["merged/base"]
+  rows.append(["merged-params inference = base ± 3%", f"{m['median']:.3f}",
+               _met(m["target"][0] <= m["median"] <= m["target"][1])])
+  return rows
+
+
+def _scaling_targets(results: pathlib.Path) -> list[list[str]]:
+  points = list(_scaling_points(_load(results, "scaling")))
+  over = [(p["xrapture"]["bound"] - t, w, p, t) for w, p, t in points]
+  _, width, point, target = max(over, key=lambda o: o[0])
+  met = sum(o[0] <= 0 for o in over)
+  rows = [["step ÷ bound ≤ 1 + 3r/d + 0.03 at every width and rank",
+           f"{met} of {len(over)} points; worst d={width}, r={point['rank']}: "
+           f"{point['xrapture']['bound']:.2f} (target {target:.2f})", _met(met == len(over))]]
+  peft = [(p["xrapture_over_peft"], w, p["rank"]) for w, p, _ in points
+          if "xrapture_over_peft" in p]
+  if peft:
+    worst, width, rank = max(peft)
+    met = sum(q <= SCALING_PEFT_TARGET for q, _, _ in peft)
+    rows.append([f"step ÷ PEFT ≤ {SCALING_PEFT_TARGET} at every width and rank",
+                 f"{met} of {len(peft)} points; worst d={width}, r={rank}: {worst:.2f}",
+                 _met(met == len(peft))])
+  return rows
+
+
+def _memory_targets(results: pathlib.Path) -> list[list[str]]:
+  mem, rows = _load(results, "memory"), []
+  for batch in mem["batches"]:
+    full, lora = mem["children"][f"full B={batch}"], mem["children"][f"xrapture B={batch}"]
+    v = _net_rss(lora) / _net_rss(full)
+    rows.append([f"LoRA step peak memory ≤ {MEMORY_TARGET}× full fine-tune, B={batch}",
+                 f"{v:.2f}", _met(v <= MEMORY_TARGET)])
+  return rows
+
+
+def _remat_targets(results: pathlib.Path) -> list[list[str]]:
+  rm = _load(results, "memory_remat")
+  v = _net_rss(rm["children"]["xrapture_remat B=4"]) / _net_rss(rm["children"]["full B=4"])
+  s = _load(results, "remat")["step_ratios"][rm["remat_policy"]]["median"]
+  return [[f"with `hk.remat` ({rm['remat_policy']}), B=4: memory ≤ {MEMORY_TARGET}× full, "
+           f"step ≤ {REMAT_STEP_TARGET}× plain LoRA", f"{v:.2f}, {s:.2f}",
+           _met(v <= MEMORY_TARGET and s <= REMAT_STEP_TARGET)]]
+
+
+def _first_step_targets(results: pathlib.Path) -> list[list[str]]:
+  fs = _load(results, "first_step")
+  deepest = max(fs["depths"], key=int)
+  v = fs["depths"][deepest]["ratio"]["median"]
+  return [[f"first step of a {deepest}-layer model ≤ {FIRST_STEP_TARGET}× hand-written",
+           f"{v:.2f}", _met(v <= FIRST_STEP_TARGET)]]
+
+
+def targets(results: pathlib.Path) -> str:
+  """Every performance target, its measured value and whether it is met."""
+  rows = []
+  for part in (_step_time_targets, _scaling_targets, _memory_targets, _remat_targets,
+               _first_step_targets):
+    try:
+      rows += part(results)
+    except FileNotFoundError as e:
+      rows.append([part.__name__.strip("_").replace("_", " "),
+                   f"not measured yet: no `{pathlib.Path(e.filename).name}`", ""])
+  return report.markdown_table(["target (CPU)", "measured", "met"], rows)
+
+
+TABLES: dict[str, Callable[[pathlib.Path], str]] = {
+    "targets": targets,
+    "step-time": step_time_variants,
+    "step-time-ratios": step_time_ratios,
+    "memory": memory,
+    "remat": remat,
+    "scaling": scaling,
+    "first-step": first_step,
+    "qlora": qlora,
+    "gpu": gpu,
+}
+
+
+def render(text: str, results: pathlib.Path) -> str:
+  """``text`` with every marked table rendered afresh from ``results``.
+
+  Raises:
+    KeyError: a marker names a table this module does not render.
+  """
+  def replace(m: re.Match) -> str:
+    name = m.group(2)
+    if name not in TABLES:
+      raise KeyError(f"<!-- table: {name} --> names no table; known: {', '.join(TABLES)}")
+    try:
+      table = TABLES[name](results)
+    except FileNotFoundError as e:  # a benchmark not run yet
+      table = f"_Not measured yet: no `{pathlib.Path(e.filename).name}`._"
+    return m.group(1) + table.rstrip() + "\n" + m.group(4)
+  return _BLOCK.sub(replace, text)
+
+
+def names_in(text: str) -> list[str]:
+  return [m.group(2) for m in _BLOCK.finditer(text)]
+
+
+def main(argv: list[str]) -> int:
+  check = "--check" in argv[1:]
+  results = ROOT / "benchmarks" / "results"
+  stale = []
+  for path in READMES:
+    old = path.read_text(encoding="utf-8")
+    new = render(old, results)
+    if new != old:
+      stale.append(str(path))
+      if not check:
+        path.write_text(new, encoding="utf-8")
+  verb = "differ from the results in" if check else "rewritten:"
+  print(f"tables {verb} {', '.join(stale)}" if stale else "tables match the results")
+  return 1 if (check and stale) else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv))

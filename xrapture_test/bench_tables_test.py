@@ -1,0 +1,65 @@
+"""The READMEs' benchmark tables are the ones benchmarks/tables.py renders from the results."""
+
+import json
+import pathlib
+import tempfile
+
+from absl.testing import absltest
+
+import test_utils
+
+test_utils.append_repo_root()
+
+from benchmarks import tables  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_RESULTS = tables.ROOT / "benchmarks" / "results"
+
+
+def _scaling(points):
+  """A scaling.json with one width and the given (rank, ÷ bound, ÷ PEFT) points."""
+  env = dict(date="d", machine="m", backend="cpu", device="cpu", python="3")
+  return {"environment": env, "n_layers": 2, "seq_len": 8, "batch": 2, "vocab": 16,
+          "rounds": 3, "widths": {"256": {
+              "step_ms": {"bound": {"median_ms": 10.0}}, "full_over_bound": 2.0,
+              "points": [{"rank": r, "xrapture": {"bound": b}, "xrapture_over_peft": q}
+                         for r, b, q in points]}}}
+
+
+class BenchTablesTest(absltest.TestCase):
+
+  def test_readmes_show_what_the_results_say(self):
+    for path in tables.READMES:
+      text = path.read_text(encoding="utf-8")
+      self.assertEqual(tables.render(text, _RESULTS), text,
+                       f"{path} differs from benchmarks/results: run "
+                       "`python benchmarks/tables.py`")
+
+  def test_every_table_is_shown(self):
+    shown = {name for path in tables.READMES
+             for name in tables.names_in(path.read_text(encoding="utf-8"))}
+    self.assertEqual(shown, set(tables.TABLES))
+
+  def test_scaling_marks_each_missed_target(self):
+    # d=256: the targets are 1 + 3r/256 + 0.03, i.e. 1.077 at r=4 and 1.124 at r=8.
+    results = pathlib.Path(tempfile.mkdtemp())
+    (results / "scaling.json").write_text(json.dumps(_scaling(
+        [(4, 1.07, 0.80), (8, 1.13, 0.90)])))
+    row = tables.scaling(results).splitlines()[-1]
+    self.assertEqual(row, "| 256 | 10.0 | 1.07 / 1.08; 0.80 | 1.13 / 1.12 ✗; 0.90 ✗ | 2.00 |")
+    rows = tables.report.markdown_table(["target (CPU)", "measured", "met"],
+                                        tables._scaling_targets(results))
+    self.assertIn("1 of 2 points; worst d=256, r=8: 1.13 (target 1.12) | **no**", rows)
+    self.assertIn("1 of 2 points; worst d=256, r=8: 0.90 | **no**", rows)
+
+  def test_missing_results_and_unknown_tables(self):
+    empty = pathlib.Path(tempfile.mkdtemp())
+    text = "a\n<!-- table: first-step -->\nold\n<!-- end table: first-step -->\nb\n"
+    self.assertEqual(tables.render(text, empty),
+                     "a\n<!-- table: first-step -->\n_Not measured yet: no "
+                     "`first_step.json`._\n<!-- end table: first-step -->\nb\n")
+    with self.assertRaisesRegex(KeyError, "names no table"):
+      tables.render("<!-- table: nope -->\n<!-- end table: nope -->", empty)
+
+
+if __name__ == "__main__":
+  absltest.main()
