@@ -112,6 +112,8 @@ def markdown(results: dict) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
+  if sizes.STEADY_ALLOCATOR.value:
+    timing.steady_allocator()
   env = timing.environment()
   results = {"environment": env, "config": sizes.config().__dict__,
              "rounds": sizes.ROUNDS.value, "target": TARGET, "depths": {}}

@@ -128,6 +128,8 @@ def markdown(results: dict) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
+  if sizes.STEADY_ALLOCATOR.value:
+    timing.steady_allocator()
   cfg = sizes.config(batch=_ADAPTERS.value)
   results = run(cfg, _ADAPTERS.value, sizes.ROUNDS.value, sizes.WARMUP.value)
   report.publish(sizes.OUT.value, "mixed_batch", results, markdown(results))

@@ -23,9 +23,11 @@ def environment_line(env: dict[str, Any]) -> str:
                        ("jax", "jaxlib", "haiku", "optax", "torch", "peft")
                        if env.get(k))
   load = env.get("loadavg_start"), env.get("loadavg_end")
+  allocator = (f" · malloc: {env['allocator']}"
+               if env.get("allocator") not in (None, "default") else "")
   return (f"{env['date']} · {env['machine']} · backend {env['backend']} "
           f"({env['device']}) · Python {env['python']} · {versions} · "
-          f"load average (1/5/15 min) at start {load[0]}, at end {load[1]}")
+          f"load average (1/5/15 min) at start {load[0]}, at end {load[1]}{allocator}")
 
 
 def publish(out: str | None, name: str, data: dict[str, Any], markdown: str) -> tuple[str, str]:

@@ -34,6 +34,8 @@ _QUICK_FLAGS = {
                   "--rounds=2", "--warmup=1", "--compile_reps=1"],
     "first_step": ["--d_model=64", "--head_dim=16", "--vocab=64", "--seq_len=16",
                    "--depths=2,4", "--rounds=1"],
+    "breakdown": ["--d_model=64", "--head_dim=16", "--vocab=64", "--seq_len=16",
+                  "--rounds=2", "--warmup=1"],
     "remat": ["--d_model=64", "--head_dim=16", "--n_layers=2", "--vocab=64", "--seq_len=16",
               "--rounds=2", "--warmup=1"],
     "qlora": ["--d_model=64", "--head_dim=16", "--n_layers=1", "--vocab=64", "--seq_len=16",

@@ -12,6 +12,7 @@ issue 15's targets: xrapture ÷ bound ≤ 1 + 3r/d + 0.03 and ÷ PEFT ≤ 0.85.
 Writes benchmarks/results/scaling.json, .md and .png.
 """
 
+import importlib.util
 import os
 import sys
 
@@ -45,13 +46,10 @@ def bound_target(width: int, rank: int) -> float:
 
 
 def _have_peft() -> bool:
-  try:
-    import peft  # pylint: disable=g-import-not-at-top,unused-import
-    import torch  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
-    print("scaling: no torch/peft here (pip install '.[peft]'): PEFT not timed", flush=True)
-    return False
-  return True
+  if all(importlib.util.find_spec(m) for m in ("peft", "torch")):
+    return True
+  print("scaling: no torch/peft here (pip install '.[peft]'): PEFT not timed", flush=True)
+  return False
 
 
 def measure_width(cfg: lm.Config, ranks: list[int], with_naive: bool,
@@ -163,6 +161,8 @@ def plot(results: dict, path: str) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
+  if sizes.STEADY_ALLOCATOR.value:
+    timing.steady_allocator()
   env = timing.environment()
   ranks = [int(r) for r in _RANKS.value]
   with_peft = sizes.PEFT.value and _have_peft()

@@ -23,6 +23,10 @@ REMAT = flags.DEFINE_string(
     "each block under hk.remat with it).")
 PEFT = flags.DEFINE_bool("peft", True, "Also time HuggingFace PEFT LoRA in torch "
                          "(pip install '.[peft]').")
+STEADY_ALLOCATOR = flags.DEFINE_bool(
+    "steady_allocator", True,
+    "Keep freed memory in glibc's heap (timing.steady_allocator) so no variant pays page "
+    "faults on its step's temporaries; --nosteady_allocator times glibc's default.")
 OUT = flags.DEFINE_string("out", None, "JSON to write (.md and .png beside it); "
                           "default benchmarks/results/<script>.json.")
 

@@ -244,6 +244,8 @@ def markdown(results: dict) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
+  if sizes.STEADY_ALLOCATOR.value:
+    timing.steady_allocator()
   results = run(sizes.config(), sizes.ROUNDS.value, sizes.WARMUP.value,
                 _COMPILE_REPS.value, sizes.PEFT.value, _TORCH_DEVICE.value)
   text = markdown(results)

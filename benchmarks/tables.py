@@ -1,7 +1,7 @@
 r"""The READMEs' benchmark tables, rendered from the result files.
 
-    python benchmarks/tables.py            # rewrites the tables in README.md and benchmarks/README.md
-    python benchmarks/tables.py --check    # exits 1 if a table differs from its results
+    python benchmarks/tables.py           # rewrites README.md's and benchmarks/README.md's tables
+    python benchmarks/tables.py --check   # exits 1 if a table differs from its results
 
 Every table of figures in the two READMEs sits between ``<!-- table: NAME -->``
 and ``<!-- end table: NAME -->`` and is rendered here from
@@ -192,6 +192,29 @@ def scaling(results: pathlib.Path) -> str:
                              "full ÷ bound"], rows)])
 
 
+BREAKDOWN_VARIANTS = ("no rank work", "+ forward rank work", "all but ∂b", "xrapture")
+
+
+def breakdown_table(results: dict[str, Any]) -> str:
+  """benchmarks/breakdown.py's step with the LoRA rule taken apart, ÷ the bound."""
+  cfg, over = results["config"], results["over_bound"]
+  rows, previous = [], 1.0
+  for name in BREAKDOWN_VARIANTS:
+    v = over[name]["median"]
+    rows.append([name, f"{results['step_ms'][name]['median_ms']:.1f}", f"{v:.3f}",
+                 f"{over[name]['q1']:.3f}–{over[name]['q3']:.3f}",
+                 "" if name == "all but ∂b" else f"{v - previous:+.3f}"])
+    if name != "all but ∂b":
+      previous = v
+  return "\n".join([
+      _env(results["environment"]) + f"; d={cfg['d_model']}, {cfg['n_layers']} layers, "
+      f"T={cfg['seq_len']}, B={cfg['batch']}, LoRA r={cfg['rank']}; bound "
+      f"{results['step_ms']['bound']['median_ms']:.1f} ms; "
+      f"{over['xrapture']['n']} alternated rounds.", "",
+      report.markdown_table(["lora_matmul rule", "step ms (median)", "÷ bound (paired)", "IQR",
+                             "added over the row before"], rows)])
+
+
 def first_step(results: pathlib.Path) -> str:
   """First step (trace + lower + compile + run) by depth, xrapture ÷ hand-written."""
   r = _load(results, "first_step")
@@ -359,6 +382,7 @@ TABLES: dict[str, Callable[[pathlib.Path], str]] = {
     "memory": memory,
     "remat": remat,
     "scaling": scaling,
+    "breakdown": lambda results: breakdown_table(_load(results, "breakdown")),
     "first-step": first_step,
     "qlora": qlora,
     "gpu": gpu,

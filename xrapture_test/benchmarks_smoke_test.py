@@ -2,7 +2,10 @@
 
 import json
 import os
+import subprocess
+import sys
 import tempfile
+import textwrap
 
 from absl import flags
 from absl.testing import absltest
@@ -14,6 +17,7 @@ import test_utils
 
 test_utils.append_repo_root()
 
+from benchmarks import breakdown  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import first_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import memory  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import qlora  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -23,8 +27,9 @@ from benchmarks import mixed_batch  # pylint: disable=g-import-not-at-top,wrong-
 from benchmarks import scaling  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import step_time  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+# steady_allocator=False: the test process keeps glibc's default (its own test below).
 _TOY = dict(d_model=32, head_dim=16, n_layers=1, vocab=32, seq_len=8, batch=2,
-            rank=2, rounds=2, warmup=1)
+            rank=2, rounds=2, warmup=1, steady_allocator=False)
 
 
 peft, torch = optional.modules("peft", "torch")
@@ -74,6 +79,41 @@ class BenchmarksSmokeTest(absltest.TestCase):
     self.assertTrue(os.path.getsize(out[:-len(".json")] + ".png") > 0)
     with open(out[:-len(".json")] + ".md") as f:
       self.assertIn("xrapture ÷ bound", f.read())
+
+  def test_steady_allocator_stops_the_page_faults(self):
+    # A 48 MiB buffer (over glibc's largest mmap threshold, 32 MiB) allocated,
+    # written and freed: fresh pages every time by default, none once set.
+    script = textwrap.dedent("""
+        import resource, sys
+        import numpy as np
+        sys.path.insert(0, sys.argv[1])
+        from benchmarks import timing
+        def faults():
+          start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+          for _ in range(5):
+            np.ones(12 * 2**20, np.float32).sum()
+          return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start
+        before = faults()
+        print(timing.steady_allocator(), before, faults(), faults())  # the heap grows once
+        """)
+    out = subprocess.run([sys.executable, "-c", script, test_utils.append_repo_root()],
+                         capture_output=True, text=True, check=True).stdout.split()
+    if out[0] == "None":
+      self.skipTest("not glibc")
+    before, after = int(out[-3]), int(out[-1])
+    self.assertGreater(before, 5 * 24)   # each time, at least a fault per 2 MiB (huge) page
+    self.assertLess(after, before // 10)
+
+  def test_breakdown_restores_the_rule(self):
+    out = os.path.join(self.out_dir, "breakdown.json")
+    with flagsaver.flagsaver(out=out, **_TOY):
+      breakdown.main([])
+    with open(out) as f:
+      results = json.load(f)
+    self.assertEqual(set(results["over_bound"]), set(breakdown.VARIANTS))
+    rule = breakdown.dot_general.lora_matmul
+    self.assertIs(rule.fwd, breakdown.dot_general._lora_matmul_fwd)
+    self.assertIs(rule.bwd, breakdown.dot_general._lora_matmul_bwd)
 
   def test_first_step_times_each_phase(self):
     out = os.path.join(self.out_dir, "first_step.json")
