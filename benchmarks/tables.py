@@ -174,10 +174,10 @@ def scaling(results: pathlib.Path) -> str:
     for p in w["points"]:
       target = p.get("bound_target", 1 + 3 * p["rank"] / int(width) + 0.03)
       x = p["xrapture"]["bound"]
-      cell = f"{x:.2f} / {target:.2f}" + ("" if x <= target else " ✗")
+      cell = f"{x:.3f} / {target:.3f}" + ("" if x <= target else " ✗")
       if "xrapture_over_peft" in p:
         q = p["xrapture_over_peft"]
-        cell += f"; {q:.2f}" + ("" if q <= SCALING_PEFT_TARGET else " ✗")
+        cell += f"; {q:.3f}" + ("" if q <= SCALING_PEFT_TARGET else " ✗")
       cells.append(cell)
     rows.append([width, f"{w['step_ms']['bound']['median_ms']:.1f}", *cells,
                  f"{w['full_over_bound']:.2f}"])

@@ -45,7 +45,8 @@ class BenchTablesTest(absltest.TestCase):
     (results / "scaling.json").write_text(json.dumps(_scaling(
         [(4, 1.07, 0.80), (8, 1.13, 0.90)])))
     row = tables.scaling(results).splitlines()[-1]
-    self.assertEqual(row, "| 256 | 10.0 | 1.07 / 1.08; 0.80 | 1.13 / 1.12 ✗; 0.90 ✗ | 2.00 |")
+    self.assertEqual(
+        row, "| 256 | 10.0 | 1.070 / 1.077; 0.800 | 1.130 / 1.124 ✗; 0.900 ✗ | 2.00 |")
     rows = tables.report.markdown_table(["target (CPU)", "measured", "met"],
                                         tables._scaling_targets(results))
     self.assertIn("1 of 2 points; worst d=256, r=8: 1.13 (target 1.12) | **no**", rows)
