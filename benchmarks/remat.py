@@ -35,6 +35,7 @@ import jax
 from benchmarks import lm
 from benchmarks import report
 from benchmarks import sizes
+from benchmarks import targets
 from benchmarks import timing
 from benchmarks import variants
 
@@ -42,8 +43,8 @@ _POLICIES = flags.DEFINE_list(
     "policies", ["dots_with_no_batch_dims_saveable", "dots_saveable", "nothing_saveable"],
     "jax.checkpoint_policies names, one remat variant each.")
 
-STEP_TARGET = 1.25    # remat step ÷ plain LoRA step
-MEMORY_TARGET = 0.45  # LoRA step plan ÷ full fine-tuning's
+STEP_TARGET = targets.REMAT_STEP_OVER_LORA
+MEMORY_TARGET = targets.MEMORY_OVER_FULL
 
 
 def plan_bytes(variant) -> int:

@@ -29,6 +29,7 @@ import jax
 from benchmarks import lm
 from benchmarks import report
 from benchmarks import sizes
+from benchmarks import targets
 from benchmarks import timing
 from benchmarks import variants
 
@@ -36,14 +37,8 @@ _WIDTHS = flags.DEFINE_list("widths", ["256", "512", "768", "1024"], "Model widt
 _RANKS = flags.DEFINE_list("ranks", ["4", "8", "16", "32", "64"], "LoRA ranks.")
 _NAIVE = flags.DEFINE_bool("naive", True, "Also time the hand-written LoRA at every rank.")
 
-# Targets per point (issue 15): xrapture ÷ bound within 0.03 of the FLOP
-# limit 1 + 3r/d (the rank-r work, 6·T·d·r FLOPs per d×d layer against the
-# bound's 2·T·d²), and xrapture ÷ PEFT at most 0.85.
-PEFT_TARGET = 0.85
-
-
-def bound_target(width: int, rank: int) -> float:
-  return 1 + 3 * rank / width + 0.03
+PEFT_TARGET = targets.SCALING_OVER_PEFT
+bound_target = targets.bound_target
 
 
 def _have_peft() -> bool:
@@ -58,8 +53,9 @@ def measure_width(cfg: lm.Config, ranks: list[int], with_naive: bool,
   """One round robin per rank: full, the bound, and that rank's LoRA variants.
 
   A robin per rank keeps the live variants few, as in a user's process: with
-  one robin of all 17 variants, xrapture ÷ bound at d=512 read 0.1–0.15
-  higher than in a robin of its own rank (one run each, jax 0.12.1).
+  one robin of all 17 variants, xrapture ÷ bound at d=512 read up to 0.15
+  higher than in a robin of its own rank (results/scaling_one_robin.json
+  against scaling.json, jax 0.12.1).
   """
   batch = lm.batch(cfg)
   base = jax.jit(lm.dense_model(cfg).init)(jax.random.PRNGKey(0), batch[0])

@@ -32,6 +32,7 @@ import xrapture
 from benchmarks import lm
 from benchmarks import report
 from benchmarks import sizes
+from benchmarks import targets
 from benchmarks import timing
 from benchmarks import variants
 
@@ -41,9 +42,9 @@ _TORCH_DEVICE = flags.DEFINE_string("torch_device", None,
 
 # Ratios reported: (numerator, denominator, target or None).
 RATIOS = (
-    ("xrapture", "bound", 1.12),
-    ("xrapture", "naive", 0.80),
-    ("xrapture", "peft", 0.90),
+    ("xrapture", "bound", targets.STEP_OVER_BOUND),
+    ("xrapture", "naive", targets.STEP_OVER_NAIVE),
+    ("xrapture", "peft", targets.STEP_OVER_PEFT),
     ("xrapture", "full", None),
     ("naive", "bound", None),
     ("peft", "bound", None),
@@ -158,12 +159,12 @@ def run(cfg: lm.Config, rounds: int, warmup: int, compile_reps: int,
       "step_ratios": ratios,
       "compile": {"seconds": {n: {k: float(np.median(v)) for k, v in c.items()}
                               for n, c in compiles.items()},
-                  "xrapture/naive": dict(compile_ratio, target=1.5),
+                  "xrapture/naive": dict(compile_ratio, target=targets.COMPILE_OVER_NAIVE),
                   "hlo": stats},
       "inference_ms": timing.summarize(inference),
       "inference_ratios": {
           "merged/base": dict(timing.paired_ratio(inference, "merged", "base"),
-                              target=[0.97, 1.03]),
+                              target=list(targets.MERGED_OVER_BASE)),
           "unmerged/base": timing.paired_ratio(inference, "unmerged", "base")},
       "raw_seconds": {"step": times, "inference": inference},
   }
@@ -218,7 +219,7 @@ def markdown(results: dict) -> str:
   comp = results["compile"]
   c = comp["xrapture/naive"]
   rows.append(["compile: xrapture/naive", c["median"], f"{c['q1']:.3g}–{c['q3']:.3g}", "",
-               "≤ 1.5", _met(c["median"], 1.5)])
+               f"≤ {c['target']}", _met(c["median"], c["target"])])
   for key, v in results["inference_ratios"].items():
     target = v.get("target")
     rows.append([f"inference: {key}", v["median"], f"{v['q1']:.3g}–{v['q3']:.3g}", "",

@@ -119,7 +119,8 @@ def steady_allocator() -> str | None:
   that line compares the allocator, not the steps. This turns glibc's mmap
   off and its trimming down (``mallopt``; the same as
   ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=...``)
-  for the whole process, torch's allocations included. Call it first thing.
+  for the whole process, torch's allocations included (threads' own arenas
+  still map requests above their 64 MiB heap size). Call it first thing.
 
   Returns:
     What was set (recorded by :func:`environment`), or None off glibc.
