@@ -71,7 +71,8 @@ def measure_width(cfg: lm.Config, ranks: list[int], with_naive: bool,
       steps["naive"] = variants.naive(rcfg, adapted, batch).step
     if with_peft:
       steps["peft"] = variants.PeftVariant(
-          rcfg, batch, threads=timing.cpu_threads(), base=base, adapted=adapted).step
+          rcfg, batch, threads=timing.cpu_threads(), base=base, adapted=adapted,
+          device="cuda" if jax.default_backend() == "gpu" else "cpu").step
     robin = timing.alternate(steps, rounds, warmup)
     point = {"rank": rank, "bound_target": bound_target(cfg.d_model, rank)}
     for kind in ("xrapture", "naive", "peft"):

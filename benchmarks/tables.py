@@ -160,9 +160,10 @@ def _scaling_points(r: dict[str, Any]):
       yield int(width), p, p.get("bound_target", targets.bound_target(int(width), p["rank"]))
 
 
-def scaling(results: pathlib.Path) -> str:
+def scaling(results: pathlib.Path, name: str = "scaling",
+            peft_target: float = SCALING_PEFT_TARGET) -> str:
   """xrapture ÷ bound and ÷ PEFT at every width and rank, against the targets."""
-  r = _load(results, "scaling")
+  r = _load(results, name)
   ranks = [p["rank"] for p in next(iter(r["widths"].values()))["points"]]
   cells: dict[int, list[str]] = {}
   for width, p, target in _scaling_points(r):
@@ -170,7 +171,7 @@ def scaling(results: pathlib.Path) -> str:
     cell = f"{x:.3f} / {target:.3f}" + ("" if x <= target else " ✗")
     if "xrapture_over_peft" in p:
       q = p["xrapture_over_peft"]
-      cell += f"; {q:.3f}" + ("" if q <= SCALING_PEFT_TARGET else " ✗")
+      cell += f"; {q:.3f}" + ("" if q <= peft_target else " ✗")
     cells.setdefault(width, []).append(cell)
   rows = [[width, f"{r['widths'][str(width)]['step_ms']['bound']['median_ms']:.1f}",
            *row, f"{r['widths'][str(width)]['full_over_bound']:.2f}"]
@@ -180,7 +181,7 @@ def scaling(results: pathlib.Path) -> str:
       _env(r["environment"]) + f"; {r['n_layers']} layers, T={r['seq_len']}, "
       f"B={r['batch']}, vocab {r['vocab']}; {r['rounds']} alternated rounds per width.", "",
       "Each cell: xrapture ÷ bound / its target 1 + 3r/d + 0.03" +
-      (f"; xrapture ÷ PEFT (target ≤ {SCALING_PEFT_TARGET})" if with_peft else "") +
+      (f"; xrapture ÷ PEFT (target ≤ {peft_target})" if with_peft else "") +
       "; ✗ where missed.", "",
       report.markdown_table(["d", "bound ms", *(f"r={k}" for k in ranks),
                              "full ÷ bound"], rows)])
@@ -273,8 +274,11 @@ def gpu(results: pathlib.Path) -> str:
              f"T={cfg['seq_len']} ({r['params']['base'] / 1e6:.1f}M)")
     rows.append([model, *(f"{ms[v]['median_ms']:.1f} ms" for v in
                           ("full", "bound", "naive", "xrapture", "peft")),
-                 *(f"{ratios[k]['median']:.2f}" for k in
-                   ("xrapture/bound", "xrapture/naive", "xrapture/peft")),
+                 *(f"{ratios[k]['median']:.2f}" + (
+                     " ✗" if cfg["d_model"] >= 2048 and ratios[k]["median"] > t else "")
+                   for k, t in (("xrapture/bound", targets.GPU_OVER_BOUND),
+                                ("xrapture/naive", targets.GPU_OVER_NAIVE),
+                                ("xrapture/peft", targets.GPU_OVER_PEFT))),
                  f"{r['compile']['xrapture/naive']['median']:.2f}",
                  f"{r['inference_ratios']['merged/base']['median']:.2f}"])
   env = _load(results, "step_time_gpu")["environment"]
@@ -282,6 +286,10 @@ def gpu(results: pathlib.Path) -> str:
            report.markdown_table(["model", "full", "bound", "hand-written", "xrapture", "PEFT",
                                   "xrapture ÷ bound", "÷ hand-written", "÷ PEFT", "compile ÷",
                                   "merged ÷ base"], rows)]
+  lines += ["", f"GPU targets (d ≥ 2048): ÷ bound ≤ {targets.GPU_OVER_BOUND}, ÷ hand-written "
+            f"≤ {targets.GPU_OVER_NAIVE}, ÷ PEFT ≤ {targets.GPU_OVER_PEFT}; ✗ where missed."]
+  if (results / "scaling_gpu.json").exists():
+    lines += ["", scaling(results, "scaling_gpu", targets.GPU_OVER_PEFT)]
   if (results / "memory_gpu.json").exists():
     m = _load(results, "memory_gpu")
     full, lora = m["children"]["full B=4"], m["children"]["xrapture B=4"]

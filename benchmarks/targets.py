@@ -17,6 +17,11 @@ MERGED_OVER_BASE = (0.97, 1.03)
 # At every width and rank of scaling.py: xrapture ÷ PEFT.
 SCALING_OVER_PEFT = 0.85
 
+# On a GPU (run_all.py --gpu, d >= 2048): xrapture ÷ bound, ÷ hand-written, ÷ PEFT.
+GPU_OVER_BOUND = 1.10
+GPU_OVER_NAIVE = 0.85
+GPU_OVER_PEFT = 0.70
+
 # LoRA's step memory ÷ full fine-tuning's (memory.py; remat.py with hk.remat),
 # and the remat step ÷ plain LoRA's.
 MEMORY_OVER_FULL = 0.45

@@ -7,6 +7,7 @@ import sys
 import tempfile
 import textwrap
 
+from absl import app
 from absl import flags
 from absl.testing import absltest
 from absl.testing import flagsaver
@@ -26,6 +27,7 @@ from benchmarks import mixed_batch  # pylint: disable=g-import-not-at-top,wrong-
 from benchmarks import qlora  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import quant  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import remat  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import run_all  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import scaling  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import step_time  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import variants  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -129,6 +131,13 @@ class BenchmarksSmokeTest(absltest.TestCase):
     after = step.state[0]["layer_0/query"]["w"]
     np.testing.assert_array_equal(after.b, adapted["layer_0/query"]["w"].b)
     self.assertFalse(np.array_equal(after.a, adapted["layer_0/query"]["w"].a))
+
+  def test_gpu_set_refuses_without_a_gpu(self):
+    if jax.default_backend() == "gpu":
+      self.assertLen(run_all._gpu_commands("here", "results"), len(run_all.GPU_RUNS))
+    else:
+      with self.assertRaisesRegex(app.UsageError, "--gpu needs a GPU.*'cpu'"):
+        run_all._gpu_commands("here", "results")
 
   def test_first_step_times_each_phase(self):
     out = os.path.join(self.out_dir, "first_step.json")
