@@ -111,10 +111,7 @@ def markdown(results: dict) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError("Too many command-line arguments.")
-  if sizes.STEADY_ALLOCATOR.value:
-    timing.steady_allocator()
+  sizes.start(argv)
   env = timing.environment()
   results = {"environment": env, "config": sizes.config().__dict__,
              "rounds": sizes.ROUNDS.value, "target": TARGET, "depths": {}}

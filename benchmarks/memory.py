@@ -141,7 +141,7 @@ def markdown(results: dict) -> str:
   ]
   rows = []
   for name, c in children.items():
-    step_net = c["step_peak_rss"] - c["baseline_rss"] if "step_peak_rss" in c else None
+    step_net = rss.step_net(c)
     rows.append([name, mib(c["max_rss"]), mib(c["baseline_rss"]),
                  "" if step_net is None else mib(step_net),
                  mib(c["xla"]["total"]) if "xla" in c else "",
@@ -158,7 +158,7 @@ def markdown(results: dict) -> str:
 
 def ratios(children: dict, batches: list[str]) -> dict[str, float]:
   """Each LoRA child against the full fine-tune child of the same batch size."""
-  net = lambda c: c["step_peak_rss"] - c["baseline_rss"]
+  net = rss.step_net
   out = {}
   for b in batches:
     full = children.get(f"full B={b}")

@@ -202,7 +202,7 @@ def _spawn(args: list[str]) -> dict:
 
 def ratios(memory: dict, time: dict | None) -> dict[str, dict]:
   """Each QLoRA variant against LoRA and full fine-tuning, with its target."""
-  net = lambda c: c["step_peak_rss"] - c["baseline_rss"] if "step_peak_rss" in c else None
+  net = rss.step_net
   out = {}
   for name in QUANTIZED:
     c = memory.get(name)
@@ -241,7 +241,7 @@ def markdown(results: dict) -> str:
   if memory:
     rows = []
     for name, c in memory.items():
-      net = c["step_peak_rss"] - c["baseline_rss"] if "step_peak_rss" in c else None
+      net = rss.step_net(c)
       rows.append([name, mib(c["param_bytes"]), "" if net is None else mib(net),
                    mib(c["xla"]["total"]), mib(c["max_rss"]), f"{c['opt_state_bytes']:,}",
                    f"{c['trainable']:,}", f"{c['losses'][0]:.4f}"])

@@ -108,10 +108,7 @@ def markdown(results: dict) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError("Too many command-line arguments.")
-  if sizes.STEADY_ALLOCATOR.value:
-    timing.steady_allocator()
+  sizes.start(argv)
   cfg = sizes.config()
   results = run(cfg, list(_POLICIES.value), sizes.ROUNDS.value, sizes.WARMUP.value)
   report.publish(sizes.OUT.value, "remat", results, markdown(results))

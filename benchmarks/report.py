@@ -18,6 +18,15 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
   return "\n".join(lines)
 
 
+def met(value: float, target: Any) -> str:
+  """A table's met cell: ``target`` a bound (≤), a ``[low, high]`` range, or None."""
+  if target is None:
+    return ""
+  if isinstance(target, (list, tuple)):
+    return "yes" if target[0] <= value <= target[1] else "**no**"
+  return "yes" if value <= target else "**no**"
+
+
 def environment_line(env: dict[str, Any]) -> str:
   versions = ", ".join(f"{k} {env[k]}" for k in
                        ("jax", "jaxlib", "haiku", "optax", "torch", "peft")

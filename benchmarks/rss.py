@@ -33,3 +33,14 @@ def reset_peak_rss() -> bool:
     return True
   except OSError:
     return False
+
+
+def step_net(child: dict) -> int | None:
+  """A measured child's steady-state step peak net of its runtime, or None if unmeasured.
+
+  ``step_peak_rss`` (peak RSS over the steady steps) less ``baseline_rss``
+  (RSS after the imports), as the memory benchmarks' children record them.
+  """
+  if "step_peak_rss" not in child:
+    return None
+  return child["step_peak_rss"] - child["baseline_rss"]

@@ -93,10 +93,6 @@ def measure_width(cfg: lm.Config, ranks: list[int], with_naive: bool,
   return out
 
 
-def _met(value: float, target: float) -> str:
-  return "yes" if value <= target else "**no**"
-
-
 def markdown(results: dict) -> str:
   lines = [f"Transformer LM, {results['n_layers']} layers, T={results['seq_len']}, "
            f"B={results['batch']}, vocab {results['vocab']}; LoRA on q/k/v/out/up/down; "
@@ -113,11 +109,11 @@ def markdown(results: dict) -> str:
       over_peft = p.get("xrapture_over_peft")
       rows.append([width, p["rank"], f"{ms['full']['median_ms']:.1f}",
                    f"{ms['bound']['median_ms']:.1f}", f"{x['ms']:.1f}", x["bound"],
-                   f"{target:.3f}", _met(x["bound"], target), x["full"],
+                   f"{target:.3f}", report.met(x["bound"], target), x["full"],
                    "" if n is None else n["bound"],
                    "" if "peft" not in p else f"{p['peft']['ms']:.1f}",
                    "" if over_peft is None else over_peft,
-                   "" if over_peft is None else _met(over_peft, PEFT_TARGET)])
+                   "" if over_peft is None else report.met(over_peft, PEFT_TARGET)])
   lines.append(report.markdown_table(
       ["d", "r", "full ms", "bound ms", "xrapture ms", "xrapture ÷ bound", "target",
        "met", "xrapture ÷ full", "hand-written ÷ bound", "PEFT ms", "xrapture ÷ PEFT",
@@ -167,10 +163,7 @@ def plot(results: dict, path: str) -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError("Too many command-line arguments.")
-  if sizes.STEADY_ALLOCATOR.value:
-    timing.steady_allocator()
+  sizes.start(argv)
   env = timing.environment()
   ranks = [int(r) for r in _RANKS.value]
   with_peft = sizes.PEFT.value and _have_peft()

@@ -4,9 +4,11 @@ Defaults are step_time.py's (DESIGN.md §4's model); memory.py and scaling.py
 change some defaults when run as scripts (``flags.FLAGS.set_default``).
 """
 
+from absl import app
 from absl import flags
 
 from benchmarks import lm
+from benchmarks import timing
 
 D_MODEL = flags.DEFINE_integer("d_model", 768, "Model width.")
 N_LAYERS = flags.DEFINE_integer("n_layers", 2, "Transformer blocks.")
@@ -40,3 +42,15 @@ def config(d_model: int | None = None, batch: int | None = None,
                    vocab=VOCAB.value, seq_len=SEQ_LEN.value,
                    batch=BATCH.value if batch is None else batch,
                    rank=r, alpha=2.0 * r)
+
+
+def start(argv: list[str]) -> None:
+  """A timing script's ``main`` prologue: no stray arguments; the allocator set.
+
+  Raises:
+    app.UsageError: ``argv`` holds more than the program name.
+  """
+  if len(argv) > 1:
+    raise app.UsageError("Too many command-line arguments.")
+  if STEADY_ALLOCATOR.value:
+    timing.steady_allocator()

@@ -170,14 +170,6 @@ def run(cfg: lm.Config, rounds: int, warmup: int, compile_reps: int,
   }
 
 
-def _met(value, target):
-  if target is None:
-    return ""
-  if isinstance(target, (list, tuple)):
-    return "yes" if target[0] <= value <= target[1] else "**no**"
-  return "yes" if value <= target else "**no**"
-
-
 def markdown(results: dict) -> str:
   cfg, env = results["config"], results["environment"]
   step, ratios = results["step_ms"], results["step_ratios"]
@@ -215,15 +207,15 @@ def markdown(results: dict) -> str:
   lines += ["", "Paired ratios (median over rounds of the two steps timed back to back):", ""]
   rows = [[k, v["median"], f"{v['q1']:.3g}–{v['q3']:.3g}", v["of_fastest"],
            "" if v["target"] is None else f"≤ {v['target']}",
-           _met(v["median"], v["target"])] for k, v in ratios.items()]
+           report.met(v["median"], v["target"])] for k, v in ratios.items()]
   comp = results["compile"]
   c = comp["xrapture/naive"]
   rows.append(["compile: xrapture/naive", c["median"], f"{c['q1']:.3g}–{c['q3']:.3g}", "",
-               f"≤ {c['target']}", _met(c["median"], c["target"])])
+               f"≤ {c['target']}", report.met(c["median"], c["target"])])
   for key, v in results["inference_ratios"].items():
     target = v.get("target")
     rows.append([f"inference: {key}", v["median"], f"{v['q1']:.3g}–{v['q3']:.3g}", "",
-                 "" if target is None else "1.00 ± 0.03", _met(v["median"], target)])
+                 "" if target is None else "1.00 ± 0.03", report.met(v["median"], target)])
   lines.append(report.markdown_table(
       ["ratio", "median", "IQR", "of fastest steps", "target", "met (median)"], rows))
   lines += ["", "jit compile (trace + lower + compile, median seconds; dots and XLA "
@@ -243,10 +235,7 @@ def markdown(results: dict) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError("Too many command-line arguments.")
-  if sizes.STEADY_ALLOCATOR.value:
-    timing.steady_allocator()
+  sizes.start(argv)
   results = run(sizes.config(), sizes.ROUNDS.value, sizes.WARMUP.value,
                 _COMPILE_REPS.value, sizes.PEFT.value, _TORCH_DEVICE.value)
   text = markdown(results)

@@ -23,6 +23,7 @@ if not __package__:
   sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import report  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import rss  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import targets  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -52,7 +53,10 @@ def _env(env: dict[str, Any]) -> str:
 
 
 def _net_rss(child: dict[str, Any]) -> int:
-  return child["step_peak_rss"] - child["baseline_rss"]
+  net = rss.step_net(child)
+  if net is None:
+    raise KeyError(f"{child.get('variant')}: no steady-state step peak was measured")
+  return net
 
 
 _VARIANTS = {"full": "dense full fine-tune", "bound": "bound: forward + input gradients",
