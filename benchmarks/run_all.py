@@ -4,15 +4,18 @@ r"""Every benchmark, one after another, each in its own process.
     python benchmarks/run_all.py --quick    # toy sizes, seconds: does it all run?
     python benchmarks/run_all.py --gpu      # on a GPU machine: results/*_gpu*.json
 
-Runs memory.py (one subprocess per variant and batch size), scaling.py and
-last step_time.py (the headline table, measured as late as possible), writing
-benchmarks/results/{memory,scaling,step_time}.{json,md} and scaling.png.
+Runs memory.py (one subprocess per variant and batch size), scaling.py,
+gemm.py and last step_time.py (the headline table, measured as late as
+possible), writing benchmarks/results/{memory,scaling,gemm,step_time}.{json,md}
+and scaling.png. On another machine, ``--results_dir=benchmarks/results/<cpu>``
+keeps its results beside the others (benchmarks/tables.py's OTHER_CPUS).
 ``--only=first_step`` runs first_step.py (the first step of 12- to 48-layer
 models, ~10 min), ``--only=qlora`` runs qlora.py (QLoRA memory, time and error; ~30 min at its
 306M-parameter default), ``--only=remat`` remat.py (memory on demand, ~5 min),
 which the default set leaves out.
 """
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -24,7 +27,8 @@ _QUICK = flags.DEFINE_bool("quick", False, "Toy sizes: checks that everything ru
 _RESULTS = flags.DEFINE_string(
     "results_dir", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
     "Directory for the JSON, markdown and PNG files.")
-_ONLY = flags.DEFINE_list("only", ["memory", "scaling", "step_time"], "Which benchmarks, in order.")
+_ONLY = flags.DEFINE_list("only", ["memory", "scaling", "gemm", "step_time"],
+                          "Which benchmarks, in order.")
 _GPU = flags.DEFINE_bool(
     "gpu", False, "On a GPU machine: the GPU set (GPU_RUNS), writing results/*_gpu*.json; "
     "then `python benchmarks/tables.py` puts them in the READMEs.")
@@ -59,6 +63,7 @@ _QUICK_FLAGS = {
                 "--rounds=2", "--warmup=1", "--head_dim=16"],
     "step_time": ["--d_model=64", "--head_dim=16", "--vocab=64", "--seq_len=16",
                   "--rounds=2", "--warmup=1", "--compile_reps=1"],
+    "gemm": ["--widths=32,64", "--seq_len=16", "--rounds=2", "--warmup=1"],
     "first_step": ["--d_model=64", "--head_dim=16", "--vocab=64", "--seq_len=16",
                    "--depths=2,4", "--rounds=1"],
     "breakdown": ["--d_model=64", "--head_dim=16", "--vocab=64", "--seq_len=16",
@@ -81,6 +86,9 @@ def main(argv):
       subprocess.run(cmd, check=True, env=env)
     return
   for name in _ONLY.value:
+    if name == "gemm" and importlib.util.find_spec("torch") is None:
+      print("run_all: no torch here (pip install '.[peft]'): gemm.py skipped", flush=True)
+      continue
     cmd = [sys.executable, os.path.join(here, f"{name}.py"),
            f"--out={os.path.join(_RESULTS.value, name + '.json')}"]
     if _QUICK.value:

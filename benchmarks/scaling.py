@@ -33,7 +33,6 @@ from benchmarks import targets
 from benchmarks import timing
 from benchmarks import variants
 
-_WIDTHS = flags.DEFINE_list("widths", ["256", "512", "768", "1024"], "Model widths.")
 _RANKS = flags.DEFINE_list("ranks", ["4", "8", "16", "32", "64"], "LoRA ranks.")
 _NAIVE = flags.DEFINE_bool("naive", True, "Also time the hand-written LoRA at every rank.")
 
@@ -170,7 +169,7 @@ def main(argv):
   results = {"environment": env, "n_layers": sizes.N_LAYERS.value, "seq_len": sizes.SEQ_LEN.value,
              "batch": sizes.BATCH.value, "vocab": sizes.VOCAB.value, "rounds": sizes.ROUNDS.value,
              "widths": {}}
-  for width in (int(w) for w in _WIDTHS.value):
+  for width in (int(w) for w in sizes.WIDTHS.value):
     cfg = sizes.config(d_model=width)
     results["widths"][str(width)] = measure_width(cfg, ranks, _NAIVE.value,
                                                   sizes.ROUNDS.value, sizes.WARMUP.value,

@@ -12,6 +12,8 @@ from benchmarks import timing
 
 D_MODEL = flags.DEFINE_integer("d_model", 768, "Model width.")
 N_LAYERS = flags.DEFINE_integer("n_layers", 2, "Transformer blocks.")
+WIDTHS = flags.DEFINE_list("widths", ["256", "512", "768", "1024"],
+                           "Model widths swept (scaling.py, gemm.py).")
 HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "Width of one attention head.")
 VOCAB = flags.DEFINE_integer("vocab", 1024, "Vocabulary size.")
 SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Tokens per sequence (T).")

@@ -34,6 +34,12 @@ MEMORY_TARGET = targets.MEMORY_OVER_FULL
 REMAT_STEP_TARGET = targets.REMAT_STEP_OVER_LORA
 SCALING_PEFT_TARGET = targets.SCALING_OVER_PEFT
 
+# The CPU timings depend on the machine (whose GEMMs, torch's or XLA's, are faster on
+# it), so they are kept for more than one: results/*.json from the first machine,
+# results/<dir>/*.json from each other one (the same scripts, run with
+# --out=benchmarks/results/<dir>/<name>.json). Table name suffix -> directory.
+OTHER_CPUS = {"amd-epyc": "amd_epyc"}
+
 
 def _load(results: pathlib.Path, name: str) -> dict[str, Any]:
   with open(results / f"{name}.json", encoding="utf-8") as f:
@@ -192,6 +198,23 @@ def scaling(results: pathlib.Path, name: str = "scaling",
                              "full ÷ bound"], rows)])
 
 
+def gemm_table(r: dict[str, Any]) -> str:
+  """benchmarks/gemm.py: one block's dense products, torch's time ÷ XLA's."""
+  rows = []
+  for d, w in sorted(r["widths"].items(), key=lambda kv: int(kv[0])):
+    ratio, xla, torch_ms = (w["torch_over_xla"], w["step_ms"]["xla"]["median_ms"],
+                            w["step_ms"]["torch"]["median_ms"])
+    rows.append([d, f"{w['gflop']:.2f}", f"{xla:.1f}", f"{w['gflop'] / xla * 1e3:.0f}",
+                 f"{torch_ms:.1f}", f"{w['gflop'] / torch_ms * 1e3:.0f}",
+                 f"{ratio['median']:.2f} ({ratio['q1']:.2f}–{ratio['q3']:.2f})"])
+  return "\n".join([
+      _env(r["environment"]) + f"; {r['tokens']} tokens, float32, {r['threads']} threads, "
+      f"{r['rounds']} alternated rounds. One block's dense products (q, k, v, out, up, "
+      "down), each as `x @ w` and `∂y @ wᵀ`.", "",
+      report.markdown_table(["d", "GFLOP", "XLA ms", "XLA GFLOP/s", "torch ms",
+                             "torch GFLOP/s", "torch ÷ XLA (IQR)"], rows)])
+
+
 def breakdown_table(results: dict[str, Any]) -> str:
   """benchmarks/breakdown.py's step with the LoRA rule taken apart, ÷ the bound."""
   cfg, over = results["config"], results["over_bound"]
@@ -305,31 +328,31 @@ def gpu(results: pathlib.Path) -> str:
   return "\n".join(lines)
 
 
-def _step_time_targets(results: pathlib.Path) -> list[list[str]]:
+def _step_time_targets(results: pathlib.Path, on: str = "") -> list[list[str]]:
   st = _load(results, "step_time")
   ratios, rows = st["step_ratios"], []
   for key, what in (("bound", "bound (forward + input gradients)"),
                     ("naive", "hand-written LoRA"), ("peft", "PEFT")):
     v = ratios.get(f"xrapture/{key}")
     if v is not None:
-      rows.append([f"step ≤ {v['target']}× {what}, d={st['config']['d_model']}",
+      rows.append([f"step ≤ {v['target']}× {what}, d={st['config']['d_model']}{on}",
                    f"{v['median']:.2f}", _met(v["median"] <= v["target"])])
   c = st["compile"]["xrapture/naive"]
-  rows.append([f"jit compile ≤ {c['target']}× hand-written", f"{c['median']:.2f}",
+  rows.append([f"jit compile ≤ {c['target']}× hand-written{on}", f"{c['median']:.2f}",
                _met(c["median"] <= c["target"])])
   m = st["inference_ratios"]["merged/base"]
-  rows.append([f"merged-params inference ÷ base in {m['target'][0]}–{m['target'][1]}",
+  rows.append([f"merged-params inference ÷ base in {m['target'][0]}–{m['target'][1]}{on}",
                f"{m['median']:.3f}",
                _met(m["target"][0] <= m["median"] <= m["target"][1])])
   return rows
 
 
-def _scaling_targets(results: pathlib.Path) -> list[list[str]]:
+def _scaling_targets(results: pathlib.Path, on: str = "") -> list[list[str]]:
   points = list(_scaling_points(_load(results, "scaling")))
   over = [(p["xrapture"]["bound"] - t, w, p, t) for w, p, t in points]
   _, width, point, target = max(over, key=lambda o: o[0])
   met = sum(o[0] <= 0 for o in over)
-  rows = [["step ÷ bound ≤ 1 + 3r/d + 0.03 at every width and rank",
+  rows = [[f"step ÷ bound ≤ 1 + 3r/d + 0.03 at every width and rank{on}",
            f"{met} of {len(over)} points; worst d={width}, r={point['rank']}: "
            f"{point['xrapture']['bound']:.2f} (target {target:.2f})", _met(met == len(over))]]
   peft = [(p["xrapture_over_peft"], w, p["rank"]) for w, p, _ in points
@@ -337,7 +360,7 @@ def _scaling_targets(results: pathlib.Path) -> list[list[str]]:
   if peft:
     worst, width, rank = max(peft)
     met = sum(q <= SCALING_PEFT_TARGET for q, _, _ in peft)
-    rows.append([f"step ÷ PEFT ≤ {SCALING_PEFT_TARGET} at every width and rank",
+    rows.append([f"step ÷ PEFT ≤ {SCALING_PEFT_TARGET} at every width and rank{on}",
                  f"{met} of {len(peft)} points; worst d={width}, r={rank}: {worst:.2f}",
                  _met(met == len(peft))])
   return rows
@@ -371,16 +394,35 @@ def _first_step_targets(results: pathlib.Path) -> list[list[str]]:
            f"{ratio['median']:.2f}", _met(ratio["median"] <= target)]]
 
 
+def _machine(results: pathlib.Path) -> str:
+  """The CPU a result set ran on, from its step-time run (``AMD EPYC``)."""
+  for name in ("step_time", "scaling"):
+    if (results / f"{name}.json").exists():
+      return _load(results, name)["environment"]["machine"].rsplit(",", 1)[0].replace("(R)", "")
+  return results.name
+
+
 def targets_table(results: pathlib.Path) -> str:
-  """Every performance target, its measured value and whether it is met."""
+  """Every performance target, its measured value and whether it is met.
+
+  The timing targets get one row per machine when results/ holds more than one
+  machine's (:data:`OTHER_CPUS`), each row naming its machine.
+  """
+  others = [results / d for d in OTHER_CPUS.values() if (results / d).is_dir()]
   rows = []
-  for part in (_step_time_targets, _scaling_targets, _memory_targets, _remat_targets,
-               _first_step_targets):
+
+  def add(part, *args):
     try:
-      rows += part(results)
+      rows.extend(part(*args))
     except FileNotFoundError as e:
       rows.append([part.__name__.strip("_").replace("_", " "),
                    f"not measured yet: no `{pathlib.Path(e.filename).name}`", ""])
+
+  for part in (_step_time_targets, _scaling_targets):
+    for machine in [results, *others]:
+      add(part, machine, f" ({_machine(machine)})" if others else "")
+  for part in (_memory_targets, _remat_targets, _first_step_targets):
+    add(part, results)
   return report.markdown_table(["target (CPU)", "measured", "met"], rows)
 
 
@@ -395,7 +437,15 @@ TABLES: dict[str, Callable[[pathlib.Path], str]] = {
     "first-step": first_step,
     "qlora": qlora,
     "gpu": gpu,
+    "gemm": lambda results: gemm_table(_load(results, "gemm")),
 }
+for _suffix, _dir in OTHER_CPUS.items():
+  TABLES[f"step-time-{_suffix}"] = lambda results, d=_dir: step_time_variants(results / d)
+  TABLES[f"step-time-ratios-{_suffix}"] = lambda results, d=_dir: step_time_ratios(results / d)
+  TABLES[f"scaling-{_suffix}"] = lambda results, d=_dir: scaling(results / d)
+  TABLES[f"gemm-{_suffix}"] = lambda results, d=_dir: gemm_table(_load(results / d, "gemm"))
+  TABLES[f"breakdown-{_suffix}"] = lambda results, d=_dir: breakdown_table(
+      _load(results / d, "breakdown"))
 
 
 def render(text: str, results: pathlib.Path) -> str:

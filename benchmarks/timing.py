@@ -104,23 +104,32 @@ def cpu_threads() -> int:
 
 
 # mallopt(3) parameters (glibc's malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 _ALLOCATOR: str | None = None
 
 
 def steady_allocator() -> str | None:
   """Keeps freed memory in glibc's heap, so a step reuses its buffers' pages.
 
-  XLA:CPU mallocs each step's temporaries anew. glibc serves an allocation
-  above its mmap threshold (at most 32 MiB) from fresh pages and unmaps it on
-  free, so every step then page-faults all of them: at d=256 xrapture's 38 MiB
-  of temporaries cost ~9,800 faults a step and a third of its time, while the
-  bound's 28 MiB stayed under the threshold. Timing variants on either side of
-  that line compares the allocator, not the steps. This turns glibc's mmap
-  off and its trimming down (``mallopt``; the same as
-  ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=...``)
-  for the whole process, torch's allocations included (threads' own arenas
-  still map requests above their 64 MiB heap size). Call it first thing.
+  XLA:CPU mallocs each step's temporaries anew, and glibc gives freed memory
+  back to the kernel in two ways, after which every step page-faults it in
+  again:
+
+  * an allocation above the mmap threshold (at most 32 MiB) gets fresh pages
+    and is unmapped on free: at d=256 xrapture's 38 MiB of temporaries cost
+    ~9,800 faults a step and a third of its time, while the bound's 28 MiB
+    stayed under the threshold;
+  * XLA's worker threads allocate from their own arenas, whose heaps are
+    mapped 64 MiB at a time and unmapped once wholly free: at d=512, r=32
+    (70 MiB of temporaries) xrapture still faulted ~18,000 times a step with
+    mmap off, the bound (59 MiB) about 140.
+
+  Timing variants on either side of those lines compares the allocator, not
+  the steps. This turns glibc's mmap off, its trimming down, and its arenas
+  to one, the main heap (``mallopt``; the same as
+  ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=...:glibc.malloc.arena_max=1``)
+  for the whole process, torch's allocations included. Call it first thing,
+  before any thread allocates.
 
   Returns:
     What was set (recorded by :func:`environment`), or None off glibc.
@@ -128,10 +137,11 @@ def steady_allocator() -> str | None:
   global _ALLOCATOR
   try:
     libc = ctypes.CDLL("libc.so.6")
-    ok = libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    ok = (libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+          and libc.mallopt(_M_ARENA_MAX, 1))
   except (OSError, AttributeError):
     return None
-  _ALLOCATOR = "glibc mmap_max=0, trim_threshold=2 GiB" if ok else None
+  _ALLOCATOR = "glibc mmap_max=0, trim_threshold=2 GiB, arena_max=1" if ok else None
   return _ALLOCATOR
 
 

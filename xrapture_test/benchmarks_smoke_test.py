@@ -20,6 +20,7 @@ import test_utils
 test_utils.append_repo_root()
 
 from benchmarks import breakdown  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import gemm  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import first_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import lm  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import memory  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -85,29 +86,72 @@ class BenchmarksSmokeTest(absltest.TestCase):
     with open(out[:-len(".json")] + ".md") as f:
       self.assertIn("xrapture ÷ bound", f.read())
 
+  @absltest.skipIf(torch is None, optional.MISSING)
+  def test_gemm_times_the_same_products(self):
+    # torch and XLA compute the same products (checked against each other
+    # before the table is written), and the table has their ratio.
+    out = os.path.join(self.out_dir, "gemm.json")
+    with flagsaver.flagsaver(out=out, widths=["16"], **_TOY):
+      gemm.main([])
+    with open(out) as f:
+      point = json.load(f)["widths"]["16"]
+    self.assertLess(point["max_relative_difference"], 1e-5)
+    self.assertEqual(point["torch_over_xla"]["n"], _TOY["rounds"])
+    # q, k, v, out (16×16), up (16×64), down (64×16); x @ w and ∂y @ wᵀ each.
+    tokens = _TOY["batch"] * _TOY["seq_len"]
+    self.assertAlmostEqual(point["gflop"], 2 * 2 * tokens * (4 * 16 * 16 + 2 * 16 * 64) / 1e9)
+    with open(out[:-len(".json")] + ".md") as f:
+      self.assertIn("torch ÷ XLA", f.read())
+
   def test_steady_allocator_stops_the_page_faults(self):
-    # A 48 MiB buffer (over glibc's largest mmap threshold, 32 MiB) allocated,
-    # written and freed: fresh pages every time by default, none once set.
+    # Freed memory that glibc hands back to the kernel is faulted in again on
+    # the next use. Two ways, each allocated, written and freed five times:
+    # * in the main thread, a 48 MiB buffer (over the largest mmap threshold,
+    #   32 MiB): fresh pages every time by default;
+    # * in another thread (as XLA's workers allocate), 40 + 40 MiB live at
+    #   once, past one 64 MiB heap of the thread's own arena: glibc unmaps the
+    #   second heap once it is wholly free (mmap_max=0 alone still faults it).
+    # One process each way: by default, and with steady_allocator() called
+    # first (as the timing scripts do, before any thread has an arena).
     script = textwrap.dedent("""
-        import resource, sys
+        import resource, sys, threading
         import numpy as np
         sys.path.insert(0, sys.argv[1])
         from benchmarks import timing
-        def faults():
-          start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        steady = sys.argv[2] == "steady" and timing.steady_allocator() is not None
+        def main_thread():
           for _ in range(5):
             np.ones(12 * 2**20, np.float32).sum()
+        def other_thread():
+          for _ in range(5):
+            a, b = np.ones(10 * 2**20, np.float32), np.ones(10 * 2**20, np.float32)
+            (a.sum(), b.sum())
+            del a, b
+        def faults(work):
+          start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+          work()
           return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start
-        before = faults()
-        print(timing.steady_allocator(), before, faults(), faults())  # the heap grows once
+        def counts():
+          out = [faults(main_thread)]
+          t = threading.Thread(target=lambda: out.append(faults(other_thread)))
+          t.start()
+          t.join()
+          return out
+        counts()   # the heaps grow once
+        print(steady, *counts())
         """)
-    out = subprocess.run([sys.executable, "-c", script, test_utils.append_repo_root()],
-                         capture_output=True, text=True, check=True).stdout.split()
-    if out[0] == "None":
+    runs = {}
+    for mode in ("default", "steady"):
+      runs[mode] = subprocess.run(
+          [sys.executable, "-c", script, test_utils.append_repo_root(), mode],
+          capture_output=True, text=True, check=True).stdout.split()
+    if runs["steady"][0] == "False":
       self.skipTest("not glibc")
-    before, after = int(out[-3]), int(out[-1])
-    self.assertGreater(before, 5 * 24)   # each time, at least a fault per 2 MiB (huge) page
-    self.assertLess(after, before // 10)
+    for i, where in enumerate(("main thread", "other thread"), start=1):
+      before, after = int(runs["default"][i]), int(runs["steady"][i])
+      with self.subTest(where):
+        self.assertGreater(before, 5 * 24)   # each time, at least a fault per 2 MiB (huge) page
+        self.assertLess(after, before // 10)
 
   def test_breakdown_restores_the_rule(self):
     out = os.path.join(self.out_dir, "breakdown.json")
