@@ -3,10 +3,12 @@ r"""The dense products alone: torch's GEMMs against XLA's, on the benchmark LM's
     python benchmarks/gemm.py                       # widths 256..1024, T·B = 512 tokens
     python benchmarks/gemm.py --widths=256 --rounds=5
 
-Where the dense products dominate a LoRA step (d ≥ 512 here), xrapture ÷ PEFT
-is about XLA's GEMM time ÷ torch's on the same shapes, whatever either LoRA
-does: both run the same dense products. This times those products and
-nothing else, so that a result set says what a machine's GEMMs allow.
+A LoRA step is mostly its frozen dense products (d ≥ 512 here), and xrapture
+and PEFT run the same ones, so XLA's GEMM time ÷ torch's on those shapes is
+the part of xrapture ÷ PEFT that no LoRA rule changes; the rest is each
+library's other work (torch's per-op costs, the rank products, Adam). This
+times those products and nothing else, so that a result set says what a
+machine's GEMMs give either side.
 
 For each width ``d``, one call does a layer's dense products (benchmarks/lm.py
 at that width): the four ``d×d`` projections, ``d → 4d`` and ``4d → d``, each
@@ -28,7 +30,6 @@ if not __package__:
 
 from absl import app
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import report
@@ -55,51 +56,47 @@ def jax_products(ops):
   f = jax.jit(lambda ops: [(x @ w, g @ w.T) for x, g, w in ops])
 
   def run():
-    jax.block_until_ready(f(args))
+    return jax.block_until_ready(f(args))
   return run
 
 
-def torch_products(ops, threads: int):
+def torch_products(ops):
+  """The same products in torch, in a row; torch's threads set by the caller."""
   import torch  # pylint: disable=g-import-not-at-top
-  torch.set_num_threads(threads)
   args = [tuple(torch.from_numpy(a) for a in op) for op in ops]
 
   def run():
     with torch.no_grad():
-      for x, g, w in args:
-        x @ w  # pylint: disable=pointless-statement
-        g @ w.T  # pylint: disable=pointless-statement
+      return [(x @ w, g @ w.T) for x, g, w in args]
   return run
 
 
-def check_agreement(ops, threads: int) -> float:
-  """Largest relative difference of the two libraries' products (same numbers first)."""
-  import torch  # pylint: disable=g-import-not-at-top
-  torch.set_num_threads(threads)
+def max_relative_difference(xla_run, torch_run) -> float:
+  """Largest relative difference of the products the two timed callables return."""
   worst = 0.0
-  for x, g, w in ops:
-    for a, b in ((x, w), (g, w.T)):
-      mine = np.asarray(jnp.asarray(a) @ jnp.asarray(b))
-      theirs = (torch.from_numpy(np.ascontiguousarray(a))
-                @ torch.from_numpy(np.ascontiguousarray(b))).numpy()
-      worst = max(worst, float(np.abs(mine - theirs).max() / np.abs(theirs).max()))
+  for mine, theirs in zip(xla_run(), torch_run(), strict=True):
+    for a, b in zip(mine, theirs, strict=True):
+      a, b = np.asarray(a), b.numpy()
+      worst = max(worst, float(np.abs(a - b).max() / np.abs(b).max()))
   return worst
 
 
 def run(widths: list[int], tokens: int, rounds: int, warmup: int) -> dict:
-  threads = len(os.sched_getaffinity(0))
+  import torch  # pylint: disable=g-import-not-at-top
+  threads = timing.cpu_threads()
+  torch.set_num_threads(threads)
   out = {"environment": timing.environment(), "tokens": tokens, "threads": threads,
          "rounds": rounds, "widths": {}}
   for d in widths:
     ops = operands(d, tokens)
     flops = sum(2 * 2 * tokens * k * n for k, n in layer_shapes(d))
-    times = timing.alternate({"xla": jax_products(ops), "torch": torch_products(ops, threads)},
-                             rounds, warmup)
-    summary = timing.summarize(times)
+    steps = {"xla": jax_products(ops), "torch": torch_products(ops)}
+    difference = max_relative_difference(steps["xla"], steps["torch"])  # same numbers first
+    times = timing.alternate(steps, rounds, warmup)
     out["widths"][str(d)] = {
-        "gflop": flops / 1e9, "step_ms": summary,
+        "gflop": flops / 1e9, "step_ms": timing.summarize(times),
         "torch_over_xla": timing.paired_ratio(times, "torch", "xla"),
-        "max_relative_difference": check_agreement(ops, threads)}
+        "max_relative_difference": difference}
   out["environment"]["loadavg_end"] = timing.load_average()
   return out
 

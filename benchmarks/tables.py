@@ -366,86 +366,88 @@ def _scaling_targets(results: pathlib.Path, on: str = "") -> list[list[str]]:
   return rows
 
 
-def _memory_targets(results: pathlib.Path) -> list[list[str]]:
+def _memory_targets(results: pathlib.Path, on: str = "") -> list[list[str]]:
   mem, rows = _load(results, "memory"), []
   for batch in mem["batches"]:
     full, lora = mem["children"][f"full B={batch}"], mem["children"][f"xrapture B={batch}"]
     v = _net_rss(lora) / _net_rss(full)
-    rows.append([f"LoRA step peak memory ≤ {MEMORY_TARGET}× full fine-tune, B={batch}",
+    rows.append([f"LoRA step peak memory ≤ {MEMORY_TARGET}× full fine-tune, B={batch}{on}",
                  f"{v:.2f}", _met(v <= MEMORY_TARGET)])
   return rows
 
 
-def _remat_targets(results: pathlib.Path) -> list[list[str]]:
+def _remat_targets(results: pathlib.Path, on: str = "") -> list[list[str]]:
   rm = _load(results, "memory_remat")
   v = _net_rss(rm["children"]["xrapture_remat B=4"]) / _net_rss(rm["children"]["full B=4"])
   s = _load(results, "remat")["step_ratios"][rm["remat_policy"]]["median"]
   return [[f"with `hk.remat` ({rm['remat_policy']}), B=4: memory ≤ {MEMORY_TARGET}× full, "
-           f"step ≤ {REMAT_STEP_TARGET}× plain LoRA", f"{v:.2f}, {s:.2f}",
+           f"step ≤ {REMAT_STEP_TARGET}× plain LoRA{on}", f"{v:.2f}, {s:.2f}",
            _met(v <= MEMORY_TARGET and s <= REMAT_STEP_TARGET)]]
 
 
-def _first_step_targets(results: pathlib.Path) -> list[list[str]]:
+def _first_step_targets(results: pathlib.Path, on: str = "") -> list[list[str]]:
   fs = _load(results, "first_step")
   deepest = max(fs["depths"], key=int)
   ratio = fs["depths"][deepest]["ratio"]
   target = ratio.get("target", targets.FIRST_STEP_OVER_NAIVE)
-  return [[f"first step of a {deepest}-layer model ≤ {target}× hand-written",
+  return [[f"first step of a {deepest}-layer model ≤ {target}× hand-written{on}",
            f"{ratio['median']:.2f}", _met(ratio["median"] <= target)]]
 
 
 def _machine(results: pathlib.Path) -> str:
-  """The CPU a result set ran on, from its step-time run (``AMD EPYC``)."""
-  for name in ("step_time", "scaling"):
+  """The CPU a result set ran on, from its runs (``Intel Xeon``, ``AMD EPYC``)."""
+  for name in ("step_time", "scaling", "memory"):
     if (results / f"{name}.json").exists():
-      return _load(results, name)["environment"]["machine"].rsplit(",", 1)[0].replace("(R)", "")
+      cpu = _load(results, name)["environment"]["machine"].rsplit(",", 1)[0]
+      return cpu.replace("(R)", "").replace(" Processor", "").strip()
   return results.name
 
 
 def targets_table(results: pathlib.Path) -> str:
   """Every performance target, its measured value and whether it is met.
 
-  The timing targets get one row per machine when results/ holds more than one
-  machine's (:data:`OTHER_CPUS`), each row naming its machine.
+  When results/ holds more than one machine's (:data:`OTHER_CPUS`), every row
+  names its machine, and the timing targets get a row per machine.
   """
   others = [results / d for d in OTHER_CPUS.values() if (results / d).is_dir()]
   rows = []
 
-  def add(part, *args):
+  def add(part, machine):
+    on = f" ({_machine(machine)})" if others else ""
     try:
-      rows.extend(part(*args))
+      rows.extend(part(machine, on))
     except FileNotFoundError as e:
-      rows.append([part.__name__.strip("_").replace("_", " "),
+      rows.append([part.__name__.strip("_").replace("_", " ") + on,
                    f"not measured yet: no `{pathlib.Path(e.filename).name}`", ""])
 
   for part in (_step_time_targets, _scaling_targets):
     for machine in [results, *others]:
-      add(part, machine, f" ({_machine(machine)})" if others else "")
+      add(part, machine)
   for part in (_memory_targets, _remat_targets, _first_step_targets):
     add(part, results)
   return report.markdown_table(["target (CPU)", "measured", "met"], rows)
 
 
-TABLES: dict[str, Callable[[pathlib.Path], str]] = {
-    "targets": targets_table,
+# The tables of one machine's result set, by name.
+_PER_MACHINE: dict[str, Callable[[pathlib.Path], str]] = {
     "step-time": step_time_variants,
     "step-time-ratios": step_time_ratios,
-    "memory": memory,
-    "remat": remat,
     "scaling": scaling,
     "breakdown": lambda results: breakdown_table(_load(results, "breakdown")),
+    "gemm": lambda results: gemm_table(_load(results, "gemm")),
+}
+# Those of results/ itself, then each other machine's as "<name>-<suffix>".
+TABLES: dict[str, Callable[[pathlib.Path], str]] = {
+    "targets": targets_table,
+    "memory": memory,
+    "remat": remat,
     "first-step": first_step,
     "qlora": qlora,
     "gpu": gpu,
-    "gemm": lambda results: gemm_table(_load(results, "gemm")),
+    **_PER_MACHINE,
+    **{f"{name}-{suffix}": (lambda results, table=table, d=d: table(results / d))
+       for suffix, d in OTHER_CPUS.items() for name, table in _PER_MACHINE.items()},
 }
-for _suffix, _dir in OTHER_CPUS.items():
-  TABLES[f"step-time-{_suffix}"] = lambda results, d=_dir: step_time_variants(results / d)
-  TABLES[f"step-time-ratios-{_suffix}"] = lambda results, d=_dir: step_time_ratios(results / d)
-  TABLES[f"scaling-{_suffix}"] = lambda results, d=_dir: scaling(results / d)
-  TABLES[f"gemm-{_suffix}"] = lambda results, d=_dir: gemm_table(_load(results / d, "gemm"))
-  TABLES[f"breakdown-{_suffix}"] = lambda results, d=_dir: breakdown_table(
-      _load(results / d, "breakdown"))
 
 
 def render(text: str, results: pathlib.Path) -> str:

@@ -136,12 +136,14 @@ def steady_allocator() -> str | None:
   """
   global _ALLOCATOR
   try:
-    libc = ctypes.CDLL("libc.so.6")
-    ok = (libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
-          and libc.mallopt(_M_ARENA_MAX, 1))
+    mallopt = ctypes.CDLL("libc.so.6").mallopt
   except (OSError, AttributeError):
     return None
-  _ALLOCATOR = "glibc mmap_max=0, trim_threshold=2 GiB, arena_max=1" if ok else None
+  done = [label for param, value, label in ((_M_MMAP_MAX, 0, "mmap_max=0"),
+                                            (_M_TRIM_THRESHOLD, 2**31 - 1, "trim_threshold=2 GiB"),
+                                            (_M_ARENA_MAX, 1, "arena_max=1"))
+          if mallopt(param, value)]
+  _ALLOCATOR = "glibc " + ", ".join(done) if done else None
   return _ALLOCATOR
 
 

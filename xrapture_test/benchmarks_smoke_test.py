@@ -88,8 +88,16 @@ class BenchmarksSmokeTest(absltest.TestCase):
 
   @absltest.skipIf(torch is None, optional.MISSING)
   def test_gemm_times_the_same_products(self):
-    # torch and XLA compute the same products (checked against each other
-    # before the table is written), and the table has their ratio.
+    # The callables it times compute a block's six products both ways (x @ w
+    # and ∂y @ wᵀ), checked here against numpy's.
+    ops = gemm.operands(16, tokens=8)
+    self.assertEqual([w.shape for _, _, w in ops], [(16, 16)] * 4 + [(16, 64), (64, 16)])
+    for timed in (gemm.jax_products(ops), gemm.torch_products(ops)):
+      products = timed()
+      self.assertLen(products, 6)
+      for (x, g, w), (forward, backward) in zip(ops, products):
+        np.testing.assert_allclose(np.asarray(forward), x @ w, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(backward), g @ w.T, rtol=1e-5, atol=1e-5)
     out = os.path.join(self.out_dir, "gemm.json")
     with flagsaver.flagsaver(out=out, widths=["16"], **_TOY):
       gemm.main([])
@@ -97,7 +105,6 @@ class BenchmarksSmokeTest(absltest.TestCase):
       point = json.load(f)["widths"]["16"]
     self.assertLess(point["max_relative_difference"], 1e-5)
     self.assertEqual(point["torch_over_xla"]["n"], _TOY["rounds"])
-    # q, k, v, out (16×16), up (16×64), down (64×16); x @ w and ∂y @ wᵀ each.
     tokens = _TOY["batch"] * _TOY["seq_len"]
     self.assertAlmostEqual(point["gflop"], 2 * 2 * tokens * (4 * 16 * 16 + 2 * 16 * 64) / 1e9)
     with open(out[:-len(".json")] + ".md") as f:
@@ -110,15 +117,22 @@ class BenchmarksSmokeTest(absltest.TestCase):
     #   32 MiB): fresh pages every time by default;
     # * in another thread (as XLA's workers allocate), 40 + 40 MiB live at
     #   once, past one 64 MiB heap of the thread's own arena: glibc unmaps the
-    #   second heap once it is wholly free (mmap_max=0 alone still faults it).
-    # One process each way: by default, and with steady_allocator() called
-    # first (as the timing scripts do, before any thread has an arena).
+    #   second heap once it is wholly free, even with mmap off.
+    # One process each: glibc's default; mmap off and trimming down only (the
+    # other thread still faults); and steady_allocator() (as the timing scripts
+    # call it, before any thread has an arena): neither faults.
     script = textwrap.dedent("""
-        import resource, sys, threading
+        import ctypes, resource, sys, threading
         import numpy as np
         sys.path.insert(0, sys.argv[1])
         from benchmarks import timing
-        steady = sys.argv[2] == "steady" and timing.steady_allocator() is not None
+        if sys.argv[2] == "steady":
+          print(timing.steady_allocator() is not None)
+        elif sys.argv[2] == "mmap_off":
+          libc = ctypes.CDLL("libc.so.6")
+          print(bool(libc.mallopt(-4, 0) and libc.mallopt(-1, 2**31 - 1)))
+        else:
+          print(True)
         def main_thread():
           for _ in range(5):
             np.ones(12 * 2**20, np.float32).sum()
@@ -138,20 +152,24 @@ class BenchmarksSmokeTest(absltest.TestCase):
           t.join()
           return out
         counts()   # the heaps grow once
-        print(steady, *counts())
+        print(*counts())
         """)
     runs = {}
-    for mode in ("default", "steady"):
+    for mode in ("default", "mmap_off", "steady"):
       runs[mode] = subprocess.run(
           [sys.executable, "-c", script, test_utils.append_repo_root(), mode],
           capture_output=True, text=True, check=True).stdout.split()
-    if runs["steady"][0] == "False":
+    if runs["steady"][0] == "False" or runs["mmap_off"][0] == "False":
       self.skipTest("not glibc")
-    for i, where in enumerate(("main thread", "other thread"), start=1):
-      before, after = int(runs["default"][i]), int(runs["steady"][i])
-      with self.subTest(where):
-        self.assertGreater(before, 5 * 24)   # each time, at least a fault per 2 MiB (huge) page
-        self.assertLess(after, before // 10)
+    counts = {mode: [int(n) for n in out[1:]] for mode, out in runs.items()}
+    # At least ~20 faults a time for 40-48 MiB: one per 2 MiB huge page, or
+    # one per 4 KiB page without them.
+    self.assertGreater(counts["default"][0], 5 * 20, "main thread, default")
+    self.assertGreater(counts["default"][1], 5 * 20, "other thread, default")
+    self.assertLess(counts["mmap_off"][0], counts["default"][0] // 10, "main thread, mmap off")
+    self.assertGreater(counts["mmap_off"][1], 5 * 20, "other thread, mmap off")
+    self.assertLess(counts["steady"][0], counts["default"][0] // 10, "main thread, steady")
+    self.assertLess(counts["steady"][1], counts["mmap_off"][1] // 10, "other thread, steady")
 
   def test_breakdown_restores_the_rule(self):
     out = os.path.join(self.out_dir, "breakdown.json")
