@@ -43,9 +43,10 @@ class Config:
   batch: int = 4
   rank: int = 8
   alpha: float = 16.0
-  # Memory on demand: each block under ``hk.remat`` with this
+  # Memory on demand: blocks under ``hk.remat`` with this
   # ``jax.checkpoint_policies`` policy ('nothing_saveable', 'dots_saveable',
-  # 'dots_with_no_batch_dims_saveable', ...); '' keeps every activation.
+  # 'dots_with_no_batch_dims_saveable', ...), every block, or the first k of
+  # them as 'policy:k'; '' keeps every activation.
   remat: str = ""
 
   @property
@@ -135,11 +136,13 @@ def forward(tokens: jax.Array, h0: jax.Array | None = None, *, cfg: Config,
     y = jax.nn.gelu(linear(cfg.mlp_ratio * cfg.d_model, "up")(y))
     return h + linear(cfg.d_model, "down")(y)
 
-  if cfg.remat:
-    block = hk.remat(block, policy=getattr(jax.checkpoint_policies, cfg.remat))
+  policy, _, count = cfg.remat.partition(":")
+  remat_block = (hk.remat(block, policy=getattr(jax.checkpoint_policies, policy))
+                 if policy else block)
+  n_remat = int(count) if count else cfg.n_layers
   for i in range(cfg.n_layers):
     with hk.name_scope(f"layer_{i}"):
-      h = block(h)
+      h = (remat_block if i < n_remat else block)(h)
   return hk.Linear(cfg.vocab, name="unembed")(_layer_norm("ln_final")(h))
 
 

@@ -132,8 +132,8 @@ def markdown(results: dict) -> str:
       f"T={cfg['seq_len']}, B={', '.join(results['batches'])}, r={cfg['rank']}: "
       f"{first['params'] / 1e6:.1f}M fp32 params ({mib(first['param_bytes'])} MiB); "
       f"Adam; {results['steps']} steps per process."
-      + (f" xrapture_remat: every block under hk.remat(policy="
-         f"jax.checkpoint_policies.{results['remat_policy']})."
+      + (f" xrapture_remat: blocks under hk.remat(policy="
+         f"jax.checkpoint_policies.{results['remat_policy']}) (':k': the first k)."
          if any(k.startswith("xrapture_remat") for k in children) else ""),
       "",
       report.environment_line(env),

@@ -41,7 +41,8 @@ from benchmarks import variants
 
 _POLICIES = flags.DEFINE_list(
     "policies", ["dots_with_no_batch_dims_saveable", "dots_saveable", "nothing_saveable"],
-    "jax.checkpoint_policies names, one remat variant each.")
+    "jax.checkpoint_policies names, one remat variant each ('policy:k': the first k "
+    "blocks only).")
 
 STEP_TARGET = targets.REMAT_STEP_OVER_LORA
 MEMORY_TARGET = targets.MEMORY_OVER_FULL

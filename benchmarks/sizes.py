@@ -24,7 +24,7 @@ WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed rounds first.")
 REMAT = flags.DEFINE_string(
     "remat", "nothing_saveable",
     "jax.checkpoint_policies policy of the xrapture_remat variant (memory on demand: "
-    "each block under hk.remat with it).")
+    "each block under hk.remat with it; 'policy:k' for the first k blocks only).")
 PEFT = flags.DEFINE_bool("peft", True, "Also time HuggingFace PEFT LoRA in torch "
                          "(pip install '.[peft]').")
 STEADY_ALLOCATOR = flags.DEFINE_bool(

@@ -134,24 +134,44 @@ def memory(results: pathlib.Path) -> str:
                              "÷ full", "XLA step plan ÷ full's", f"≤ {MEMORY_TARGET}"], rows)])
 
 
+def _remat_rss(results: pathlib.Path) -> dict[str, float]:
+  """Step peak RSS ÷ full fine-tuning's at B=4, by remat policy ('lora': none).
+
+  From every ``memory_remat*.json`` (``memory.py --batches=4 --remat=<policy>``),
+  each recording its policy.
+
+  Raises:
+    FileNotFoundError: there is none.
+  """
+  rss = {}
+  paths = sorted(results.glob("memory_remat*.json"))
+  if not paths:
+    raise FileNotFoundError(2, "no remat memory run", str(results / "memory_remat.json"))
+  for path in paths:
+    m = _load(results, path.stem)
+    full = _net_rss(m["children"]["full B=4"])
+    rss[m["remat_policy"]] = _net_rss(m["children"]["xrapture_remat B=4"]) / full
+    if "xrapture B=4" in m["children"]:
+      rss["lora"] = _net_rss(m["children"]["xrapture B=4"]) / full
+  return rss
+
+
+def _remat_label(policy: str) -> str:
+  name, _, count = policy.partition(":")
+  return f"`hk.remat`, `{name}`" + (f", first {count} blocks" if count else "")
+
+
 def remat(results: pathlib.Path) -> str:
   """LoRA with each block under hk.remat: memory ÷ full, step ÷ plain LoRA."""
   r = _load(results, "remat")
   plans = r["plan_bytes"]
-  rss = {}
-  for name, policy in (("memory_remat", "nothing_saveable"),
-                       ("memory_remat_dots", "dots_with_no_batch_dims_saveable")):
-    m = _load(results, name)
-    full = _net_rss(m["children"]["full B=4"])
-    rss[policy] = _net_rss(m["children"]["xrapture_remat B=4"]) / full
-    if "xrapture B=4" in m["children"]:
-      rss["lora"] = _net_rss(m["children"]["xrapture B=4"]) / full
+  rss = _remat_rss(results)
   rows = []
   for name in ("lora", *r["step_ratios"]):
     ratio = r["step_ratios"].get(name)
     mem = rss.get(name)
     plan = plans[name] / plans["full"]
-    label = "every activation kept" if name == "lora" else f"`hk.remat`, `{name}`"
+    label = "every activation kept" if name == "lora" else _remat_label(name)
     step = ratio["median"] if ratio else 1.0
     ok = (mem if mem is not None else plan) <= MEMORY_TARGET and step <= REMAT_STEP_TARGET
     rows.append([label, "" if mem is None else f"{mem:.3f}", f"{plan:.3f}",
@@ -377,12 +397,16 @@ def _memory_targets(results: pathlib.Path, on: str = "") -> list[list[str]]:
 
 
 def _remat_targets(results: pathlib.Path, on: str = "") -> list[list[str]]:
-  rm = _load(results, "memory_remat")
-  v = _net_rss(rm["children"]["xrapture_remat B=4"]) / _net_rss(rm["children"]["full B=4"])
-  s = _load(results, "remat")["step_ratios"][rm["remat_policy"]]["median"]
-  return [[f"with `hk.remat` ({rm['remat_policy']}), B=4: memory ≤ {MEMORY_TARGET}× full, "
+  # Met if any policy with a measured RSS meets both; shown: the fastest that
+  # does, else the one that saves the most memory.
+  rss, steps = _remat_rss(results), _load(results, "remat")["step_ratios"]
+  measured = [(rss[p], steps[p]["median"], p) for p in rss if p in steps]
+  meeting = [m for m in measured if m[0] <= MEMORY_TARGET and m[1] <= REMAT_STEP_TARGET]
+  v, s, policy = (min(meeting, key=lambda m: m[1]) if meeting
+                  else min(measured, key=lambda m: m[0]))
+  return [[f"with {_remat_label(policy)}, B=4: memory ≤ {MEMORY_TARGET}× full, "
            f"step ≤ {REMAT_STEP_TARGET}× plain LoRA{on}", f"{v:.2f}, {s:.2f}",
-           _met(v <= MEMORY_TARGET and s <= REMAT_STEP_TARGET)]]
+           _met(bool(meeting))]]
 
 
 def _first_step_targets(results: pathlib.Path, on: str = "") -> list[list[str]]:
@@ -423,8 +447,10 @@ def targets_table(results: pathlib.Path) -> str:
   for part in (_step_time_targets, _scaling_targets):
     for machine in [results, *others]:
       add(part, machine)
-  for part in (_memory_targets, _remat_targets, _first_step_targets):
-    add(part, results)
+  add(_memory_targets, results)
+  for part in (_remat_targets, _first_step_targets):
+    for machine in [results, *others]:
+      add(part, machine)
   return report.markdown_table(["target (CPU)", "measured", "met"], rows)
 
 
@@ -435,13 +461,13 @@ _PER_MACHINE: dict[str, Callable[[pathlib.Path], str]] = {
     "scaling": scaling,
     "breakdown": lambda results: breakdown_table(_load(results, "breakdown")),
     "gemm": lambda results: gemm_table(_load(results, "gemm")),
+    "remat": remat,
+    "first-step": first_step,
 }
 # Those of results/ itself, then each other machine's as "<name>-<suffix>".
 TABLES: dict[str, Callable[[pathlib.Path], str]] = {
     "targets": targets_table,
     "memory": memory,
-    "remat": remat,
-    "first-step": first_step,
     "qlora": qlora,
     "gpu": gpu,
     **_PER_MACHINE,

@@ -52,6 +52,29 @@ class BenchTablesTest(absltest.TestCase):
     self.assertIn("1 of 2 points; worst d=256, r=8: 1.13 (target 1.12) | **no**", rows)
     self.assertIn("1 of 2 points; worst d=256, r=8: 0.90 | **no**", rows)
 
+  def test_remat_target_is_met_by_any_policy_with_both(self):
+    # Full fine-tuning's step peak 1000 bytes; each policy's RSS from its own
+    # memory run, its step from remat.json. Targets: memory ≤ 0.45, step ≤ 1.25.
+    def memory_run(policy, net):
+      child = lambda n: {"step_peak_rss": 100 + n, "baseline_rss": 100}
+      return {"remat_policy": policy,
+              "children": {"full B=4": child(1000), "xrapture_remat B=4": child(net)}}
+    def results_dir(steps, nets):
+      results = pathlib.Path(tempfile.mkdtemp())
+      (results / "remat.json").write_text(json.dumps({"step_ratios": {
+          p: {"median": v} for p, v in steps.items()}}))
+      for i, (policy, net) in enumerate(nets.items()):
+        (results / f"memory_remat_{i}.json").write_text(json.dumps(memory_run(policy, net)))
+      return results
+    steps = {"nothing_saveable": 1.30, "nothing_saveable:4": 1.15, "dots_saveable": 1.03}
+    nets = {"nothing_saveable": 340, "nothing_saveable:4": 440, "dots_saveable": 480}
+    (row,) = tables._remat_targets(results_dir(steps, nets))
+    self.assertEqual(row[1:], ["0.44, 1.15", "yes"])
+    self.assertIn("`nothing_saveable`, first 4 blocks", row[0])
+    del nets["nothing_saveable:4"]   # none meets both: the one saving the most is shown
+    (row,) = tables._remat_targets(results_dir(steps, nets))
+    self.assertEqual(row[1:], ["0.34, 1.30", "**no**"])
+
   def test_missing_results_and_unknown_tables(self):
     empty = pathlib.Path(tempfile.mkdtemp())
     text = "a\n<!-- table: first-step -->\nold\n<!-- end table: first-step -->\nb\n"

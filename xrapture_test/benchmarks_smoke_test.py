@@ -236,8 +236,8 @@ class BenchmarksSmokeTest(absltest.TestCase):
 
   def test_remat_trains_the_same_model(self):
     out = os.path.join(self.out_dir, "remat.json")
-    policies = ["nothing_saveable"]
-    with flagsaver.flagsaver(out=out, policies=policies, **_TOY):
+    policies = ["nothing_saveable", "nothing_saveable:1"]   # every block; the first only
+    with flagsaver.flagsaver(out=out, policies=policies, **dict(_TOY, n_layers=2)):
       remat.main([])
     with open(out) as f:
       results = json.load(f)
@@ -248,6 +248,20 @@ class BenchmarksSmokeTest(absltest.TestCase):
     # What each policy keeps is higher_order_test's; what XLA then plans
     # depends on its version (jax 0.10's CPU compiler undoes remat).
     self.assertEqual(set(results["plan_bytes"]), {"full", "lora", *policies})
+
+  def test_remat_of_the_first_blocks_only(self):
+    # 'policy:k' puts exactly the first k blocks under remat.
+    cfg = lm.Config(d_model=32, n_layers=3, n_heads=2, vocab=32, seq_len=8, batch=2, rank=2,
+                    alpha=4.0)
+    tokens = lm.batch(cfg)[0]
+    params = lm.dense_model(cfg).init(jax.random.PRNGKey(0), tokens)
+
+    def remat_calls(remat_setting):
+      model = lm.dense_model(cfg.replace(remat=remat_setting))
+      jaxpr = jax.make_jaxpr(model.apply)(params, None, tokens)
+      return sum(e.primitive.name in ("checkpoint", "remat", "remat2") for e in jaxpr.eqns)
+    self.assertEqual([remat_calls(r) for r in ("", "nothing_saveable", "nothing_saveable:2")],
+                     [0, 3, 2])
 
   def test_mixed_batch_agrees_with_the_loop(self):
     out = os.path.join(self.out_dir, "mixed_batch.json")
