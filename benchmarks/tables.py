@@ -402,6 +402,9 @@ def _remat_targets(results: pathlib.Path, on: str = "") -> list[list[str]]:
   rss, steps = _remat_rss(results), _load(results, "remat")["step_ratios"]
   measured = [(rss[p], steps[p]["median"], p) for p in rss if p in steps]
   meeting = [m for m in measured if m[0] <= MEMORY_TARGET and m[1] <= REMAT_STEP_TARGET]
+  if not measured:
+    return [[f"with `hk.remat`, B=4{on}", "not measured yet: no policy has both a "
+             "`remat.py` step and a `memory.py` RSS run", ""]]
   v, s, policy = (min(meeting, key=lambda m: m[1]) if meeting
                   else min(measured, key=lambda m: m[0]))
   return [[f"with {_remat_label(policy)}, B=4: memory ≤ {MEMORY_TARGET}× full, "

@@ -74,6 +74,8 @@ class BenchTablesTest(absltest.TestCase):
     del nets["nothing_saveable:4"]   # none meets both: the one saving the most is shown
     (row,) = tables._remat_targets(results_dir(steps, nets))
     self.assertEqual(row[1:], ["0.34, 1.30", "**no**"])
+    (row,) = tables._remat_targets(results_dir({"other": 1.0}, nets))  # no policy has both
+    self.assertIn("not measured yet", row[1])
 
   def test_missing_results_and_unknown_tables(self):
     empty = pathlib.Path(tempfile.mkdtemp())
