@@ -92,8 +92,7 @@ def markdown(results: dict) -> str:
       ratio = d["ratio"]
       rows.append([depth, "xrapture" if name == "xrapture" else "hand-written LoRA",
                    *(f"{s[p]:.2f}" for p in (*PHASES, "total")),
-                   *((f"{ratio['median']:.2f} ({ratio['q1']:.2f}–{ratio['q3']:.2f})",
-                      "yes" if ratio["median"] <= TARGET else "**no**")
+                   *((report.median_iqr(ratio), report.met(ratio["median"], TARGET))
                      if name == "xrapture" else ("", ""))])
   cfg = results["config"]
   return "\n".join([

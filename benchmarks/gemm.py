@@ -37,6 +37,7 @@ from benchmarks import sizes
 from benchmarks import tables
 from benchmarks import timing
 
+
 def layer_shapes(d: int) -> list[tuple[int, int]]:
   """``(in, out)`` of one block's dense kernels: q, k, v, out, up, down."""
   return [(d, d)] * 4 + [(d, 4 * d), (4 * d, d)]

@@ -27,6 +27,11 @@ def met(value: float, target: Any) -> str:
   return "yes" if value <= target else "**no**"
 
 
+def median_iqr(ratio: dict[str, float]) -> str:
+  """A paired ratio's median and interquartile range: ``1.05 (1.04–1.06)``."""
+  return f"{ratio['median']:.2f} ({ratio['q1']:.2f}–{ratio['q3']:.2f})"
+
+
 def environment_line(env: dict[str, Any]) -> str:
   versions = ", ".join(f"{k} {env[k]}" for k in
                        ("jax", "jaxlib", "haiku", "optax", "torch", "peft")

@@ -37,7 +37,6 @@ _RANKS = flags.DEFINE_list("ranks", ["4", "8", "16", "32", "64"], "LoRA ranks.")
 _NAIVE = flags.DEFINE_bool("naive", True, "Also time the hand-written LoRA at every rank.")
 
 PEFT_TARGET = targets.SCALING_OVER_PEFT
-bound_target = targets.bound_target
 
 
 def _have_peft() -> bool:
@@ -71,9 +70,9 @@ def measure_width(cfg: lm.Config, ranks: list[int], with_naive: bool,
     if with_peft:
       steps["peft"] = variants.PeftVariant(
           rcfg, batch, threads=timing.cpu_threads(), base=base, adapted=adapted,
-          device="cuda" if jax.default_backend() == "gpu" else "cpu").step
+          device=variants.default_torch_device()).step
     robin = timing.alternate(steps, rounds, warmup)
-    point = {"rank": rank, "bound_target": bound_target(cfg.d_model, rank)}
+    point = {"rank": rank, "bound_target": targets.bound_target(cfg.d_model, rank)}
     for kind in ("xrapture", "naive", "peft"):
       if kind in robin:
         point[kind] = {"ms": 1e3 * timing.quartiles(robin[kind])[1],
@@ -104,7 +103,7 @@ def markdown(results: dict) -> str:
     ms = w["step_ms"]
     for p in w["points"]:
       x, n = p["xrapture"], p.get("naive")
-      target = p.get("bound_target", bound_target(int(width), p["rank"]))
+      target = targets.point_target(int(width), p)
       over_peft = p.get("xrapture_over_peft")
       rows.append([width, p["rank"], f"{ms['full']['median_ms']:.1f}",
                    f"{ms['bound']['median_ms']:.1f}", f"{x['ms']:.1f}", x["bound"],
@@ -139,7 +138,7 @@ def plot(results: dict, path: str) -> None:
             color="black", label="full fine-tune")
   left.axhline(1.0, color="gray", lw=0.8)
   for i, rank in enumerate(ranks):
-    left.plot(widths, [bound_target(w, rank) for w in widths], ":", lw=0.8,
+    left.plot(widths, [targets.bound_target(w, rank) for w in widths], ":", lw=0.8,
               color=plt.cm.viridis(i / max(1, len(ranks) - 1)))
   left.set(xlabel="model width d", ylabel="step time ÷ bound (paired median)",
            title="LoRA step against the bound", xticks=widths)

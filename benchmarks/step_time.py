@@ -117,7 +117,7 @@ def run(cfg: lm.Config, rounds: int, warmup: int, compile_reps: int,
   """Every measurement of this script; returns the results dict."""
   env = timing.environment()
   if torch_device is None:
-    torch_device = "cuda" if jax.default_backend() == "gpu" else "cpu"
+    torch_device = variants.default_torch_device()
   env["torch_device"] = torch_device if with_peft else None
   env["torch_threads"] = timing.cpu_threads() if with_peft else None
   base, adapted, batch, steps = build(cfg, with_peft, torch_device)

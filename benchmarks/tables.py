@@ -89,11 +89,10 @@ def step_time_variants(results: pathlib.Path, name: str = "step_time") -> str:
 
 
 def _ratio_row(label: str, v: dict[str, Any], target: Any) -> list[str]:
-  if isinstance(target, (list, tuple)):
-    ok, shown = target[0] <= v["median"] <= target[1], f"{target[0]}–{target[1]}"
-  else:
-    ok, shown = v["median"] <= target, f"≤ {target}"
-  return [label, f"{v['median']:.2f}", f"{v['q1']:.2f}–{v['q3']:.2f}", shown, _met(ok)]
+  shown = (f"{target[0]}–{target[1]}" if isinstance(target, (list, tuple))
+           else f"≤ {target}")
+  return [label, f"{v['median']:.2f}", f"{v['q1']:.2f}–{v['q3']:.2f}", shown,
+          report.met(v["median"], target)]
 
 
 def step_time_ratios(results: pathlib.Path, name: str = "step_time") -> str:
@@ -175,8 +174,7 @@ def remat(results: pathlib.Path) -> str:
     step = ratio["median"] if ratio else 1.0
     ok = (mem if mem is not None else plan) <= MEMORY_TARGET and step <= REMAT_STEP_TARGET
     rows.append([label, "" if mem is None else f"{mem:.3f}", f"{plan:.3f}",
-                 "1" if ratio is None else
-                 f"{ratio['median']:.2f} ({ratio['q1']:.2f}–{ratio['q3']:.2f})",
+                 "1" if ratio is None else report.median_iqr(ratio),
                  _met(ok) + (" (by the plan: RSS not measured)" if mem is None else "")])
   return "\n".join([
       _env(r["environment"]), "",
@@ -188,7 +186,7 @@ def remat(results: pathlib.Path) -> str:
 def _scaling_points(r: dict[str, Any]):
   for width, w in sorted(r["widths"].items(), key=lambda kv: int(kv[0])):
     for p in w["points"]:
-      yield int(width), p, p.get("bound_target", targets.bound_target(int(width), p["rank"]))
+      yield int(width), p, targets.point_target(int(width), p)
 
 
 def scaling(results: pathlib.Path, name: str = "scaling",
@@ -226,7 +224,7 @@ def gemm_table(r: dict[str, Any]) -> str:
                             w["step_ms"]["torch"]["median_ms"])
     rows.append([d, f"{w['gflop']:.2f}", f"{xla:.1f}", f"{w['gflop'] / xla * 1e3:.0f}",
                  f"{torch_ms:.1f}", f"{w['gflop'] / torch_ms * 1e3:.0f}",
-                 f"{ratio['median']:.2f} ({ratio['q1']:.2f}–{ratio['q3']:.2f})"])
+                 report.median_iqr(ratio)])
   return "\n".join([
       _env(r["environment"]) + f"; {r['tokens']} tokens, float32, {r['threads']} threads, "
       f"{r['rounds']} alternated rounds. One block's dense products (q, k, v, out, up, "
@@ -263,8 +261,7 @@ def first_step(results: pathlib.Path) -> str:
     rows.append([depth, f"{x['trace']:.2f} / {n['trace']:.2f}",
                  f"{x['compile']:.2f} / {n['compile']:.2f}",
                  f"{x['total']:.2f} / {n['total']:.2f}",
-                 f"{ratio['median']:.2f} ({ratio['q1']:.2f}–{ratio['q3']:.2f})",
-                 _met(ratio["median"] <= target)])
+                 report.median_iqr(ratio), report.met(ratio["median"], target)])
   cfg = r["config"]
   return "\n".join([
       _env(r["environment"]) + f"; d={cfg['d_model']}, T={cfg['seq_len']}, "
@@ -356,14 +353,13 @@ def _step_time_targets(results: pathlib.Path, on: str = "") -> list[list[str]]:
     v = ratios.get(f"xrapture/{key}")
     if v is not None:
       rows.append([f"step ≤ {v['target']}× {what}, d={st['config']['d_model']}{on}",
-                   f"{v['median']:.2f}", _met(v["median"] <= v["target"])])
+                   f"{v['median']:.2f}", report.met(v["median"], v["target"])])
   c = st["compile"]["xrapture/naive"]
   rows.append([f"jit compile ≤ {c['target']}× hand-written{on}", f"{c['median']:.2f}",
-               _met(c["median"] <= c["target"])])
+               report.met(c["median"], c["target"])])
   m = st["inference_ratios"]["merged/base"]
   rows.append([f"merged-params inference ÷ base in {m['target'][0]}–{m['target'][1]}{on}",
-               f"{m['median']:.3f}",
-               _met(m["target"][0] <= m["median"] <= m["target"][1])])
+               f"{m['median']:.3f}", report.met(m["median"], m["target"])])
   return rows
 
 

@@ -39,3 +39,11 @@ def bound_target(width: int, rank: int) -> float:
   gradient's), so the FLOP limit is ``1 + 3r/d``; 0.03 is the allowance.
   """
   return 1 + 3 * rank / width + 0.03
+
+
+def point_target(width: int, point: dict) -> float:
+  """A scaling.py point's ÷ bound target: as recorded, else :func:`bound_target`.
+
+  Result files from before the target was recorded with each point have none.
+  """
+  return point.get("bound_target", bound_target(width, point["rank"]))

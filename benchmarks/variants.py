@@ -244,6 +244,11 @@ def naive(cfg: lm.Config, adapted: Any, batch: Any, copy: bool = True) -> JaxVar
                     lm.param_count(trainable), opt_state)
 
 
+def default_torch_device() -> str:
+  """Where PEFT runs beside JAX: CUDA when JAX's backend is a GPU, else the CPU."""
+  return "cuda" if jax.default_backend() == "gpu" else "cpu"
+
+
 class PeftVariant:
   """HuggingFace PEFT LoRA on :func:`lm.torch_model`, torch Adam."""
 
