@@ -68,6 +68,8 @@ _QUICK_FLAGS = {
                    "--depths=2,4", "--rounds=1"],
     "breakdown": ["--d_model=64", "--head_dim=16", "--vocab=64", "--seq_len=16",
                   "--rounds=2", "--warmup=1"],
+    "profile": ["--d_model=64", "--head_dim=16", "--vocab=64", "--seq_len=16", "--rank=3",
+                "--profiled_steps=2"],
     "remat": ["--d_model=64", "--head_dim=16", "--n_layers=2", "--vocab=64", "--seq_len=16",
               "--rounds=2", "--warmup=1"],
     "qlora": ["--d_model=64", "--head_dim=16", "--n_layers=1", "--vocab=64", "--seq_len=16",

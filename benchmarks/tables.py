@@ -251,6 +251,36 @@ def breakdown_table(results: dict[str, Any]) -> str:
                              "added over the row above"], rows)])
 
 
+def profile_table(r: dict[str, Any]) -> str:
+  """benchmarks/profile.py: the two steps' ops from XLA's trace, by what they compute."""
+  cfg, b, x = r["config"], r["bound"], r["xrapture"]
+  rows = []
+  for c in r["categories"]:
+    cb, cx = b["categories"][c], x["categories"][c]
+    speed = f"{cx['gflop'] / cx['ms'] * 1e3:.0f}" if cx["gflop"] and cx["ms"] else ""
+    rows.append([c, f"{cb['ops']:.0f}", f"{cb['ms']:.2f}", f"{cx['ops']:.0f}",
+                 f"{cx['ms']:.2f}", f"{cx['ms'] - cb['ms']:+.2f}", speed])
+  if b["host_ms"] is not None and x["host_ms"] is not None:
+    rows.append(["host, call to first op", "", f"{b['host_ms']:.2f}", "",
+                 f"{x['host_ms']:.2f}", f"{x['host_ms'] - b['host_ms']:+.2f}", ""])
+  rows.append(["wall time of a profiled step", "", f"{b['wall_ms']:.1f}", "",
+               f"{x['wall_ms']:.1f}", f"{x['wall_ms'] - b['wall_ms']:+.1f}", ""])
+  forms = sorted(x.get("rank_products_by_form", {}).items(), key=lambda kv: -kv[1]["ms"])
+  form_rows = [[f"`{form}`", f"{t['ops']:.0f}", f"{t['ms']:.2f}",
+                f"{t['ms'] / t['ops'] * 1e3:.0f}", f"{t['gflop'] / t['ms'] * 1e3:.0f}"]
+               for form, t in forms if t["ops"]]
+  return "\n".join([
+      _env(r["environment"]) + f"; d={cfg['d_model']}, {cfg['n_layers']} layers, "
+      f"T={cfg['seq_len']}, B={cfg['batch']}, LoRA r={cfg['rank']}; {r['steps']} profiled "
+      "steps each. Per step: ops run and their summed time (ms; ops overlap across "
+      "threads, so the sum exceeds the wall time; tracing costs each op a little, so "
+      "the profiled steps are slower than the timed benchmarks').", "",
+      report.markdown_table(["ops", "bound: ops", "bound: op-ms", "xrapture: ops",
+                             "xrapture: op-ms", "added op-ms", "xrapture GFLOP/s"], rows),
+      "", "xrapture's rank products by shape (`lhs · rhs → out`), per step:", "",
+      report.markdown_table(["product", "ops", "op-ms", "µs per op", "GFLOP/s"], form_rows)])
+
+
 def first_step(results: pathlib.Path) -> str:
   """First step (trace + lower + compile + run) by depth, xrapture ÷ hand-written."""
   r = _load(results, "first_step")
@@ -459,6 +489,7 @@ _PER_MACHINE: dict[str, Callable[[pathlib.Path], str]] = {
     "step-time-ratios": step_time_ratios,
     "scaling": scaling,
     "breakdown": lambda results: breakdown_table(_load(results, "breakdown")),
+    "profile": lambda results: profile_table(_load(results, "profile")),
     "gemm": lambda results: gemm_table(_load(results, "gemm")),
     "remat": remat,
     "first-step": first_step,

@@ -25,6 +25,7 @@ from benchmarks import first_step  # pylint: disable=g-import-not-at-top,wrong-i
 from benchmarks import lm  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import memory  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import mixed_batch  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import profile  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import qlora  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import quant  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import remat  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -193,6 +194,37 @@ class BenchmarksSmokeTest(absltest.TestCase):
     after = step.state[0]["layer_0/query"]["w"]
     np.testing.assert_array_equal(after.b, adapted["layer_0/query"]["w"].b)
     self.assertFalse(np.array_equal(after.a, adapted["layer_0/query"]["w"].a))
+
+  def test_profile_sorts_every_traced_op(self):
+    out = os.path.join(self.out_dir, "profile.json")
+    # rank 3: no other size of the toy model is 3 (heads and batch are 2).
+    with flagsaver.flagsaver(out=out, profiled_steps=2, **dict(_TOY, rank=3)):
+      profile.main([])
+    with open(out) as f:
+      r = json.load(f)
+    for name in ("bound", "xrapture"):
+      # Every op of the compiled program is found in XLA's trace, once a step.
+      self.assertEqual(r[name]["ops_traced_per_step"], r[name]["ops_in_program"], name)
+    self.assertEqual(r["bound"]["categories"]["rank products"]["ops"], 0)
+    rank = r["xrapture"]["categories"]["rank products"]
+    self.assertEqual(rank["ops"], r["xrapture"]["program_ops_by_category"]["rank products"])
+    # The rank products' FLOPs, counted from the rule: per kernel [K, N] and 16
+    # tokens, x·b, u·a, ∂y·aᵀ, ∂u·bᵀ, uᵀ·∂y and xᵀ·∂u, each 2·16·r·(K or N);
+    # less ∂u·bᵀ of the first block's query, key and value (no gradient is
+    # wanted below them).
+    d, tokens, r_ = 32, 16, 3
+    kernels = [(d, d)] * 4 + [(d, 4 * d), (4 * d, d)]
+    flops = sum(2 * tokens * r_ * 3 * (k + n) for k, n in kernels) - 3 * 2 * tokens * r_ * d
+    self.assertAlmostEqual(rank["gflop"] * 1e9, flops, delta=1e-3)
+    # The dense products are the bound's but for the input gradient of the first
+    # block's query, key and value (∂y·wᵀ, [16, d]·[d, d] each), which the bound
+    # needs (it differentiates the embedded input) and xrapture's step does not.
+    dense = {n: r[n]["categories"]["dense products"]["gflop"] * 1e9 for n in ("bound", "xrapture")}
+    self.assertAlmostEqual(dense["bound"] - dense["xrapture"], 3 * 2 * tokens * d * d, delta=1e-3)
+    self.assertIn("| rank products |", profile.markdown(r))
+    with self.assertRaisesRegex(app.UsageError, r"--rank=2 equals the model's batch, heads"):
+      profile.run(lm.Config(d_model=32, n_layers=1, n_heads=2, vocab=32, seq_len=8, batch=2,
+                            rank=2, alpha=4.0), steps=1)
 
   def test_gpu_set_refuses_without_a_gpu(self):
     if jax.default_backend() == "gpu":
