@@ -18,6 +18,9 @@ one process:
 * ``all but ∂b`` — the real rule, except the gradient of ``b``
   (``xᵀ @ ∂u``: the only backward product that reads the saved layer input).
 * ``xrapture`` — the real rule.
+* ``xrapture, optax.flatten(adam)`` — the real rule, with the adapters' Adam
+  run on one vector of all of them (the README's CPU tip): one update where
+  the row above has one per adapter leaf.
 
 The rules are swapped with ``lora_matmul.defvjp`` while each variant traces,
 and restored after. Writes benchmarks/results/breakdown.json and .md.
@@ -47,7 +50,8 @@ from benchmarks import tables
 from benchmarks import timing
 from benchmarks import variants
 
-VARIANTS = ("no rank work", "+ forward rank work", "all but ∂b", "xrapture")
+FLAT = "xrapture, optax.flatten(adam)"
+VARIANTS = ("no rank work", "+ forward rank work", "all but ∂b", "xrapture", FLAT)
 
 
 def _dense_dx(w_axis, precision, w, g):
@@ -102,8 +106,9 @@ def run(cfg: lm.Config, rounds: int, warmup: int) -> dict:
   adapted = variants.adapted_params(cfg, base)
   steps = {"bound": variants.bound(cfg, base, batch)}
   for name in VARIANTS:
-    with rule(*RULES[name]):
-      steps[name] = variants.xrapture_variant(cfg, base, adapted, batch, name=name)
+    with rule(*RULES.get(name, RULES["xrapture"])):
+      steps[name] = variants.xrapture_variant(cfg, base, adapted, batch, name=name,
+                                              flat_optimizer=name == FLAT)
       steps[name].step()   # traces under this rule
   times = timing.alternate({n: v.step for n, v in steps.items()}, rounds, warmup)
   env["loadavg_end"] = timing.load_average()

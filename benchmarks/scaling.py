@@ -35,6 +35,10 @@ from benchmarks import variants
 
 _RANKS = flags.DEFINE_list("ranks", ["4", "8", "16", "32", "64"], "LoRA ranks.")
 _NAIVE = flags.DEFINE_bool("naive", True, "Also time the hand-written LoRA at every rank.")
+_FLAT = flags.DEFINE_bool(
+    "flat_optimizer", False,
+    "xrapture's Adam under optax.flatten (the README's CPU tip); the READMEs show such a run "
+    "from results/<cpu>/scaling_flat.json.")
 
 PEFT_TARGET = targets.SCALING_OVER_PEFT
 
@@ -47,7 +51,8 @@ def _have_peft() -> bool:
 
 
 def measure_width(cfg: lm.Config, ranks: list[int], with_naive: bool,
-                  rounds: int, warmup: int, with_peft: bool = False) -> dict:
+                  rounds: int, warmup: int, with_peft: bool = False,
+                  flat_optimizer: bool = False) -> dict:
   """One round robin per rank: full, the bound, and that rank's LoRA variants.
 
   A robin per rank keeps the live variants few, as in a user's process: with
@@ -64,7 +69,8 @@ def measure_width(cfg: lm.Config, ranks: list[int], with_naive: bool,
   for rank in ranks:
     rcfg = cfg.replace(rank=rank, alpha=2.0 * rank)
     adapted = variants.adapted_params(rcfg, base)
-    steps = dict(shared, xrapture=variants.xrapture_variant(rcfg, base, adapted, batch).step)
+    steps = dict(shared, xrapture=variants.xrapture_variant(
+        rcfg, base, adapted, batch, flat_optimizer=flat_optimizer).step)
     if with_naive:
       steps["naive"] = variants.naive(rcfg, adapted, batch).step
     if with_peft:
@@ -96,7 +102,8 @@ def markdown(results: dict) -> str:
            f"B={results['batch']}, vocab {results['vocab']}; LoRA on q/k/v/out/up/down; "
            f"medians of {results['rounds']} alternated rounds, ratios paired per round. "
            "Targets: xrapture ÷ bound ≤ 1 + 3r/d + 0.03 (the rank-r FLOPs over the "
-           f"bound's, plus 0.03); xrapture ÷ PEFT ≤ {PEFT_TARGET}.",
+           f"bound's, plus 0.03); xrapture ÷ PEFT ≤ {PEFT_TARGET}. xrapture's optimizer: "
+           f"{results.get('optimizer', 'adam')}.",
            "", report.environment_line(results["environment"]), ""]
   rows = []
   for width, w in sorted(results["widths"].items(), key=lambda kv: int(kv[0])):
@@ -167,12 +174,12 @@ def main(argv):
   with_peft = sizes.PEFT.value and _have_peft()
   results = {"environment": env, "n_layers": sizes.N_LAYERS.value, "seq_len": sizes.SEQ_LEN.value,
              "batch": sizes.BATCH.value, "vocab": sizes.VOCAB.value, "rounds": sizes.ROUNDS.value,
-             "widths": {}}
+             "optimizer": "optax.flatten(adam)" if _FLAT.value else "adam", "widths": {}}
   for width in (int(w) for w in sizes.WIDTHS.value):
     cfg = sizes.config(d_model=width)
     results["widths"][str(width)] = measure_width(cfg, ranks, _NAIVE.value,
                                                   sizes.ROUNDS.value, sizes.WARMUP.value,
-                                                  with_peft)
+                                                  with_peft, _FLAT.value)
     print(f"d={width} done, load {timing.load_average()}", flush=True)
     jax.clear_caches()
   env["loadavg_end"] = timing.load_average()

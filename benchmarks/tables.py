@@ -209,6 +209,8 @@ def scaling(results: pathlib.Path, name: str = "scaling",
   return "\n".join([
       _env(r["environment"]) + f"; {r['n_layers']} layers, T={r['seq_len']}, "
       f"B={r['batch']}, vocab {r['vocab']}; {r['rounds']} alternated rounds per width.", "",
+      ("" if r.get("optimizer", "adam") == "adam" else
+       f"xrapture's optimizer: `{r['optimizer']}` (the README's CPU tip). ") +
       "Each cell: xrapture ÷ bound / its target 1 + 3r/d + 0.03" +
       (f"; xrapture ÷ PEFT (target ≤ {peft_target})" if with_peft else "") +
       "; ✗ where missed.", "",
@@ -247,7 +249,8 @@ def breakdown_table(results: dict[str, Any]) -> str:
       f"T={cfg['seq_len']}, B={cfg['batch']}, LoRA r={cfg['rank']}; bound "
       f"{results['step_ms']['bound']['median_ms']:.1f} ms; "
       f"{over['xrapture']['n']} alternated rounds.", "",
-      report.markdown_table(["lora_matmul rule", "step ms (median)", "÷ bound (paired)", "IQR",
+      report.markdown_table(["lora_matmul rule (optimizer)", "step ms (median)",
+                             "÷ bound (paired)", "IQR",
                              "added over the row above"], rows)])
 
 
@@ -393,12 +396,15 @@ def _step_time_targets(results: pathlib.Path, on: str = "") -> list[list[str]]:
   return rows
 
 
-def _scaling_targets(results: pathlib.Path, on: str = "") -> list[list[str]]:
-  points = list(_scaling_points(_load(results, "scaling")))
+def _scaling_targets(results: pathlib.Path, on: str = "",
+                     name: str = "scaling") -> list[list[str]]:
+  r = _load(results, name)
+  points = list(_scaling_points(r))
   over = [(p["xrapture"]["bound"] - t, w, p, t) for w, p, t in points]
   _, width, point, target = max(over, key=lambda o: o[0])
   met = sum(o[0] <= 0 for o in over)
-  rows = [[f"step ÷ bound ≤ 1 + 3r/d + 0.03 at every width and rank{on}",
+  tip = "" if r.get("optimizer", "adam") == "adam" else f", `{r['optimizer']}`"
+  rows = [[f"step ÷ bound ≤ 1 + 3r/d + 0.03 at every width and rank{tip}{on}",
            f"{met} of {len(over)} points; worst d={width}, r={point['rank']}: "
            f"{point['xrapture']['bound']:.2f} (target {target:.2f})", _met(met == len(over))]]
   peft = [(p["xrapture_over_peft"], w, p["rank"]) for w, p, _ in points
@@ -410,6 +416,11 @@ def _scaling_targets(results: pathlib.Path, on: str = "") -> list[list[str]]:
                  f"{met} of {len(peft)} points; worst d={width}, r={rank}: {worst:.2f}",
                  _met(met == len(peft))])
   return rows
+
+
+def _scaling_flat_targets(results: pathlib.Path, on: str = "") -> list[list[str]]:
+  """The scaling targets with the optimizer under optax.flatten (``scaling_flat.json``)."""
+  return _scaling_targets(results, on, name="scaling_flat")
 
 
 def _memory_targets(results: pathlib.Path, on: str = "") -> list[list[str]]:
@@ -473,7 +484,7 @@ def targets_table(results: pathlib.Path) -> str:
       rows.append([part.__name__.strip("_").replace("_", " ") + on,
                    f"not measured yet: no `{pathlib.Path(e.filename).name}`", ""])
 
-  for part in (_step_time_targets, _scaling_targets):
+  for part in (_step_time_targets, _scaling_targets, _scaling_flat_targets):
     for machine in [results, *others]:
       add(part, machine)
   add(_memory_targets, results)
@@ -488,6 +499,7 @@ _PER_MACHINE: dict[str, Callable[[pathlib.Path], str]] = {
     "step-time": step_time_variants,
     "step-time-ratios": step_time_ratios,
     "scaling": scaling,
+    "scaling-flat": lambda results: scaling(results, "scaling_flat"),
     "breakdown": lambda results: breakdown_table(_load(results, "breakdown")),
     "profile": lambda results: profile_table(_load(results, "profile")),
     "gemm": lambda results: gemm_table(_load(results, "gemm")),

@@ -147,16 +147,21 @@ def adapted_params(cfg: lm.Config, base: Any, seed: int = 1) -> Any:
 
 
 def xrapture_variant(cfg: lm.Config, base: Any, adapted: Any, batch: Any,
-                     copy: bool = True, name: str = "xrapture") -> JaxVariant:
+                     copy: bool = True, name: str = "xrapture",
+                     flat_optimizer: bool = False) -> JaxVariant:
   """The unmodified model through xrapture's public API, as a user writes it.
 
   With ``cfg.remat`` set (the ``xrapture_remat`` variant), each block of the
-  model runs under ``hk.remat`` with that policy.
+  model runs under ``hk.remat`` with that policy. ``flat_optimizer``: Adam
+  under ``optax.flatten`` (one vector of every trainable value; the README's
+  CPU tip).
   """
   config = lora_config(cfg)
   forward = functools.partial(lm.forward, cfg=cfg)
   model = xrapture.transform(forward, config)
-  tx = xrapture.wrap_optimizer(optax.adam(LEARNING_RATE), model.lora_spec(base))
+  adam = optax.adam(LEARNING_RATE)
+  tx = xrapture.wrap_optimizer(optax.flatten(adam) if flat_optimizer else adam,
+                               model.lora_spec(base))
 
   def make_step():
     fresh = xrapture.transform(forward, config)  # a fresh trace cache, for compile timing

@@ -52,6 +52,20 @@ class BenchTablesTest(absltest.TestCase):
     self.assertIn("1 of 2 points; worst d=256, r=8: 1.13 (target 1.12) | **no**", rows)
     self.assertIn("1 of 2 points; worst d=256, r=8: 0.90 | **no**", rows)
 
+  def test_flattened_optimizer_sweep_is_its_own_row(self):
+    results = pathlib.Path(tempfile.mkdtemp())
+    plain = _scaling([(4, 1.10, 0.80)])
+    flat = dict(_scaling([(4, 1.07, 0.80)]), optimizer="optax.flatten(adam)")
+    (results / "scaling.json").write_text(json.dumps(plain))
+    (results / "scaling_flat.json").write_text(json.dumps(flat))
+    self.assertIn("xrapture's optimizer: `optax.flatten(adam)`",
+                  tables.TABLES["scaling-flat"](results))
+    self.assertNotIn("optax.flatten", tables.TABLES["scaling"](results))
+    rows = tables.targets_table(results)
+    self.assertIn("| step ÷ bound ≤ 1 + 3r/d + 0.03 at every width and rank | 0 of 1 points", rows)
+    self.assertIn("| step ÷ bound ≤ 1 + 3r/d + 0.03 at every width and rank, "
+                  "`optax.flatten(adam)` | 1 of 1 points", rows)
+
   def test_remat_target_is_met_by_any_policy_with_both(self):
     # Full fine-tuning's step peak 1000 bytes; each policy's RSS from its own
     # memory run, its step from remat.json. Targets: memory ≤ 0.45, step ≤ 1.25.

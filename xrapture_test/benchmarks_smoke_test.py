@@ -194,6 +194,11 @@ class BenchmarksSmokeTest(absltest.TestCase):
     after = step.state[0]["layer_0/query"]["w"]
     np.testing.assert_array_equal(after.b, adapted["layer_0/query"]["w"].b)
     self.assertFalse(np.array_equal(after.a, adapted["layer_0/query"]["w"].a))
+    # The flattened-Adam row trains what the plain row trains.
+    plain, flat = (variants.xrapture_variant(cfg, base, adapted, batch, flat_optimizer=f)
+                   for f in (False, True))
+    np.testing.assert_allclose([flat.step() for _ in range(3)],
+                               [plain.step() for _ in range(3)], rtol=1e-6)
 
   def test_profile_sorts_every_traced_op(self):
     out = os.path.join(self.out_dir, "profile.json")

@@ -118,6 +118,32 @@ class WrapOptimizerTest(parameterized.TestCase):
     self.assertNotIn(tuple(up), shapes)
     self.assertNotIn(tuple(mid), shapes)
 
+  def test_flattened_inner_optimizer(self):
+    # optax.flatten inside wrap_optimizer (the README's CPU tip): one vector per
+    # Adam moment over exactly the trainable leaves, and the same training.
+    model, _, params, lora_spec = _setup()
+    trainable = xrapture.count_trainable(params, lora_spec)
+    flat = xrapture.wrap_optimizer(optax.flatten(optax.adam(1e-2)), lora_spec)
+    plain = xrapture.wrap_optimizer(optax.adam(1e-2), lora_spec)
+    moments = [x for x in jax.tree.leaves(flat.init(params))
+               if jnp.issubdtype(x.dtype, jnp.floating)]
+    self.assertEqual([x.shape for x in moments], [(trainable,), (trainable,)])
+
+    def train(tx):
+      p, state = params, tx.init(params)
+      loss = lambda p: jnp.sum(model.apply(p, None, _X) ** 2)
+      for _ in range(3):
+        updates, state = tx.update(jax.grad(loss)(p), state, p)
+        p = optax.apply_updates(p, updates)
+      return _leaves_with_paths(p)
+    got, want = train(flat), train(plain)
+    self.assertEqual(got.keys(), want.keys())
+    for path in want:
+      np.testing.assert_allclose(got[path], want[path], rtol=1e-5, atol=1e-6, err_msg=path)
+    before = _leaves_with_paths(params)
+    for path in set(want) - _trainable_paths(params):
+      np.testing.assert_array_equal(got[path], before[path], err_msg=path)
+
   def test_state_is_smaller_than_full_fine_tuning(self):
     _, base, params, lora_spec = _setup(full=())
     lora_state = xrapture.wrap_optimizer(optax.adam(1e-3), lora_spec).init(params)
