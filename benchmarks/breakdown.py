@@ -50,7 +50,7 @@ from benchmarks import tables
 from benchmarks import timing
 from benchmarks import variants
 
-FLAT = "xrapture, optax.flatten(adam)"
+FLAT = f"xrapture, {tables.FLAT_OPTIMIZER}"
 VARIANTS = ("no rank work", "+ forward rank work", "all but ∂b", "xrapture", FLAT)
 
 

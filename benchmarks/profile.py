@@ -13,9 +13,9 @@ sorts each op of the compiled program by what it computes:
 * ``rank products`` — those with one (``x @ b``, ``u @ a``, the adapters'
   gradients, ``∂u @ bᵀ``...), with their FLOPs, so that their speed can be
   read beside the dense products';
-* ``copies`` — copy and transpose ops;
-* ``other fused ops`` — every other fusion (elementwise, reductions, the
-  low-rank add where XLA fused it into a neighbour).
+* ``unfused copies`` — copy and transpose ops XLA did not fuse;
+* ``other ops`` — every other op, nearly all fusions (elementwise, reductions,
+  layout changes, the low-rank add where XLA fused it into a neighbour).
 
 Op times overlap (XLA runs independent ops on every thread), so their sum is
 op-time, not wall time; the wall time of the profiled steps is given beside.
@@ -57,37 +57,42 @@ from benchmarks import variants
 
 PROFILED_STEPS = flags.DEFINE_integer("profiled_steps", 10, "Steps of each variant traced.")
 
-CATEGORIES = ("dense products", "rank products", "copies", "other fused ops")
+CATEGORIES = ("dense products", "rank products", "unfused copies", "other ops")
 _HEADER = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \((.*)\) -> .* \{$")
 _PARAM = re.compile(r"([\w.\-]+): (\w+\[[\d,]*\])")
-_INSTR = re.compile(r"^(?:ROOT )?%?([\w.\-]+) = (\w+\[[\d,]*\])\S* ([\w\-]+)\(([^)]*)\)(.*)$")
+# name = shape(s) opcode(operands), attributes. A tuple shape holds spaces.
+_INSTR = re.compile(r"^(?:ROOT )?%?([\w.\-]+) = (.+?) ([a-z][\w\-]*)\(([^)]*)\)(.*)$")
 _SHAPE = re.compile(r"\w+\[([\d,]*)\]")
+_COMMENT = re.compile(r"/\*.*?\*/")
 
 
 def _dims(shape: str) -> tuple[int, ...]:
-  inner = _SHAPE.match(shape).group(1)
+  """The dimensions of the first array shape in ``shape`` (() for a scalar)."""
+  inner = _SHAPE.search(shape).group(1)
   return tuple(int(n) for n in inner.split(",")) if inner else ()
 
 
 def _names(operands: str) -> list[str]:
+  operands = _COMMENT.sub("", operands)   # the printer's /*index=5*/ markers
   return [t.strip().split()[-1].lstrip("%") for t in operands.split(",") if t.strip()]
 
 
 def parse_hlo(text: str) -> dict[str, dict[str, Any]]:
   """The entry computation's ops of an optimized HLO module's text.
 
+  Ops inside loops (``while`` bodies) are not listed: their loop is one op.
+
   Returns:
-    name -> {"opcode", "dims" (every operand's and the output's), "dot"
-    (whether it is or fuses a dot or convolution), "flops" (its dots', else
-    0), "form" (its dots' operand and output shapes)}.
+    name -> {"opcode", "dots": [(FLOPs, lhs dims, rhs dims, out dims)] of each
+    dot or convolution it is or fuses (a convolution's FLOPs: 0)}.
   """
   computations, entry, current = {}, None, None
   for line in text.splitlines():
     header = _HEADER.match(line)
     if header:
       current = header.group(1)
-      params = {n: _dims(s) for n, s in _PARAM.findall(header.group(2))}
-      computations[current] = {"shapes": params, "instrs": []}
+      computations[current] = {
+          "shapes": {n: _dims(s) for n, s in _PARAM.findall(header.group(2))}, "instrs": []}
       if line.startswith("ENTRY"):
         entry = current
       continue
@@ -95,44 +100,47 @@ def parse_hlo(text: str) -> dict[str, dict[str, Any]]:
     if m:
       name, shape, opcode, operands, rest = m.groups()
       comp = computations[current]
-      comp["shapes"][name] = _dims(shape)
-      comp["instrs"].append((name, opcode, _dims(shape), _names(operands), rest))
+      comp["shapes"][name] = _dims(shape) if _SHAPE.search(shape) else ()
+      comp["instrs"].append((name, opcode, comp["shapes"][name], _names(operands), rest))
   if entry is None:
     raise ValueError("no ENTRY computation in the HLO text")
 
-  def dots(comp):
-    """(FLOPs, "lhs · rhs → out") of each dot or convolution (a convolution's FLOPs: 0)."""
-    for _, opcode, out, operands, rest in comp["instrs"]:
+  def dots(comp, instrs):
+    for _, opcode, out, operands, rest in instrs:
       if opcode in ("dot", "convolution"):
         lhs, rhs = (comp["shapes"].get(o, ()) for o in operands[:2])
         contract = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
         k = math.prod(lhs[int(i)] for i in contract.group(1).split(",")
                       if i) if contract and lhs else 0
-        yield 2 * math.prod(out) * k, f"{list(lhs)} · {list(rhs)} → {list(out)}"
+        yield 2 * math.prod(out) * k, lhs, rhs, out
 
   ops = {}
-  shapes = computations[entry]["shapes"]
-  for name, opcode, out, operands, rest in computations[entry]["instrs"]:
+  main = computations[entry]
+  for instr in main["instrs"]:
+    name, opcode, _, _, rest = instr
     if opcode in ("parameter", "constant", "tuple", "get-tuple-element", "bitcast"):
       continue
     called = re.search(r"calls=%?([\w.\-]+)", rest)
     body = computations.get(called.group(1)) if called else None
-    found = list(dots(body)) if body else (
-        list(dots({"shapes": shapes, "instrs": [(name, opcode, out, operands, rest)]})))
-    operand_dims = [shapes.get(o, ()) for o in operands]
-    ops[name] = {"opcode": opcode, "dims": operand_dims + [out], "dot": bool(found),
-                 "flops": sum(f for f, _ in found),
-                 "form": " + ".join(form for _, form in found)}
+    found = dots(body, body["instrs"]) if body else dots(main, [instr])
+    ops[name] = {"opcode": opcode, "dots": list(found)}
   return ops
 
 
 def category(op: dict[str, Any], rank: int) -> str:
-  if op["dot"]:
-    has_rank = any(rank in dims for dims in op["dims"])
-    return "rank products" if has_rank else "dense products"
-  if op["opcode"] in ("copy", "transpose"):
-    return "copies"
-  return "other fused ops"
+  """Which of :data:`CATEGORIES` an op of :func:`parse_hlo` is in.
+
+  A dot is a rank product when the rank is one of its own operands' or
+  output's dimensions; an op fusing several dots, when any of them is.
+  """
+  if op["dots"]:
+    rank_dot = any(rank in lhs + rhs + out for _, lhs, rhs, out in op["dots"])
+    return "rank products" if rank_dot else "dense products"
+  return "unfused copies" if op["opcode"] in ("copy", "transpose") else "other ops"
+
+
+def _form(op: dict[str, Any]) -> str:
+  return " + ".join(f"{list(lhs)} · {list(rhs)} → {list(out)}" for _, lhs, rhs, out in op["dots"])
 
 
 def _trace_events(logdir: str):
@@ -162,6 +170,7 @@ def profile_steps(variant: variants.JaxVariant, steps: int, rank: int) -> dict[s
     ended = time.perf_counter_ns()
     jax.profiler.stop_trace()
     events = list(_trace_events(logdir))
+  kinds = {name: category(op, rank) for name, op in ops.items()}
   totals = {c: {"ops": 0, "ms": 0.0, "gflop": 0.0} for c in CATEGORIES}
   forms = collections.defaultdict(lambda: {"ops": 0, "ms": 0.0, "gflop": 0.0})
   seen = collections.Counter()
@@ -169,12 +178,19 @@ def profile_steps(variant: variants.JaxVariant, steps: int, rank: int) -> dict[s
     if name not in ops:
       continue
     seen[name] += 1
-    kind = category(ops[name], rank)
-    counted = [totals[kind]] + ([forms[ops[name]["form"]]] if kind == "rank products" else [])
+    counted = [totals[kinds[name]]]
+    if kinds[name] == "rank products":
+      counted.append(forms[_form(ops[name])])
     for t in counted:
       t["ops"] += 1
       t["ms"] += duration / 1e6
-      t["gflop"] += ops[name]["flops"] / 1e9
+      t["gflop"] += sum(d[0] for d in ops[name]["dots"]) / 1e9
+  untraced = sorted(set(ops) - set(seen))
+  if untraced:
+    raise RuntimeError(
+        f"{len(untraced)} ops of the compiled program are not in XLA's trace (e.g. "
+        f"{', '.join(untraced[:3])}): the trace and the HLO do not describe the same program, "
+        "so no op can be sorted. Is this jax's CPU backend?")
   # Host time: from each jitted call (its outermost PjitFunction event) to XLA's next op.
   op_starts = sorted(s for _, name, s, _ in events if name in ops)
   first_op, inside = [], -1
@@ -193,13 +209,13 @@ def profile_steps(variant: variants.JaxVariant, steps: int, rank: int) -> dict[s
           "wall_ms": (ended - started[0]) / 1e6 / steps,
           "ops_in_program": len(ops),
           "ops_traced_per_step": sum(seen.values()) / steps,
-          "program_ops_by_category": collections.Counter(
-              category(op, rank) for op in ops.values())}
+          "ops_not_traced_once_a_step": {n: c for n, c in seen.items() if c != steps},
+          "program_ops_by_category": collections.Counter(kinds.values())}
 
 
 def _check_rank(cfg: lm.Config) -> None:
   others = {"batch": cfg.batch, "heads": cfg.n_heads, "head width": cfg.d_model // cfg.n_heads,
-            "tokens": cfg.seq_len, "d_model": cfg.d_model, "MLP width": 4 * cfg.d_model,
+            "tokens": cfg.seq_len, "d_model": cfg.d_model, "MLP width": cfg.mlp_ratio * cfg.d_model,
             "vocab": cfg.vocab, "batch × tokens": cfg.batch * cfg.seq_len}
   clash = [k for k, v in others.items() if v == cfg.rank]
   if clash:
@@ -215,12 +231,12 @@ def run(cfg: lm.Config, steps: int) -> dict[str, Any]:
   batch = lm.batch(cfg)
   base = jax.jit(lm.dense_model(cfg).init)(jax.random.PRNGKey(0), batch[0])
   adapted = variants.adapted_params(cfg, base)
-  results = {"bound": profile_steps(variants.bound(cfg, base, batch), steps, cfg.rank),
-             "xrapture": profile_steps(
-                 variants.xrapture_variant(cfg, base, adapted, batch), steps, cfg.rank)}
+  results = {"bound": profile_steps(variants.bound(cfg, base, batch), steps, cfg.rank)}
   if results["bound"]["program_ops_by_category"].get("rank products"):
     raise RuntimeError("the bound has ops with an axis of the rank: the rank clashes "
                        "with a size the check above does not know")
+  results["xrapture"] = profile_steps(
+      variants.xrapture_variant(cfg, base, adapted, batch), steps, cfg.rank)
   env["loadavg_end"] = timing.load_average()
   return {"environment": env, "config": cfg.__dict__, "steps": steps,
           "categories": list(CATEGORIES), **results}

@@ -37,8 +37,9 @@ _RANKS = flags.DEFINE_list("ranks", ["4", "8", "16", "32", "64"], "LoRA ranks.")
 _NAIVE = flags.DEFINE_bool("naive", True, "Also time the hand-written LoRA at every rank.")
 _FLAT = flags.DEFINE_bool(
     "flat_optimizer", False,
-    "xrapture's Adam under optax.flatten (the README's CPU tip); the READMEs show such a run "
-    "from results/<cpu>/scaling_flat.json.")
+    "Also time xrapture with its Adam under optax.flatten (the README's CPU tip), in the "
+    "same round robin as plain Adam; the READMEs show such a run from "
+    "results/<cpu>/scaling_flat.json.")
 
 PEFT_TARGET = targets.SCALING_OVER_PEFT
 
@@ -69,8 +70,10 @@ def measure_width(cfg: lm.Config, ranks: list[int], with_naive: bool,
   for rank in ranks:
     rcfg = cfg.replace(rank=rank, alpha=2.0 * rank)
     adapted = variants.adapted_params(rcfg, base)
-    steps = dict(shared, xrapture=variants.xrapture_variant(
-        rcfg, base, adapted, batch, flat_optimizer=flat_optimizer).step)
+    steps = dict(shared, xrapture=variants.xrapture_variant(rcfg, base, adapted, batch).step)
+    if flat_optimizer:
+      steps["xrapture_flat"] = variants.xrapture_variant(
+          rcfg, base, adapted, batch, flat_optimizer=True).step
     if with_naive:
       steps["naive"] = variants.naive(rcfg, adapted, batch).step
     if with_peft:
@@ -79,12 +82,14 @@ def measure_width(cfg: lm.Config, ranks: list[int], with_naive: bool,
           device=variants.default_torch_device()).step
     robin = timing.alternate(steps, rounds, warmup)
     point = {"rank": rank, "bound_target": targets.bound_target(cfg.d_model, rank)}
-    for kind in ("xrapture", "naive", "peft"):
+    for kind in ("xrapture", "xrapture_flat", "naive", "peft"):
       if kind in robin:
         point[kind] = {"ms": 1e3 * timing.quartiles(robin[kind])[1],
                        "bound": timing.paired_ratio(robin, kind, "bound")["median"],
                        "full": timing.paired_ratio(robin, kind, "full")["median"]}
         times[f"{kind}_r{rank}"] = robin[kind]
+    if "xrapture_flat" in robin:
+      point["flat_over_plain"] = timing.paired_ratio(robin, "xrapture_flat", "xrapture")["median"]
     if "peft" in robin:
       point["xrapture_over_peft"] = timing.paired_ratio(robin, "xrapture", "peft")["median"]
     point["full_over_bound"] = timing.paired_ratio(robin, "full", "bound")["median"]
@@ -102,9 +107,9 @@ def markdown(results: dict) -> str:
            f"B={results['batch']}, vocab {results['vocab']}; LoRA on q/k/v/out/up/down; "
            f"medians of {results['rounds']} alternated rounds, ratios paired per round. "
            "Targets: xrapture ÷ bound ≤ 1 + 3r/d + 0.03 (the rank-r FLOPs over the "
-           f"bound's, plus 0.03); xrapture ÷ PEFT ≤ {PEFT_TARGET}. xrapture's optimizer: "
-           f"{results.get('optimizer', 'adam')}.",
+           f"bound's, plus 0.03); xrapture ÷ PEFT ≤ {PEFT_TARGET}.",
            "", report.environment_line(results["environment"]), ""]
+  flat = any("xrapture_flat" in p for w in results["widths"].values() for p in w["points"])
   rows = []
   for width, w in sorted(results["widths"].items(), key=lambda kv: int(kv[0])):
     ms = w["step_ms"]
@@ -119,10 +124,14 @@ def markdown(results: dict) -> str:
                    "" if "peft" not in p else f"{p['peft']['ms']:.1f}",
                    "" if over_peft is None else over_peft,
                    "" if over_peft is None else report.met(over_peft, PEFT_TARGET)])
+      if flat:
+        f = p["xrapture_flat"]["bound"]
+        rows[-1] += [f, report.met(f, target), p["flat_over_plain"]]
   lines.append(report.markdown_table(
       ["d", "r", "full ms", "bound ms", "xrapture ms", "xrapture ÷ bound", "target",
        "met", "xrapture ÷ full", "hand-written ÷ bound", "PEFT ms", "xrapture ÷ PEFT",
-       "met"], rows))
+       "met"] + (["optax.flatten ÷ bound", "met", "optax.flatten ÷ plain Adam"]
+                 if flat else []), rows))
   return "\n".join(lines)
 
 
@@ -174,7 +183,7 @@ def main(argv):
   with_peft = sizes.PEFT.value and _have_peft()
   results = {"environment": env, "n_layers": sizes.N_LAYERS.value, "seq_len": sizes.SEQ_LEN.value,
              "batch": sizes.BATCH.value, "vocab": sizes.VOCAB.value, "rounds": sizes.ROUNDS.value,
-             "optimizer": "optax.flatten(adam)" if _FLAT.value else "adam", "widths": {}}
+             "widths": {}}
   for width in (int(w) for w in sizes.WIDTHS.value):
     cfg = sizes.config(d_model=width)
     results["widths"][str(width)] = measure_width(cfg, ranks, _NAIVE.value,

@@ -39,6 +39,8 @@ SCALING_PEFT_TARGET = targets.SCALING_OVER_PEFT
 # results/<dir>/*.json from each other one (the same scripts, run with
 # --out=benchmarks/results/<dir>/<name>.json). Table name suffix -> directory.
 OTHER_CPUS = {"amd-epyc": "amd_epyc"}
+# The README's CPU tip for the optimizer (variants.xrapture_variant(flat_optimizer=True)).
+FLAT_OPTIMIZER = "optax.flatten(adam)"
 
 
 def _load(results: pathlib.Path, name: str) -> dict[str, Any]:
@@ -209,13 +211,32 @@ def scaling(results: pathlib.Path, name: str = "scaling",
   return "\n".join([
       _env(r["environment"]) + f"; {r['n_layers']} layers, T={r['seq_len']}, "
       f"B={r['batch']}, vocab {r['vocab']}; {r['rounds']} alternated rounds per width.", "",
-      ("" if r.get("optimizer", "adam") == "adam" else
-       f"xrapture's optimizer: `{r['optimizer']}` (the README's CPU tip). ") +
       "Each cell: xrapture ÷ bound / its target 1 + 3r/d + 0.03" +
       (f"; xrapture ÷ PEFT (target ≤ {peft_target})" if with_peft else "") +
       "; ✗ where missed.", "",
       report.markdown_table(["d", "bound ms", *(f"r={k}" for k in ranks),
                              "full ÷ bound"], rows)])
+
+
+def scaling_flat(results: pathlib.Path) -> str:
+  """scaling.py --flat_optimizer: xrapture with Adam under optax.flatten and with plain Adam."""
+  r = _load(results, "scaling_flat")
+  ranks = [p["rank"] for p in next(iter(r["widths"].values()))["points"]]
+  cells: dict[int, list[str]] = {}
+  for width, p, target in _scaling_points(r):
+    f, x = p["xrapture_flat"]["bound"], p["xrapture"]["bound"]
+    cells.setdefault(width, []).append(
+        f"{f:.3f} / {target:.3f}" + ("" if f <= target else " ✗") + f"; {x:.3f}"
+        + ("" if x <= target else " ✗") + f"; {p['flat_over_plain']:.3f}")
+  rows = [[width, f"{r['widths'][str(width)]['step_ms']['bound']['median_ms']:.1f}", *row]
+          for width, row in cells.items()]
+  return "\n".join([
+      _env(r["environment"]) + f"; {r['n_layers']} layers, T={r['seq_len']}, "
+      f"B={r['batch']}, vocab {r['vocab']}; {r['rounds']} alternated rounds per width, "
+      "both optimizers in the same round robin.", "",
+      f"Each cell: xrapture with `{FLAT_OPTIMIZER}` ÷ bound / the target 1 + 3r/d + "
+      "0.03; with plain `optax.adam` ÷ bound; the first ÷ the second (paired). ✗ where missed.",
+      "", report.markdown_table(["d", "bound ms", *(f"r={k}" for k in ranks)], rows)])
 
 
 def gemm_table(r: dict[str, Any]) -> str:
@@ -270,7 +291,8 @@ def profile_table(r: dict[str, Any]) -> str:
                f"{x['wall_ms']:.1f}", f"{x['wall_ms'] - b['wall_ms']:+.1f}", ""])
   forms = sorted(x.get("rank_products_by_form", {}).items(), key=lambda kv: -kv[1]["ms"])
   form_rows = [[f"`{form}`", f"{t['ops']:.0f}", f"{t['ms']:.2f}",
-                f"{t['ms'] / t['ops'] * 1e3:.0f}", f"{t['gflop'] / t['ms'] * 1e3:.0f}"]
+                f"{t['ms'] / t['ops'] * 1e3:.0f}",
+                f"{t['gflop'] / t['ms'] * 1e3:.0f}" if t["ms"] else ""]
                for form, t in forms if t["ops"]]
   return "\n".join([
       _env(r["environment"]) + f"; d={cfg['d_model']}, {cfg['n_layers']} layers, "
@@ -396,17 +418,15 @@ def _step_time_targets(results: pathlib.Path, on: str = "") -> list[list[str]]:
   return rows
 
 
-def _scaling_targets(results: pathlib.Path, on: str = "",
-                     name: str = "scaling") -> list[list[str]]:
-  r = _load(results, name)
-  points = list(_scaling_points(r))
-  over = [(p["xrapture"]["bound"] - t, w, p, t) for w, p, t in points]
+def _scaling_targets(results: pathlib.Path, on: str = "", name: str = "scaling",
+                     key: str = "xrapture", how: str = "") -> list[list[str]]:
+  points = list(_scaling_points(_load(results, name)))
+  over = [(p[key]["bound"] - t, w, p, t) for w, p, t in points]
   _, width, point, target = max(over, key=lambda o: o[0])
   met = sum(o[0] <= 0 for o in over)
-  tip = "" if r.get("optimizer", "adam") == "adam" else f", `{r['optimizer']}`"
-  rows = [[f"step ÷ bound ≤ 1 + 3r/d + 0.03 at every width and rank{tip}{on}",
+  rows = [[f"step ÷ bound ≤ 1 + 3r/d + 0.03 at every width and rank{how}{on}",
            f"{met} of {len(over)} points; worst d={width}, r={point['rank']}: "
-           f"{point['xrapture']['bound']:.2f} (target {target:.2f})", _met(met == len(over))]]
+           f"{point[key]['bound']:.2f} (target {target:.2f})", _met(met == len(over))]]
   peft = [(p["xrapture_over_peft"], w, p["rank"]) for w, p, _ in points
           if "xrapture_over_peft" in p]
   if peft:
@@ -420,7 +440,8 @@ def _scaling_targets(results: pathlib.Path, on: str = "",
 
 def _scaling_flat_targets(results: pathlib.Path, on: str = "") -> list[list[str]]:
   """The scaling targets with the optimizer under optax.flatten (``scaling_flat.json``)."""
-  return _scaling_targets(results, on, name="scaling_flat")
+  return _scaling_targets(results, on, name="scaling_flat", key="xrapture_flat",
+                          how=f", `{FLAT_OPTIMIZER}` (README's CPU tip)")
 
 
 def _memory_targets(results: pathlib.Path, on: str = "") -> list[list[str]]:
@@ -499,7 +520,7 @@ _PER_MACHINE: dict[str, Callable[[pathlib.Path], str]] = {
     "step-time": step_time_variants,
     "step-time-ratios": step_time_ratios,
     "scaling": scaling,
-    "scaling-flat": lambda results: scaling(results, "scaling_flat"),
+    "scaling-flat": scaling_flat,
     "breakdown": lambda results: breakdown_table(_load(results, "breakdown")),
     "profile": lambda results: profile_table(_load(results, "profile")),
     "gemm": lambda results: gemm_table(_load(results, "gemm")),
