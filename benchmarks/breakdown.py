@@ -86,6 +86,7 @@ RULES = {
     "all but ∂b": (dot_general._lora_matmul_fwd, _bwd_without_db),  # pylint: disable=protected-access
     "xrapture": (dot_general._lora_matmul_fwd, dot_general._lora_matmul_bwd),  # pylint: disable=protected-access
 }
+RULES[FLAT] = RULES["xrapture"]   # the real rule; only the optimizer differs
 
 
 @contextlib.contextmanager
@@ -106,7 +107,7 @@ def run(cfg: lm.Config, rounds: int, warmup: int) -> dict:
   adapted = variants.adapted_params(cfg, base)
   steps = {"bound": variants.bound(cfg, base, batch)}
   for name in VARIANTS:
-    with rule(*RULES.get(name, RULES["xrapture"])):
+    with rule(*RULES[name]):
       steps[name] = variants.xrapture_variant(cfg, base, adapted, batch, name=name,
                                               flat_optimizer=name == FLAT)
       steps[name].step()   # traces under this rule

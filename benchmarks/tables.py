@@ -52,6 +52,10 @@ def _met(ok: bool) -> str:
   return "yes" if ok else "**no**"
 
 
+def _gflop_per_s(gflop: float, ms: float) -> str:
+  return f"{gflop / ms * 1e3:.0f}" if gflop and ms else ""
+
+
 def _mib(n: float) -> str:
   return f"{n / 2**20:,.0f} MiB"
 
@@ -191,52 +195,58 @@ def _scaling_points(r: dict[str, Any]):
       yield int(width), p, targets.point_target(int(width), p)
 
 
+def _miss(value: float, limit: float) -> str:
+  """A sweep cell's mark: " ✗" where ``value`` is over ``limit``."""
+  return "" if value <= limit else " ✗"
+
+
+def _sweep(r: dict[str, Any], cell: Callable[[dict[str, Any], float], str], legend: str,
+           note: str = "", full_column: bool = True) -> str:
+  """A scaling.py result as a table: a row per width, ``cell(point, target)`` per rank."""
+  ranks = [p["rank"] for p in next(iter(r["widths"].values()))["points"]]
+  cells: dict[int, list[str]] = {}
+  for width, p, target in _scaling_points(r):
+    cells.setdefault(width, []).append(cell(p, target))
+  rows = [[width, f"{r['widths'][str(width)]['step_ms']['bound']['median_ms']:.1f}", *row,
+           *([f"{r['widths'][str(width)]['full_over_bound']:.2f}"] if full_column else [])]
+          for width, row in cells.items()]
+  return "\n".join([
+      _env(r["environment"]) + f"; {r['n_layers']} layers, T={r['seq_len']}, "
+      f"B={r['batch']}, vocab {r['vocab']}; {r['rounds']} alternated rounds per width{note}.",
+      "", legend, "",
+      report.markdown_table(["d", "bound ms", *(f"r={k}" for k in ranks),
+                             *(["full ÷ bound"] if full_column else [])], rows)])
+
+
 def scaling(results: pathlib.Path, name: str = "scaling",
             peft_target: float = SCALING_PEFT_TARGET) -> str:
   """xrapture ÷ bound and ÷ PEFT at every width and rank, against the targets."""
   r = _load(results, name)
-  ranks = [p["rank"] for p in next(iter(r["widths"].values()))["points"]]
-  cells: dict[int, list[str]] = {}
-  for width, p, target in _scaling_points(r):
+
+  def cell(p, target):
     x = p["xrapture"]["bound"]
-    cell = f"{x:.3f} / {target:.3f}" + ("" if x <= target else " ✗")
+    text = f"{x:.3f} / {target:.3f}{_miss(x, target)}"
     if "xrapture_over_peft" in p:
       q = p["xrapture_over_peft"]
-      cell += f"; {q:.3f}" + ("" if q <= peft_target else " ✗")
-    cells.setdefault(width, []).append(cell)
-  rows = [[width, f"{r['widths'][str(width)]['step_ms']['bound']['median_ms']:.1f}",
-           *row, f"{r['widths'][str(width)]['full_over_bound']:.2f}"]
-          for width, row in cells.items()]
+      text += f"; {q:.3f}{_miss(q, peft_target)}"
+    return text
   with_peft = any("xrapture_over_peft" in p for _, p, _ in _scaling_points(r))
-  return "\n".join([
-      _env(r["environment"]) + f"; {r['n_layers']} layers, T={r['seq_len']}, "
-      f"B={r['batch']}, vocab {r['vocab']}; {r['rounds']} alternated rounds per width.", "",
-      "Each cell: xrapture ÷ bound / its target 1 + 3r/d + 0.03" +
-      (f"; xrapture ÷ PEFT (target ≤ {peft_target})" if with_peft else "") +
-      "; ✗ where missed.", "",
-      report.markdown_table(["d", "bound ms", *(f"r={k}" for k in ranks),
-                             "full ÷ bound"], rows)])
+  return _sweep(r, cell, "Each cell: xrapture ÷ bound / its target 1 + 3r/d + 0.03" +
+                (f"; xrapture ÷ PEFT (target ≤ {peft_target})" if with_peft else "") +
+                "; ✗ where missed.")
 
 
 def scaling_flat(results: pathlib.Path) -> str:
   """scaling.py --flat_optimizer: xrapture with Adam under optax.flatten and with plain Adam."""
-  r = _load(results, "scaling_flat")
-  ranks = [p["rank"] for p in next(iter(r["widths"].values()))["points"]]
-  cells: dict[int, list[str]] = {}
-  for width, p, target in _scaling_points(r):
+  def cell(p, target):
     f, x = p["xrapture_flat"]["bound"], p["xrapture"]["bound"]
-    cells.setdefault(width, []).append(
-        f"{f:.3f} / {target:.3f}" + ("" if f <= target else " ✗") + f"; {x:.3f}"
-        + ("" if x <= target else " ✗") + f"; {p['flat_over_plain']:.3f}")
-  rows = [[width, f"{r['widths'][str(width)]['step_ms']['bound']['median_ms']:.1f}", *row]
-          for width, row in cells.items()]
-  return "\n".join([
-      _env(r["environment"]) + f"; {r['n_layers']} layers, T={r['seq_len']}, "
-      f"B={r['batch']}, vocab {r['vocab']}; {r['rounds']} alternated rounds per width, "
-      "both optimizers in the same round robin.", "",
+    return (f"{f:.3f} / {target:.3f}{_miss(f, target)}; {x:.3f}{_miss(x, target)}; "
+            f"{p['flat_over_plain']:.3f}")
+  return _sweep(
+      _load(results, "scaling_flat"), cell,
       f"Each cell: xrapture with `{FLAT_OPTIMIZER}` ÷ bound / the target 1 + 3r/d + "
       "0.03; with plain `optax.adam` ÷ bound; the first ÷ the second (paired). ✗ where missed.",
-      "", report.markdown_table(["d", "bound ms", *(f"r={k}" for k in ranks)], rows)])
+      note=", both optimizers in the same round robin", full_column=False)
 
 
 def gemm_table(r: dict[str, Any]) -> str:
@@ -245,8 +255,8 @@ def gemm_table(r: dict[str, Any]) -> str:
   for d, w in sorted(r["widths"].items(), key=lambda kv: int(kv[0])):
     ratio, xla, torch_ms = (w["torch_over_xla"], w["step_ms"]["xla"]["median_ms"],
                             w["step_ms"]["torch"]["median_ms"])
-    rows.append([d, f"{w['gflop']:.2f}", f"{xla:.1f}", f"{w['gflop'] / xla * 1e3:.0f}",
-                 f"{torch_ms:.1f}", f"{w['gflop'] / torch_ms * 1e3:.0f}",
+    rows.append([d, f"{w['gflop']:.2f}", f"{xla:.1f}", _gflop_per_s(w["gflop"], xla),
+                 f"{torch_ms:.1f}", _gflop_per_s(w["gflop"], torch_ms),
                  report.median_iqr(ratio)])
   return "\n".join([
       _env(r["environment"]) + f"; {r['tokens']} tokens, float32, {r['threads']} threads, "
@@ -281,9 +291,9 @@ def profile_table(r: dict[str, Any]) -> str:
   rows = []
   for c in r["categories"]:
     cb, cx = b["categories"][c], x["categories"][c]
-    speed = f"{cx['gflop'] / cx['ms'] * 1e3:.0f}" if cx["gflop"] and cx["ms"] else ""
     rows.append([c, f"{cb['ops']:.0f}", f"{cb['ms']:.2f}", f"{cx['ops']:.0f}",
-                 f"{cx['ms']:.2f}", f"{cx['ms'] - cb['ms']:+.2f}", speed])
+                 f"{cx['ms']:.2f}", f"{cx['ms'] - cb['ms']:+.2f}",
+                 _gflop_per_s(cx["gflop"], cx["ms"])])
   if b["host_ms"] is not None and x["host_ms"] is not None:
     rows.append(["host, call to first op", "", f"{b['host_ms']:.2f}", "",
                  f"{x['host_ms']:.2f}", f"{x['host_ms'] - b['host_ms']:+.2f}", ""])
@@ -291,8 +301,7 @@ def profile_table(r: dict[str, Any]) -> str:
                f"{x['wall_ms']:.1f}", f"{x['wall_ms'] - b['wall_ms']:+.1f}", ""])
   forms = sorted(x.get("rank_products_by_form", {}).items(), key=lambda kv: -kv[1]["ms"])
   form_rows = [[f"`{form}`", f"{t['ops']:.0f}", f"{t['ms']:.2f}",
-                f"{t['ms'] / t['ops'] * 1e3:.0f}",
-                f"{t['gflop'] / t['ms'] * 1e3:.0f}" if t["ms"] else ""]
+                f"{t['ms'] / t['ops'] * 1e3:.0f}", _gflop_per_s(t["gflop"], t["ms"])]
                for form, t in forms if t["ops"]]
   return "\n".join([
       _env(r["environment"]) + f"; d={cfg['d_model']}, {cfg['n_layers']} layers, "
